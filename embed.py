@@ -1,0 +1,205 @@
+"""
+Turns a text dataset into concept embeddings in the format train.py reads (see README, "Data format").
+Documents -> sentences (spaCy) -> one embedding each (SONAR, MiniLM or any sentence-transformers model),
+streamed through in chunks, so memory stays flat and a killed run continues where it stopped.
+
+$ python embed.py                                  # offline default: gensim's Lee news corpus, MiniLM
+$ python embed.py --dataset=wikitext --hf_config=wikitext-103-raw-v1 --encoder=sonar --device=cuda
+$ torchrun --nproc_per_node=8 embed.py --dataset=my_docs.jsonl --encoder=sonar   # one share per GPU
+"""
+import glob, json, os, shutil, sys, time, zlib
+from datetime import timedelta
+from itertools import chain, islice
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from baselcm import (EOT_TEXT, autodetect_device, check_lang, configure, die, fit_normalizer, load_encoder,
+                     sentence_splitter, split_sentences)
+
+dataset = "lee"          # 'lee' (offline default), a local .txt/.jsonl/.json/.csv/.parquet file or folder, or a hub name
+hf_config = ""           # hub dataset config name, e.g. wikitext-103-raw-v1
+hf_split = "train"       # hub dataset split
+text_column = ""         # '' = 'text'; official LCM parquet (text_sentences, text_sentences_sonar_emb) is auto-detected
+max_docs = 0             # 0 = all documents
+name = ""                # output goes to data_root/name; '' = derived from dataset
+data_root = "data"
+encoder = "minilm"       # 'minilm' (offline), 'sonar', or a sentence-transformers model name
+lang = "eng_Latn"        # FLORES-200 code of the text (SONAR uses it)
+spacy_model = ""         # '' = rule-based sentencizer; or an installed pipeline such as en_core_web_sm
+max_chars = 256          # longer sentences are cut on word boundaries
+val_fraction = 0.1       # share of documents held out for validation
+seed = 1337              # the train/val split
+dtype = "float16"        # storage of the embeddings: float16 or float32
+chunk_docs = 256         # documents per chunk: the unit of streaming, resuming and sharing among ranks
+batch_size = 128         # sentences per encoder call
+device = ""              # '' = autodetect
+norm_sample = 1_000_000  # at most this many train rows fit the normalizer
+overwrite = False
+configure(globals(), sys.argv[1:])
+
+check_lang(lang)
+if dtype not in ("float16", "float32"):
+    die(f"--dtype={dtype} is not a storage type: use float16 or float32")
+if dataset == "lee":  # ships inside gensim's wheel: 300 news documents, one per line
+    from gensim.test.utils import datapath
+    source, name = datapath("lee_background.cor"), name or "lee"
+else:
+    source = dataset
+name = name or os.path.splitext(os.path.basename(os.path.normpath(dataset)))[0].replace("/", "_")
+out = os.path.join(data_root, name)
+work = os.path.join(out, "work")  # finished chunks live here until the final files are assembled
+ddp = int(os.environ.get("RANK", -1)) != -1
+rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
+device = device or autodetect_device()
+if ddp:  # gloo only waits for the ranks to finish; each rank encodes on its own GPU
+    torch.distributed.init_process_group("gloo", timeout=timedelta(hours=12))
+    if device == "cuda":
+        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+if os.path.exists(os.path.join(out, "meta.json")):
+    if not overwrite:
+        print(f"{out} is already built; pass --overwrite=True to rebuild it")
+        sys.exit(0)
+    if rank == 0:
+        shutil.rmtree(out)
+    if ddp:
+        torch.distributed.barrier()
+
+# -----------------------------------------------------------------------------
+# documents, through Hugging Face datasets (streaming: nothing is loaded whole)
+from datasets import load_dataset
+
+builders = {".txt": "text", ".cor": "text", ".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+ext = os.path.splitext(source)[1].lower()
+try:
+    if os.path.isfile(source):
+        if ext not in builders:
+            die(f"cannot read {source}: use a {', '.join(builders)} file")
+        docs = load_dataset(builders[ext], data_files=source, split="train", streaming=True)
+    elif os.path.isdir(source):
+        docs = load_dataset(source, split="train", streaming=True)
+    elif ext in builders or source.startswith((".", "/")):
+        die(f"no such file or folder: {source}")
+    else:
+        docs = load_dataset(source, hf_config or None, split=hf_split, streaming=True)
+    docs = iter(docs)
+    first = next(docs, None)
+except Exception as e:  # datasets raises many kinds for a bad name, a missing file or no network
+    die(f"cannot load dataset '{dataset}': {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        " (check the name, config and network, or pass a local file)")
+if first is None:
+    die(f"dataset '{dataset}' has no documents")
+official = "text_sentences" in first and "text_sentences_sonar_emb" in first
+if official and encoder != "sonar":
+    print("official LCM parquet: its embeddings are SONAR's, so the encoder is sonar")
+    encoder = "sonar"
+text_column = text_column or "text"
+if not official and text_column not in first:
+    die(f"no column '{text_column}' in {dataset} (columns: {', '.join(first)}): pass --text_column=NAME")
+docs = chain([first], docs)
+if max_docs:
+    docs = islice(docs, max_docs)
+
+enc = load_encoder(encoder, device)
+eot = enc.encode([EOT_TEXT], lang=lang)[0]
+nlp = sentence_splitter(spacy_model)
+
+def embed_chunk(rows):
+    """a list of dataset rows -> (sentences per document, embeddings (n, d)); EOT ends each document"""
+    if official:
+        sents = [[" ".join(s.split()) for s in r["text_sentences"]] for r in rows]
+        embs = [np.asarray(r["text_sentences_sonar_emb"], dtype=np.float32).reshape(-1, enc.d_emb) for r in rows]
+        emb = np.concatenate(embs) if embs else np.zeros((0, enc.d_emb), np.float32)
+    else:
+        texts = [r[text_column] if isinstance(r[text_column], str) else "" for r in rows]
+        sents = split_sentences(nlp, texts, max_chars)
+        flat = [s for doc in sents for s in doc]
+        emb = enc.encode(flat, lang=lang, batch_size=batch_size) if flat else np.zeros((0, enc.d_emb), np.float32)
+    keep = [i for i, s in enumerate(sents) if s]  # empty documents are skipped (and counted)
+    parts, at = [], 0
+    for i, s in enumerate(sents):
+        if s:
+            parts += [emb[at:at + len(s)], eot[None]]
+        at += len(s)
+    emb = np.concatenate(parts) if parts else np.zeros((0, enc.d_emb), np.float32)
+    return [sents[i] + [EOT_TEXT] for i in keep], emb.astype(dtype), len(sents) - len(keep)
+
+# -----------------------------------------------------------------------------
+# encode: chunk k belongs to rank k % world; a chunk already on disk is not encoded again
+os.makedirs(work, exist_ok=True)
+t0, n_sent = time.time(), 0
+bar = tqdm(total=max_docs or None, unit="doc", disable=rank != 0, desc=f"embed {name}")
+try:
+    for k in range(10**9):
+        rows = list(islice(docs, chunk_docs))
+        if not rows:
+            break
+        path = os.path.join(work, f"chunk{k:06d}.npz")
+        if k % world != rank or os.path.exists(path):
+            bar.update(len(rows))
+            continue
+        sents, emb, n_empty = embed_chunk(rows)
+        n_sent += len(emb)
+        tmp = path[:-4] + f".tmp{rank}.npz"
+        np.savez(tmp, emb=emb, lengths=np.array([len(s) for s in sents], dtype=np.int64),
+                 text=np.array("\n".join("\n".join(s) for s in sents)), n_empty=n_empty)
+        os.replace(tmp, path)  # atomic: a chunk is on disk whole or not at all
+        bar.update(len(rows))
+        bar.set_postfix(sent_per_s=f"{n_sent * world / (time.time() - t0):.0f}")
+except UnicodeDecodeError as e:
+    die(f"{dataset} is not valid UTF-8 ({e.reason} at byte {e.start}): re-save it as UTF-8")
+bar.close()
+if ddp:
+    torch.distributed.barrier()
+    if rank != 0:
+        torch.distributed.destroy_process_group()
+        sys.exit(0)
+
+# -----------------------------------------------------------------------------
+# assemble: stream the chunks, in order, into the train and val files (rank 0)
+chunks = sorted(glob.glob(os.path.join(work, "chunk*.npz")))
+files = {s: {"bin": open(os.path.join(out, f"{s}.bin.tmp"), "wb"), "txt": open(os.path.join(out, f"{s}.txt.tmp"), "w"),
+             "offsets": [0]} for s in ("train", "val")}
+n_docs, n_empty = 0, 0
+for path in tqdm(chunks, desc="assemble", unit="chunk", disable=len(chunks) < 10):
+    with np.load(path) as z:
+        emb, lengths, text, n_empty = z["emb"], z["lengths"], str(z["text"]).split("\n"), n_empty + int(z["n_empty"])
+    at = 0
+    for length in lengths:
+        # a document's split depends on its index and the seed only, not on chunking or ranks
+        s = "val" if zlib.crc32(f"{seed}:{n_docs}".encode()) % 10_000 < val_fraction * 10_000 else "train"
+        emb[at:at + length].tofile(files[s]["bin"])
+        files[s]["txt"].write("\n".join(text[at:at + length]) + "\n")
+        files[s]["offsets"].append(files[s]["offsets"][-1] + int(length))
+        at, n_docs = at + length, n_docs + 1
+for s, f in files.items():
+    f["bin"].close(), f["txt"].close()
+    np.save(os.path.join(out, f"{s}_offsets.npy.tmp.npy"), np.array(f["offsets"], dtype=np.int64))
+n_train, n_val = files["train"]["offsets"][-1], files["val"]["offsets"][-1]
+if n_train == 0 or n_val == 0:
+    die(f"{n_docs} documents with text give an empty {'train' if n_train == 0 else 'val'} split: "
+        "use more documents or another --val_fraction")
+
+train_rows = np.memmap(os.path.join(out, "train.bin.tmp"), dtype=dtype, mode="r").reshape(-1, enc.d_emb)
+pick = np.sort(np.random.default_rng(seed).choice(n_train, min(n_train, norm_sample), replace=False))
+sample = np.asarray(train_rows[pick], dtype=np.float32)
+center, scale = fit_normalizer(sample)
+for s in ("train", "val"):
+    os.replace(os.path.join(out, f"{s}.bin.tmp"), os.path.join(out, f"{s}.bin"))
+    os.replace(os.path.join(out, f"{s}.txt.tmp"), os.path.join(out, f"{s}.txt"))
+    os.replace(os.path.join(out, f"{s}_offsets.npy.tmp.npy"), os.path.join(out, f"{s}_offsets.npy"))
+meta = {"encoder": encoder, "d_emb": enc.d_emb, "lang": lang, "dtype": dtype, "dataset": dataset,
+        "spacy_model": spacy_model, "max_chars": max_chars,
+        "train_docs": len(files["train"]["offsets"]) - 1, "val_docs": len(files["val"]["offsets"]) - 1,
+        "train_rows": n_train, "val_rows": n_val, "empty_docs_skipped": n_empty,
+        "normalizer": {"center": center.tolist(), "scale": scale.tolist()},
+        "mean": sample.mean(0).tolist(), "eot": eot.astype(np.float32).tolist()}
+with open(os.path.join(out, "meta.json.tmp"), "w") as f:
+    json.dump(meta, f)
+os.replace(os.path.join(out, "meta.json.tmp"), os.path.join(out, "meta.json"))  # last: marks the set finished
+shutil.rmtree(work)
+print(f"{out}: {meta['train_docs']} train / {meta['val_docs']} val documents, {n_train} / {n_val} concepts "
+      f"(d_emb {enc.d_emb}, {encoder}); {n_empty} empty documents skipped; {time.time() - t0:.1f}s")
+if ddp:
+    torch.distributed.destroy_process_group()

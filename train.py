@@ -1,0 +1,272 @@
+"""
+Trains a Base-LCM: a causal transformer that predicts the next sentence embedding (concept) with MSE.
+Runs on one CPU, one GPU, or several with DDP (nccl on GPUs, gloo on CPUs).
+
+$ python train.py                                  # small model on the offline default (data/lee)
+$ python train.py config/train_laptop_gpu.py --dataset=wiki
+$ torchrun --standalone --nproc_per_node=4 train.py config/train_laptop_gpu.py
+$ python train.py --eval_only=True --init_from=resume   # the paper's metrics and two baselines
+"""
+import json, math, os, sys, time
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+from torch.distributed import destroy_process_group, init_process_group
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from baselcm import (BaseLCM, LCMConfig, SentenceBank, atomic_save, autodetect_device, concept_metrics, configure,
+                     die, eval_windows, finish_metrics, get_batch, load_checkpoint, load_encoder, load_meta,
+                     load_split, measure_peak_flops, sample_windows)
+
+# I/O
+out_dir = "out"
+eval_interval = 100      # iterations between evaluations (and checkpoints)
+log_interval = 10
+eval_iters = 20          # evaluation batches of fixed validation windows
+eval_only = False        # evaluate (model, copy and mean baselines, round-trip l2) and exit
+always_save_checkpoint = True  # else only when val loss improves
+init_from = "scratch"    # 'scratch' or 'resume' (from out_dir/ckpt.pt)
+plot = True              # draw out_dir/loss.png at the end when matplotlib is installed
+# data
+dataset = "lee"          # reads data_root/dataset, built by embed.py
+data_root = "data"
+batch_size = 32          # windows per micro-batch
+gradient_accumulation_steps = 1  # micro-batches per iteration, over all processes
+block_size = 32          # context in concepts
+# model
+n_layer = 4
+n_head = 4
+n_embd = 256
+dropout = 0.1
+bias = False
+rope_theta = 10000.0
+# AdamW, warm-up then cosine decay (paper: lr 4e-4, betas 0.9/0.95, eps 1e-5, weight decay 0.1)
+learning_rate = 4e-4
+max_iters = 1000
+weight_decay = 0.1
+beta1 = 0.9
+beta2 = 0.95
+eps = 1e-5
+grad_clip = 1.0          # 0 = off
+decay_lr = True
+warmup_iters = 50
+lr_decay_iters = 0       # 0 = max_iters
+min_lr = 4e-5
+# system
+device = ""              # '' = autodetect: cuda, mps, cpu
+dtype = ""               # '' = bfloat16 on GPUs that have it, float16 on older GPUs, float32 elsewhere
+compile = False          # torch.compile the model
+backend = ""             # DDP: '' = nccl on cuda, gloo otherwise
+seed = 1337
+config = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))}
+configure(globals(), sys.argv[1:])
+config = {k: globals()[k] for k in config}
+lr_decay_iters = lr_decay_iters or max_iters
+for k in ("batch_size", "block_size", "n_layer", "n_head", "n_embd", "gradient_accumulation_steps", "eval_iters"):
+    if globals()[k] < 1:
+        die(f"--{k}={globals()[k]} must be at least 1")
+if n_embd % n_head or (n_embd // n_head) % 2:
+    die(f"--n_embd={n_embd} must be a multiple of --n_head={n_head} with an even head size (RoPE)")
+if not 0 <= dropout < 1:
+    die(f"--dropout={dropout} must be in [0, 1)")
+if init_from not in ("scratch", "resume"):
+    die(f"--init_from={init_from}: use scratch or resume")
+
+# -----------------------------------------------------------------------------
+# devices and processes
+ddp = int(os.environ.get("RANK", -1)) != -1
+device = device or autodetect_device()
+if ddp:
+    rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    if device.startswith("cuda"):
+        device = f"cuda:{local_rank}"
+        torch.cuda.set_device(device)
+    init_process_group(backend=backend or ("nccl" if device.startswith("cuda") else "gloo"))
+    if gradient_accumulation_steps % world:
+        die(f"--gradient_accumulation_steps={gradient_accumulation_steps} must be a multiple of the {world} processes")
+else:
+    rank, world = 0, 1
+master = rank == 0
+device_type = torch.device(device).type
+if not dtype:
+    dtype = ("bfloat16" if torch.cuda.is_bf16_supported() else "float16") if device_type == "cuda" else "float32"
+if dtype not in ("float32", "bfloat16", "float16"):
+    die(f"--dtype={dtype}: use float32, bfloat16 or float16")
+ptdtype = getattr(torch, dtype)
+ctx = nullcontext() if dtype == "float32" else torch.autocast(device_type=device_type, dtype=ptdtype)
+torch.manual_seed(seed + rank)
+torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+if master:
+    os.makedirs(out_dir, exist_ok=True)
+
+# -----------------------------------------------------------------------------
+# data: memmaps, never the whole set in RAM
+data_dir = os.path.join(data_root, dataset)
+meta = load_meta(data_dir)
+train_rows, train_offsets = load_split(data_dir, "train", meta)
+val_rows, val_offsets = load_split(data_dir, "val", meta)
+val_starts, val_ends = eval_windows(val_offsets, block_size, eval_iters * batch_size)
+data_rng = np.random.default_rng(seed)  # the same on every rank: together they draw one global batch
+mean_concept = torch.tensor(meta["mean"], device=device)
+
+# -----------------------------------------------------------------------------
+# model
+iter_num, best_val_loss = 0, float("inf")
+ckpt_path = os.path.join(out_dir, "ckpt.pt")
+if init_from == "resume":
+    model, checkpoint = load_checkpoint(ckpt_path, device)
+    if model.config.d_emb != meta["d_emb"]:
+        die(f"{ckpt_path} was trained on d_emb {model.config.d_emb}, {data_dir} has {meta['d_emb']}")
+    block_size = model.config.block_size
+    iter_num, best_val_loss = checkpoint["iter_num"], checkpoint["best_val_loss"]
+else:
+    model = BaseLCM(LCMConfig(d_emb=meta["d_emb"], block_size=block_size, n_layer=n_layer, n_head=n_head,
+                              n_embd=n_embd, dropout=dropout, bias=bias, rope_theta=rope_theta))
+    model.normalizer.center.copy_(torch.tensor(meta["normalizer"]["center"]))
+    model.normalizer.scale.copy_(torch.tensor(meta["normalizer"]["scale"]))
+    model.to(device)
+model_args = model.config.__dict__
+scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")
+optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), eps, device_type)
+if init_from == "resume":
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    scaler.load_state_dict(checkpoint["scaler"])
+    data_rng.bit_generator.state = checkpoint["data_rng"]
+    torch.set_rng_state(checkpoint["torch_rng"][rank % len(checkpoint["torch_rng"])])
+    checkpoint = None
+if compile:
+    model = torch.compile(model)
+raw_model = model
+if ddp:
+    model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None, broadcast_buffers=False)
+
+@torch.no_grad()
+def evaluate(roundtrip=None):
+    """Teacher-forced next-concept metrics on fixed validation windows, for the model and two baselines:
+    copy the last concept, and the training mean. roundtrip: prediction -> decoded -> re-encoded."""
+    raw_model.eval()
+    sums = {}
+    for i in range(0, len(val_starts), batch_size):
+        x, y, mask = get_batch(val_rows, val_starts[i:i + batch_size], val_ends[i:i + batch_size], block_size, device)
+        with ctx:
+            pred, _ = raw_model(x)
+        preds = {"model": raw_model.normalizer.denormalize(pred.float()), "copy": x, "mean": mean_concept.expand_as(y)}
+        for name, p in preds.items():
+            m = concept_metrics(p, x, y, mask, raw_model.normalizer)
+            if roundtrip:
+                back = torch.as_tensor(roundtrip(p[mask].float().cpu().numpy()), device=device)
+                m["rt_l2"] = (back - y[mask]).norm(dim=-1).sum().item()
+            sums[name] = {k: sums.get(name, {}).get(k, 0) + v for k, v in m.items()}
+    raw_model.train()
+    return {name: finish_metrics(s) | ({"rt_l2": s["rt_l2"] / s["n"]} if roundtrip else {}) for name, s in sums.items()}
+
+if eval_only:
+    if master:
+        if meta["encoder"] == "sonar":  # decode with SONAR, re-encode
+            enc = load_encoder("sonar", device)
+            roundtrip = lambda p: enc.encode(enc.decode(p, lang=meta["lang"]), lang=meta["lang"])
+        else:  # no decoder: the nearest training sentence stands for the decoded text
+            bank = SentenceBank(data_dir, meta)
+            roundtrip = lambda p: np.asarray(bank.rows[bank.nearest(p)[0]], dtype=np.float32)
+        results = evaluate(roundtrip)
+        print(f"{len(val_starts)} validation windows, {meta['val_docs']} documents of {data_dir}, iter {iter_num}")
+        print(f"{'':8}{'loss':>10}{'l2':>9}{'rt_l2':>9}{'CA':>8}{'PAR':>8}")
+        for name, r in results.items():
+            print(f"{name:8}{r['loss']:10.2f}{r['l2']:9.4f}{r['rt_l2']:9.4f}{100 * r['ca']:7.1f}%{r['par']:8.3f}")
+        with open(os.path.join(out_dir, "eval.json"), "w") as f:
+            json.dump({"iter": iter_num, "dataset": data_dir, "windows": len(val_starts), **results}, f, indent=1)
+    sys.exit(0)
+
+def get_lr(it):  # linear warm-up, then cosine decay to min_lr
+    if not decay_lr:
+        return learning_rate
+    if it < warmup_iters:
+        return learning_rate * (it + 1) / (warmup_iters + 1)
+    if it > lr_decay_iters:
+        return min_lr
+    ratio = (it - warmup_iters) / max(1, lr_decay_iters - warmup_iters)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
+
+# -----------------------------------------------------------------------------
+# training loop
+log = open(os.path.join(out_dir, "log.jsonl"), "a" if init_from == "resume" else "w") if master else None
+peak = measure_peak_flops(device, ptdtype) if master else 0.0
+flops_per_concept = raw_model.flops_per_concept()
+local_steps = gradient_accumulation_steps // world
+if master:
+    print(f"{sum(p.numel() for p in raw_model.parameters()) / 1e6:.2f}M parameters, {meta['train_rows']} train "
+          f"concepts of d_emb {meta['d_emb']} ({meta['encoder']}), {device} {dtype}, peak {peak / 1e9:.1f} GFLOP/s")
+t0 = time.time()
+while True:
+    lr = get_lr(iter_num)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    if master and (iter_num % eval_interval == 0 or iter_num == max_iters):
+        r = evaluate()
+        print(f"step {iter_num}: val loss {r['model']['loss']:.2f} (copy {r['copy']['loss']:.2f}, mean "
+              f"{r['mean']['loss']:.2f}), l2 {r['model']['l2']:.4f}, CA {100 * r['model']['ca']:.1f}%")
+        log.write(json.dumps({"iter": iter_num, "val": r}) + "\n")
+        log.flush()
+        if iter_num > 0 and (r["model"]["loss"] < best_val_loss or always_save_checkpoint):
+            best_val_loss = min(best_val_loss, r["model"]["loss"])
+            torch_rng = [torch.get_rng_state()]
+            atomic_save({"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+                         "scaler": scaler.state_dict(), "model_args": model_args, "iter_num": iter_num,
+                         "best_val_loss": best_val_loss, "config": config, "data_rng": data_rng.bit_generator.state,
+                         "torch_rng": torch_rng, "data": {k: meta[k] for k in ("encoder", "lang", "d_emb", "eot",
+                         "spacy_model", "max_chars")} | {"dir": os.path.abspath(data_dir)}}, ckpt_path)
+        t0 = time.time()  # evaluation is not training time
+    if iter_num >= max_iters:
+        break
+    # one global batch, drawn identically on every rank; each rank takes its micro-batches
+    starts, ends = sample_windows(data_rng, train_offsets, gradient_accumulation_steps * batch_size, block_size)
+    loss_sum = torch.zeros((), device=device)
+    for micro in range(rank, gradient_accumulation_steps, world):
+        s = slice(micro * batch_size, (micro + 1) * batch_size)
+        x, y, mask = get_batch(train_rows, starts[s], ends[s], block_size, device)
+        if ddp:  # sync gradients on the last micro-step only
+            model.require_backward_grad_sync = micro + world >= gradient_accumulation_steps
+        with ctx:
+            _, loss = model(x, y, mask)
+        loss_sum += loss.detach()
+        scaler.scale(loss / local_steps).backward()
+    if grad_clip > 0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    iter_num += 1
+    if master and iter_num % log_interval == 0:
+        loss_val = loss_sum.item() / local_steps  # .item() syncs: only when logging
+        dt = (time.time() - t0) / log_interval
+        concepts = int((np.minimum(ends - starts, block_size + 1) - 1).sum())  # real targets of the global batch
+        mfu = flops_per_concept * gradient_accumulation_steps * batch_size * block_size / dt / peak
+        print(f"iter {iter_num}: loss {loss_val:.2f}, lr {lr:.2e}, {dt * 1000:.1f}ms, {concepts / dt:.0f} concepts/s, "
+              f"mfu {100 * mfu:.1f}%")
+        log.write(json.dumps({"iter": iter_num, "loss": loss_val, "lr": lr, "ms": dt * 1000,
+                              "concepts_per_s": concepts / dt, "mfu": mfu}) + "\n")
+        t0 = time.time()
+
+if master:
+    log.close()
+    if plot:
+        try:
+            import matplotlib
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            plt = None
+        if plt:
+            rows = [json.loads(line) for line in open(os.path.join(out_dir, "log.jsonl"))]
+            tr, va = [r for r in rows if "loss" in r], [r for r in rows if "val" in r]
+            plt.plot([r["iter"] for r in tr], [r["loss"] for r in tr], label="train")
+            plt.plot([r["iter"] for r in va], [r["val"]["model"]["loss"] for r in va], "o-", label="val")
+            plt.plot([r["iter"] for r in va], [r["val"]["copy"]["loss"] for r in va], "--", label="val: copy last")
+            plt.plot([r["iter"] for r in va], [r["val"]["mean"]["loss"] for r in va], ":", label="val: train mean")
+            plt.xlabel("iteration"), plt.ylabel("loss (normalized squared error)"), plt.legend()
+            plt.title(f"Base-LCM on {dataset}")
+            plt.savefig(os.path.join(out_dir, "loss.png"), dpi=100)
+if ddp:
+    destroy_process_group()

@@ -236,7 +236,7 @@ def measure_peak_flops(device, dtype, n=0, reps=3):
     """FLOP/s of a large F.linear (the model's kernel) in the training dtype, measured here and now:
     the MFU denominator, instead of a datasheet number for some other chip."""
     n = n or (8192 if torch.device(device).type == "cuda" else 2048)
-    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    a = b = torch.ones(n, n, device=device, dtype=dtype)  # no random numbers: training's RNG stays untouched
     F.linear(a, b)
     synchronize(device)
     t = time.perf_counter()
@@ -420,13 +420,14 @@ def concept_metrics(pred, x, y, mask, normalizer):
     loss: the training loss; l2: distance to the true next concept; ca: contrastive accuracy against
     the batch's other targets; par: distance to the closest context concept / distance to the truth."""
     pred, x, y = pred.float(), x.float(), y.float()
+    cdist = lambda a, b: torch.cdist(a, b, compute_mode="donot_use_mm_for_euclid_dist")  # exact zeros
     err = (normalizer.normalize(pred) - normalizer.normalize(y)).pow(2).sum(-1)[mask]
     d_true = (pred - y).norm(dim=-1)  # (B, T)
     p, t = pred[mask], y[mask]  # (N, d_emb)
-    d_all = torch.cdist(p, t)  # (N, N): prediction i against target j
-    other = torch.cdist(t, t) > 1e-6  # a target equal to the truth (end of text) is no negative
+    d_all = cdist(p, t)  # (N, N): prediction i against target j
+    other = cdist(t, t) > 1e-6  # a target equal to the truth (end of text) is no negative
     ca_hits = ((d_all.diagonal()[:, None] < d_all) & other).sum()
-    d_ctx = torch.cdist(pred, x)  # (B, T, T): prediction at t against inputs s <= t
+    d_ctx = cdist(pred, x)  # (B, T, T): prediction at t against inputs s <= t
     T = x.size(1)
     d_ctx = d_ctx.masked_fill(~torch.ones(T, T, dtype=torch.bool, device=x.device).tril(), float("inf"))
     par = d_ctx.min(-1).values[mask] / d_true[mask].clamp_min(1e-6)

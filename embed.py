@@ -85,6 +85,8 @@ try:
         docs = load_dataset(source, hf_config or None, split=hf_split, streaming=True)
     docs = iter(docs)
     first = next(docs, None)
+except UnicodeDecodeError as e:
+    die(f"{dataset} is not valid UTF-8 ({e.reason} at byte {e.start}): re-save it as UTF-8")
 except Exception as e:  # datasets raises many kinds for a bad name, a missing file or no network
     die(f"cannot load dataset '{dataset}': {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         " (check the name, config and network, or pass a local file)")
@@ -102,7 +104,7 @@ if max_docs:
     docs = islice(docs, max_docs)
 
 enc = load_encoder(encoder, device)
-eot = enc.encode([EOT_TEXT], lang=lang)[0]
+eot = enc.encode([EOT_TEXT], lang=lang, batch_size=batch_size)[0]
 nlp = sentence_splitter(spacy_model)
 
 def embed_chunk(rows):

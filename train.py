@@ -21,11 +21,11 @@ from baselcm import (BaseLCM, LCMConfig, SentenceBank, atomic_save, autodetect_d
 
 # I/O
 out_dir = "out"
-eval_interval = 100      # iterations between evaluations (and checkpoints)
+eval_interval = 25       # iterations between evaluations (and checkpoints)
 log_interval = 10
 eval_iters = 20          # evaluation batches of fixed validation windows
 eval_only = False        # evaluate (model, copy and mean baselines, round-trip l2) and exit
-always_save_checkpoint = True  # else only when val loss improves
+always_save_checkpoint = False  # False: keep the best val loss (small data overfits); True: the latest
 init_from = "scratch"    # 'scratch' or 'resume' (from out_dir/ckpt.pt)
 plot = True              # draw out_dir/loss.png at the end when matplotlib is installed
 # data
@@ -33,24 +33,24 @@ dataset = "lee"          # reads data_root/dataset, built by embed.py
 data_root = "data"
 batch_size = 32          # windows per micro-batch
 gradient_accumulation_steps = 1  # micro-batches per iteration, over all processes
-block_size = 32          # context in concepts
+block_size = 16          # context in concepts (Lee documents: 10 sentences on average)
 # model
 n_layer = 4
 n_head = 4
 n_embd = 256
-dropout = 0.1
+dropout = 0.3            # paper: 0.1 on a large corpus; the Lee corpus has 2.7k sentences
 bias = False
 rope_theta = 10000.0
 # AdamW, warm-up then cosine decay (paper: lr 4e-4, betas 0.9/0.95, eps 1e-5, weight decay 0.1)
 learning_rate = 4e-4
-max_iters = 1000
+max_iters = 200
 weight_decay = 0.1
 beta1 = 0.9
 beta2 = 0.95
 eps = 1e-5
 grad_clip = 1.0          # 0 = off
 decay_lr = True
-warmup_iters = 50
+warmup_iters = 20
 lr_decay_iters = 0       # 0 = max_iters
 min_lr = 4e-5
 # system

@@ -1,0 +1,85 @@
+"""
+Continues a text sentence by sentence with a trained Base-LCM. The prompt is split and encoded with the
+checkpoint's encoder; each predicted concept is decoded by SONAR, or, for encoders without a decoder
+(minilm), replaced by the nearest sentence of the training data and marked as retrieved.
+
+$ python sample.py --start="The fire spread overnight. Residents were told to leave."
+$ python sample.py --start=FILE:prompt.txt --num_samples=3 --noise=0.3
+$ python sample.py --out_dir=out-sonar --start="The storm hit the coast." --lang=fra_Latn   # SONAR: in French
+"""
+import json as jsonlib
+import os, sys
+
+import torch
+
+from baselcm import (SentenceBank, autodetect_device, check_lang, configure, die, load_checkpoint, load_encoder,
+                     load_meta, sentence_splitter, split_sentences)
+
+out_dir = "out"          # holds ckpt.pt
+start = "Hundreds of people have been forced to leave their homes as a bushfire moves towards the town."  # or FILE:path
+max_new_concepts = 16
+stop_eot = 0.9           # stop when cos(prediction, end of text) reaches this
+stop_repeat = 0.0        # 0 = off; else stop when cos(prediction, previous concept) reaches this
+noise = 0.0              # std of Gaussian noise in the normalized space: 0 = deterministic
+num_samples = 1
+seed = 1337
+prompt_lang = ""         # FLORES-200 code of the prompt; '' = the training data's
+lang = ""                # FLORES-200 code of the output (SONAR decoder); '' = prompt_lang
+data_dir = ""            # sentence bank for retrieval; '' = the dataset the checkpoint was trained on
+use_cache = True         # KV cache: each new concept costs one position
+device = ""
+json = False             # print one JSON object per sample: each step's text, cosine to end of text, stop reason
+configure(globals(), sys.argv[1:])
+
+device = device or autodetect_device()
+model, ckpt = load_checkpoint(os.path.join(out_dir, "ckpt.pt"), device)
+model.eval()
+data = ckpt["data"]
+prompt_lang = prompt_lang or data["lang"]
+lang = lang or prompt_lang
+check_lang(prompt_lang, "--prompt_lang")
+check_lang(lang)
+if start.startswith("FILE:"):
+    if not os.path.isfile(start[5:]):
+        die(f"prompt file {start[5:]} not found")
+    with open(start[5:], encoding="utf-8") as f:
+        start = f.read()
+prompt = split_sentences(sentence_splitter(data["spacy_model"]), [start], data["max_chars"])[0]
+if not prompt:
+    die("the prompt is empty: pass --start='Some sentences.' or --start=FILE:prompt.txt")
+
+enc = load_encoder(data["encoder"], device)
+if enc.d_emb != model.config.d_emb:
+    die(f"encoder {data['encoder']} gives d_emb {enc.d_emb}, the checkpoint wants {model.config.d_emb}")
+if enc.decode is None:  # retrieval needs the sentences the encoder saw
+    bank_dir = data_dir or data["dir"]
+    bank_meta = load_meta(bank_dir)
+    if (bank_meta["encoder"], bank_meta["d_emb"]) != (data["encoder"], data["d_emb"]):
+        die(f"{bank_dir} holds {bank_meta['encoder']} concepts (d_emb {bank_meta['d_emb']}), the checkpoint "
+            f"{data['encoder']} (d_emb {data['d_emb']}): pass --data_dir=DIR built with the same encoder")
+    bank = SentenceBank(bank_dir, bank_meta)
+concepts = torch.as_tensor(enc.encode(prompt, lang=prompt_lang), device=device)  # (T, d_emb)
+eot = torch.tensor(data["eot"], device=device)
+generator = torch.Generator(device=device).manual_seed(seed)
+
+for k in range(num_samples):
+    new, cosines, reason = model.generate(concepts, max_new_concepts, eot, stop_eot, stop_repeat, noise,
+                                          use_cache, generator)
+    if reason == "eot":  # the end-of-text concept is a signal, not a sentence
+        new = new[:-1]
+    if len(new) == 0:
+        texts, sims = [], []
+    elif enc.decode:
+        texts, sims = enc.decode(new.cpu(), lang=lang), [None] * len(new)
+    else:
+        idx, sims = bank.nearest(new)
+        texts, sims = bank.texts(idx), [float(s) for s in sims]
+    if json:
+        steps = [{"text": t, "cos_eot": c} | ({"retrieved_cos": s} if s is not None else {})
+                 for t, c, s in zip(texts, cosines, sims)]
+        print(jsonlib.dumps({"sample": k, "prompt": prompt, "steps": steps, "stop": reason}, ensure_ascii=False))
+        continue
+    print("\n".join(prompt))
+    for t, s in zip(texts, sims):
+        print(f"[retrieved, cos {s:.2f}] {t}" if s is not None else t)
+    print(f"({len(texts)} concepts, stopped by {reason})\n---------------")

@@ -1,0 +1,489 @@
+"""
+The specification of baselcm, as tests. Offline: tiny datasets in the real on-disk format, a stand-in
+`sonar` package that records how it was called, and the real MiniLM encoder on a small slice.
+$ python -m pytest -q
+"""
+import json, os, signal, subprocess, sys, textwrap, time
+
+import numpy as np
+import pytest
+import torch
+
+import baselcm
+from baselcm import BaseLCM, LCMConfig, concept_metrics, finish_metrics, fit_normalizer, get_batch, sample_windows
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ENV = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+           OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+
+def run(script, *args, cwd, env=None, check=True):
+    cmd = script if isinstance(script, list) else [sys.executable, os.path.join(HERE, script)]
+    p = subprocess.run(cmd + list(args), cwd=cwd, env=env or ENV, capture_output=True, text=True, timeout=600)
+    if check and p.returncode != 0:
+        raise AssertionError(f"{cmd} {args} failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+    return p
+
+def tiny_config(**kw):
+    return LCMConfig(**{"d_emb": 16, "block_size": 12, "n_layer": 2, "n_head": 2, "n_embd": 32, "dropout": 0.0} | kw)
+
+def write_dataset(root, name, train_docs, val_docs, eot, encoder="stand-in"):
+    """Writes documents (lists of (n_i, d) arrays, each ending with eot) in embed.py's format."""
+    out = os.path.join(root, name)
+    os.makedirs(out)
+    for split, docs in (("train", train_docs), ("val", val_docs)):
+        np.concatenate(docs).astype(np.float16).tofile(os.path.join(out, f"{split}.bin"))
+        np.save(os.path.join(out, f"{split}_offsets.npy"), np.cumsum([0] + [len(d) for d in docs]))
+        with open(os.path.join(out, f"{split}.txt"), "w") as f:
+            f.writelines(f"doc {i} sentence {j}\n" for i, d in enumerate(docs) for j in range(len(d)))
+    rows = np.concatenate(train_docs).astype(np.float16).astype(np.float32)
+    center, scale = fit_normalizer(rows)
+    meta = {"encoder": encoder, "d_emb": rows.shape[1], "lang": "eng_Latn", "dtype": "float16", "dataset": name,
+            "spacy_model": "", "max_chars": 256, "train_docs": len(train_docs), "val_docs": len(val_docs),
+            "train_rows": len(rows), "val_rows": sum(map(len, val_docs)), "empty_docs_skipped": 0,
+            "normalizer": {"center": center.tolist(), "scale": scale.tolist()}, "mean": rows.mean(0).tolist(),
+            "eot": eot.tolist()}
+    with open(os.path.join(out, "meta.json"), "w") as f:
+        json.dump(meta, f)
+    return meta
+
+def rotation_docs(rng, n_docs, d=16, lo=6, hi=20):
+    """Documents whose next concept is a fixed rotation of the current one: learnable, and far from a copy."""
+    rot, _ = np.linalg.qr(np.random.default_rng(0).normal(size=(d, d)))
+    eot = np.full(d, 0.5, dtype=np.float32)
+    docs = []
+    for _ in range(n_docs):
+        x = [rng.normal(size=d)]
+        for _ in range(rng.integers(lo, hi) - 1):
+            x.append(rot @ x[-1] + 0.05 * rng.normal(size=d))
+        docs.append(np.vstack(x + [eot]).astype(np.float32))
+    return docs, eot
+
+@pytest.fixture(scope="module")
+def rotation_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    rng = np.random.default_rng(1)
+    train, eot = rotation_docs(rng, 200)
+    val, _ = rotation_docs(rng, 20)
+    write_dataset(root, "rot", train, val, eot)
+    return root
+
+FAKE_SONAR = '''
+import json, os, time, zlib
+import torch
+
+def _log(call, **kw):
+    with open(os.environ["FAKE_SONAR_LOG"], "a") as f:
+        f.write(json.dumps({"call": call, **kw}) + "\\n")
+
+def embed(sentence):  # deterministic, 1024-d like SONAR
+    return torch.randn(1024, generator=torch.Generator().manual_seed(zlib.crc32(sentence.encode())))
+
+class TextToEmbeddingModelPipeline:
+    def __init__(self, encoder, tokenizer, device=None, dtype=None):
+        _log("encoder_init", encoder=encoder, tokenizer=tokenizer, device=str(device), dtype=str(dtype))
+
+    def predict(self, input, source_lang, batch_size=5, **kw):
+        _log("encode", n=len(input), source_lang=source_lang, batch_size=batch_size)
+        time.sleep(float(os.environ.get("FAKE_SONAR_DELAY", "0")))
+        return torch.stack([embed(s) for s in input])
+
+class EmbeddingToTextModelPipeline:
+    def __init__(self, decoder, tokenizer, device=None, dtype=None):
+        _log("decoder_init", decoder=decoder, tokenizer=tokenizer, device=str(device))
+
+    def predict(self, inputs, target_lang, batch_size=5, max_seq_len=None, **kw):
+        _log("decode", n=len(inputs), target_lang=target_lang, max_seq_len=max_seq_len)
+        return [f"<{target_lang}> sentence {i}" for i in range(len(inputs))]
+'''
+
+@pytest.fixture()
+def sonar_env(tmp_path):
+    """An environment where `import sonar.inference_pipelines.text` finds the recording stand-in."""
+    pkg = tmp_path / "fake" / "sonar" / "inference_pipelines"
+    pkg.mkdir(parents=True)
+    (pkg.parent / "__init__.py").write_text("")
+    (pkg / "__init__.py").write_text("")
+    (pkg / "text.py").write_text(FAKE_SONAR)
+    log = tmp_path / "sonar_calls.jsonl"
+    env = dict(ENV, PYTHONPATH=str(tmp_path / "fake"), FAKE_SONAR_LOG=str(log))
+    calls = lambda: [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+    return env, calls
+
+def corpus(path, n_docs=12):
+    lines = [" ".join(f"Document {i} says thing {j}   about topic {i % 3}." for j in range(2 + i % 4))
+             for i in range(n_docs)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+def read_dataset(d):
+    meta = json.load(open(d / "meta.json"))
+    out = {"meta": meta}
+    for s in ("train", "val"):
+        rows, offsets = baselcm.load_split(str(d), s, meta)
+        out[s] = (np.array(rows), offsets, (d / f"{s}.txt").read_text().splitlines())
+    return out
+
+# -----------------------------------------------------------------------------
+# the model
+
+def test_prediction_at_t_ignores_later_concepts():
+    torch.manual_seed(0)
+    model = BaseLCM(tiny_config()).eval()
+    x = torch.randn(2, 12, 16)
+    changed = x.clone()
+    changed[:, 7:] = torch.randn(2, 5, 16)
+    a, _ = model(x)
+    b, _ = model(changed)
+    assert torch.allclose(a[:, :7], b[:, :7], atol=1e-6)
+    assert not torch.allclose(a[:, 7:], b[:, 7:], atol=1e-3)
+
+def test_loss_is_squared_error_against_normalized_next_concept_summed_over_dims():
+    torch.manual_seed(0)
+    model = BaseLCM(tiny_config()).eval()
+    model.normalizer.center.uniform_(-1, 1)
+    model.normalizer.scale.uniform_(0.5, 2)
+    x, y = torch.randn(3, 12, 16), torch.randn(3, 12, 16)
+    pred, loss = model(x, y)
+    expected = ((pred - (y - model.normalizer.center) / model.normalizer.scale) ** 2).sum(-1).mean()
+    assert torch.allclose(loss, expected)
+
+def test_padding_does_not_change_the_loss():
+    torch.manual_seed(0)
+    model = BaseLCM(tiny_config()).eval()
+    doc = torch.randn(1, 6, 16)  # 5 inputs, 5 targets
+    _, short = model(doc[:, :-1], doc[:, 1:])
+    padded = torch.cat([doc, torch.randn(1, 7, 16) * 100], 1)  # garbage after the document
+    mask = torch.arange(12)[None] < 5
+    _, long = model(padded[:, :-1], padded[:, 1:], mask)
+    assert torch.allclose(short, long, atol=1e-5)
+
+def test_batches_never_cross_documents():
+    offsets = np.cumsum([0, 3, 1 + 1, 40, 7, 2, 25])
+    rows = np.repeat(np.arange(len(offsets) - 1), np.diff(offsets)).astype(np.float32)[:, None]  # row = its doc id
+    rng = np.random.default_rng(0)
+    starts, ends = sample_windows(rng, offsets, 500, 8)
+    x, y, mask = get_batch(rows, starts, ends, 8)
+    doc_of_start = rows[starts, 0]
+    for i in range(500):
+        real = mask[i]
+        assert real.any()
+        assert (x[i, :, 0][real] == doc_of_start[i]).all() and (y[i, :, 0][real] == doc_of_start[i]).all()
+    assert mask.sum(1).max() == 8  # long documents fill the window
+
+def test_normalizer_uses_true_median_and_quartiles():
+    x = np.random.default_rng(0).normal(3.0, 2.0, size=(20000, 4)).astype(np.float32)
+    center, scale = fit_normalizer(x)
+    assert np.allclose(center, np.median(x, 0), atol=1e-5)
+    assert np.allclose(scale, (np.quantile(x, 0.75, 0) - np.quantile(x, 0.25, 0)) / 1.349, atol=1e-5)
+    assert np.allclose(scale, 2.0, atol=0.1)  # the IQR of a normal / 1.349 is its std
+    norm = baselcm.Normalizer(4)
+    norm.center.copy_(torch.from_numpy(center)), norm.scale.copy_(torch.from_numpy(scale))
+    t = torch.from_numpy(x[:100])
+    assert torch.allclose(norm.denormalize(norm.normalize(t)), t, atol=1e-5)
+
+def test_metrics_on_perfect_copy_and_mean_predictors():
+    torch.manual_seed(0)
+    norm = baselcm.Normalizer(16)
+    seq = torch.randn(4, 9, 16)
+    x, y, mask = seq[:, :-1], seq[:, 1:], torch.ones(4, 8, dtype=torch.bool)
+    perfect = finish_metrics(concept_metrics(y, x, y, mask, norm))
+    copy = finish_metrics(concept_metrics(x, x, y, mask, norm))
+    assert perfect["l2"] < 1e-6 and perfect["ca"] == 1.0 and perfect["loss"] < 1e-9
+    assert copy["par"] < 1e-6  # a copy is at distance 0 from its context
+    mean = finish_metrics(concept_metrics(torch.zeros_like(y), x, y, mask, norm))
+    assert mean["ca"] == 0.5  # one prediction for all: of each pair of targets, it is closer to exactly one
+
+# -----------------------------------------------------------------------------
+# generation
+
+def test_cached_generation_equals_uncached_across_the_context_crop():
+    torch.manual_seed(0)
+    model = BaseLCM(tiny_config(block_size=8)).eval()
+    prompt, eot = torch.randn(3, 16), torch.randn(16)
+    a, cos_a, _ = model.generate(prompt, 30, eot, stop_eot=2.0, use_cache=True)
+    b, cos_b, _ = model.generate(prompt, 30, eot, stop_eot=2.0, use_cache=False)
+    assert a.shape == (30, 16)  # 3 + 30 concepts: the 8-concept window was cut several times
+    assert torch.allclose(a, b, atol=1e-4) and np.allclose(cos_a, cos_b, atol=1e-4)
+
+def test_generation_stops_at_end_of_text_on_repeat_and_at_max():
+    torch.manual_seed(0)
+    model = BaseLCM(tiny_config()).eval()
+    prompt = torch.randn(2, 16)
+    first = model.generate(prompt, 1, torch.randn(16), stop_eot=2.0)[0][0]
+    new, cos, reason = model.generate(prompt, 10, first.clone(), stop_eot=0.9)  # eot == the first prediction
+    assert reason == "eot" and len(new) == 1 and cos[0] > 0.999
+    with torch.no_grad():  # a model that always predicts its input's normalized value: a repeat
+        for p in model.parameters():
+            p.zero_()
+        model.postnet.bias.copy_(model.normalizer.normalize(prompt[-1]))
+    new, _, reason = model.generate(prompt, 10, -prompt[-1], stop_eot=0.9, stop_repeat=0.9)
+    assert reason == "repeat" and len(new) == 1
+    new, _, reason = model.generate(prompt, 5, -prompt[-1], stop_eot=0.9)
+    assert reason == "max_new_concepts" and len(new) == 5
+
+def test_noise_gives_varied_samples_and_none_is_deterministic():
+    torch.manual_seed(0)
+    model = BaseLCM(tiny_config()).eval()
+    prompt, eot = torch.randn(2, 16), torch.randn(16)
+    g = torch.Generator().manual_seed(1)
+    a, b = (model.generate(prompt, 4, eot, stop_eot=2.0, noise=0.5, generator=g)[0] for _ in range(2))
+    c, d = (model.generate(prompt, 4, eot, stop_eot=2.0)[0] for _ in range(2))
+    assert not torch.allclose(a, b) and torch.equal(c, d)
+
+def test_retrieval_returns_the_exact_sentence_of_a_bank_embedding(tmp_path):
+    rng = np.random.default_rng(0)
+    docs = [rng.normal(size=(5, 16)).astype(np.float32) for _ in range(6)]
+    meta = write_dataset(tmp_path, "bank", docs[:4], docs[4:], docs[0][-1])
+    bank = baselcm.SentenceBank(str(tmp_path / "bank"), meta)
+    idx, cos = bank.nearest(np.stack([docs[2][3], docs[1][0]]), chunk=7)  # chunks smaller than the bank
+    assert list(idx) == [13, 5] and np.all(cos > 0.999)
+    assert bank.texts(idx) == ["doc 2 sentence 3", "doc 1 sentence 0"]
+
+# -----------------------------------------------------------------------------
+# checkpoints
+
+def test_failed_checkpoint_write_leaves_the_previous_loadable(tmp_path, monkeypatch):
+    path = str(tmp_path / "ckpt.pt")
+    baselcm.atomic_save({"iter_num": 1}, path)
+    real_save = torch.save
+
+    def crash(obj, f):
+        real_save({"half": "written"}, f)
+        raise OSError("disk full")
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(OSError):
+        baselcm.atomic_save({"iter_num": 2}, path)
+    assert torch.load(path)["iter_num"] == 1 and os.listdir(tmp_path) == ["ckpt.pt"]
+
+def test_checkpoint_of_a_compiled_model_loads(tmp_path):
+    model = BaseLCM(tiny_config())
+    compiled = torch.compile(model)
+    assert all(k.startswith("_orig_mod.") for k in compiled.state_dict())
+    baselcm.atomic_save({"model": compiled.state_dict(), "model_args": model.config.__dict__}, tmp_path / "c.pt")
+    loaded, _ = baselcm.load_checkpoint(str(tmp_path / "c.pt"))
+    x = torch.randn(1, 5, 16)
+    assert torch.equal(loaded.eval()(x)[0], model.eval()(x)[0])
+
+# -----------------------------------------------------------------------------
+# training (train.py as a user runs it)
+
+TRAIN = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=12", "--batch_size=8", "--eval_iters=4",
+         "--log_interval=1", "--plot=False", "--dataset=rot"]
+
+def log_of(out):
+    return [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
+
+def test_training_learns_a_next_concept_rule_far_better_than_copying(rotation_data, tmp_path):
+    out = tmp_path / "out"
+    run("train.py", f"--data_root={rotation_data}", f"--out_dir={out}", "--max_iters=150", "--eval_interval=150",
+        "--n_embd=64", "--batch_size=16", "--learning_rate=2e-3", "--dropout=0.0", *TRAIN[5:], cwd=tmp_path)
+    first, last = [r["val"] for r in log_of(out) if "val" in r]
+    assert last["model"]["loss"] < 0.3 * last["copy"]["loss"]
+    assert last["model"]["loss"] < 0.3 * last["mean"]["loss"]
+    assert last["model"]["loss"] < 0.3 * first["model"]["loss"]
+
+def test_resume_gives_the_same_losses_as_an_uninterrupted_run(rotation_data, tmp_path):
+    common = [*TRAIN, f"--data_root={rotation_data}", "--eval_interval=10", "--lr_decay_iters=20", "--dropout=0.1"]
+    run("train.py", *common, "--out_dir=a", "--max_iters=20", cwd=tmp_path)
+    run("train.py", *common, "--out_dir=b", "--max_iters=10", cwd=tmp_path)
+    run("train.py", *common, "--out_dir=b", "--max_iters=20", "--init_from=resume", cwd=tmp_path)
+    losses = lambda out: {r["iter"]: r["loss"] for r in log_of(tmp_path / out) if "loss" in r}
+    a, b = losses("a"), losses("b")
+    assert sorted(b) == list(range(1, 21))
+    assert all(abs(a[i] - b[i]) <= 1e-5 * abs(a[i]) for i in range(11, 21)), (a, b)
+
+def test_ddp_on_two_gloo_processes_matches_one_process(rotation_data, tmp_path):
+    common = [*TRAIN, f"--data_root={rotation_data}", "--eval_interval=15", "--max_iters=15", "--dropout=0.0",
+              "--gradient_accumulation_steps=2", "--device=cpu"]
+    run("train.py", *common, "--out_dir=single", cwd=tmp_path)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                os.path.join(HERE, "train.py")]
+    run(torchrun, *common, "--out_dir=ddp", cwd=tmp_path)
+    val = lambda out: [r["val"]["model"]["loss"] for r in log_of(tmp_path / out) if "val" in r][-1]
+    assert abs(val("ddp") - val("single")) <= 1e-3 * val("single")
+    first_loss = lambda out: [r["loss"] for r in log_of(tmp_path / out) if "loss" in r][0]
+    assert first_loss("ddp") != first_loss("single")  # rank 0 logs its own half: the runs really were split
+
+@pytest.mark.parametrize("args, message", [
+    (["--n_layerz=3"], "unknown option 'n_layerz'"),
+    (["--n_layer=three"], "--n_layer wants a int"),
+    (["--batch_size=0"], "--batch_size=0 must be at least 1"),
+    (["--n_embd=30", "--n_head=4"], "must be a multiple of --n_head"),
+    (["--dataset=nope"], "no dataset at"),
+    (["config/nope.py"], "config file config/nope.py not found"),
+])
+def test_bad_configuration_gives_one_clear_line(args, message, tmp_path):
+    p = run("train.py", *args, f"--out_dir={tmp_path}/o", cwd=HERE, check=False)
+    assert p.returncode == 1 and message in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+
+# -----------------------------------------------------------------------------
+# embed.py
+
+def test_sentences_are_cut_on_word_boundaries_never_dropped():
+    nlp = baselcm.sentence_splitter()
+    long = " ".join(f"word{i}" for i in range(80))
+    docs = baselcm.split_sentences(nlp, [f"Short  one.\n\nThen {long}.", "   ", "Final."], max_chars=50)
+    assert docs[0][0] == "Short one."
+    assert all(len(s) <= 50 for s in docs[0]) and " ".join(docs[0][1:]) == f"Then {long}."
+    assert docs[1] == [] and docs[2] == ["Final."]
+
+def test_embed_with_sonar_writes_the_data_format(sonar_env, tmp_path):
+    env, calls = sonar_env
+    src = corpus(tmp_path / "docs.txt")
+    with open(src, "a") as f:
+        f.write("   \n")  # an empty document: skipped and counted
+    run("embed.py", f"--dataset={src}", "--encoder=sonar", "--lang=deu_Latn", "--batch_size=7", "--chunk_docs=5",
+        "--val_fraction=0.25", "--device=cpu", cwd=tmp_path, env=env)
+    d = read_dataset(tmp_path / "data" / "docs")
+    meta = d["meta"]
+    assert meta["encoder"] == "sonar" and meta["d_emb"] == 1024 and meta["empty_docs_skipped"] == 1
+    assert meta["train_docs"] + meta["val_docs"] == 12 and meta["val_docs"] > 0
+    init = [c for c in calls() if c["call"] == "encoder_init"][0]
+    assert init["encoder"] == "text_sonar_basic_encoder" and init["device"] == "cpu"
+    enc = [c for c in calls() if c["call"] == "encode"]
+    assert {c["source_lang"] for c in enc} == {"deu_Latn"} and {c["batch_size"] for c in enc} == {7}
+    eot = np.array(meta["eot"], dtype=np.float16)
+    for s in ("train", "val"):
+        rows, offsets, texts = d[s]
+        assert len(rows) == offsets[-1] == len(texts)
+        assert all(texts[o - 1] == baselcm.EOT_TEXT and np.array_equal(rows[o - 1], eot) for o in offsets[1:])
+        stand_in = torch.stack([torch.randn(1024, generator=torch.Generator().manual_seed(
+            __import__("zlib").crc32(t.encode()))) for t in texts]).numpy().astype(np.float16)
+        assert np.array_equal(rows, stand_in)  # each row is its own sentence's embedding
+    assert "Document 3 says thing 0 about topic 0." in d["train"][2] + d["val"][2]  # whitespace normalized
+    center, scale = fit_normalizer(d["train"][0].astype(np.float32))
+    assert np.allclose(meta["normalizer"]["center"], center) and np.allclose(meta["normalizer"]["scale"], scale)
+    assert set(meta) >= set(write_dataset(tmp_path / "x", "y", [np.zeros((2, 3))], [np.zeros((2, 3))], np.zeros(3)))
+    assert not (tmp_path / "data" / "docs" / "work").exists()
+    again = run("embed.py", f"--dataset={src}", "--encoder=sonar", cwd=tmp_path, env=env)
+    assert "already built" in again.stdout
+
+def test_embed_resumes_after_kill_9_with_identical_files(sonar_env, tmp_path):
+    env, calls = sonar_env
+    src = corpus(tmp_path / "docs.txt", n_docs=30)
+    args = [os.path.join(HERE, "embed.py"), f"--dataset={src}", "--encoder=sonar", "--chunk_docs=2", "--device=cpu"]
+    run("embed.py", *args[1:], "--name=whole", cwd=tmp_path, env=env)
+    p = subprocess.Popen([sys.executable] + args, cwd=tmp_path, env=dict(env, FAKE_SONAR_DELAY="0.3"),
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    work = tmp_path / "data" / "docs" / "work"
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(work.glob("chunk*.npz")) if work.exists() else []) < 3:
+        time.sleep(0.05)
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    assert not (tmp_path / "data" / "docs" / "meta.json").exists()
+    n_done = len(list(work.glob("chunk*.npz")))
+    assert 3 <= n_done < 15
+    n_before = len([c for c in calls() if c["call"] == "encode"])
+    run("embed.py", *args[1:], cwd=tmp_path, env=env)
+    assert len([c for c in calls() if c["call"] == "encode"]) - n_before == 1 + 15 - n_done  # eot + the rest
+    for f in ("train.bin", "val.bin", "train.txt", "val.txt", "train_offsets.npy", "val_offsets.npy", "meta.json"):
+        a, b = (tmp_path / "data" / "whole" / f).read_bytes(), (tmp_path / "data" / "docs" / f).read_bytes()
+        assert a == b or f == "meta.json" and json.loads(a) | {"dataset": 0} == json.loads(b) | {"dataset": 0}
+
+def test_embed_on_two_processes_equals_one(sonar_env, tmp_path):
+    env, _ = sonar_env
+    src = corpus(tmp_path / "docs.txt", n_docs=20)
+    args = [f"--dataset={src}", "--encoder=sonar", "--chunk_docs=3", "--device=cpu"]
+    run("embed.py", *args, "--name=one", cwd=tmp_path, env=env)
+    run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         os.path.join(HERE, "embed.py")], *args, "--name=two", cwd=tmp_path, env=env)
+    for f in ("train.bin", "val.bin", "train.txt", "train_offsets.npy", "meta.json"):
+        assert (tmp_path / "data" / "one" / f).read_bytes() == (tmp_path / "data" / "two" / f).read_bytes()
+
+def test_official_lcm_parquet_is_imported_without_reencoding(sonar_env, tmp_path):
+    import pyarrow as pa, pyarrow.parquet as pq
+    env, calls = sonar_env
+    rng = np.random.default_rng(0)
+    sents = [[f"Doc {i}, sentence {j}." for j in range(3 + i % 3)] for i in range(10)]
+    embs = [rng.normal(size=(len(s), 1024)).astype(np.float32) for s in sents]
+    pq.write_table(pa.table({"text_sentences": sents, "text_sentences_sonar_emb": [list(e) for e in embs]}),
+                   tmp_path / "lcm.parquet")
+    run("embed.py", f"--dataset={tmp_path / 'lcm.parquet'}", "--val_fraction=0.3", "--device=cpu", cwd=tmp_path, env=env)
+    assert [c["n"] for c in calls() if c["call"] == "encode"] == [1]  # the end-of-text sentence only
+    d = read_dataset(tmp_path / "data" / "lcm")
+    rows = np.concatenate([d["train"][0], d["val"][0]])
+    texts = d["train"][2] + d["val"][2]
+    for s, e in zip(sents, embs):
+        at = texts.index(s[0])
+        assert texts[at:at + len(s) + 1] == s + [baselcm.EOT_TEXT]
+        assert np.array_equal(rows[at:at + len(s)], e.astype(np.float16))
+
+@pytest.mark.parametrize("case, message", [
+    ("missing", "no such file or folder"),
+    ("column", "no column 'body'"),
+    ("empty", "has no documents"),
+    ("bytes", "not valid UTF-8"),
+    ("lang", "unknown language code 'english'"),
+    ("nosonar", "SONAR is not installed"),
+])
+def test_embed_bad_input_gives_one_line_and_leaves_no_dataset(case, message, sonar_env, tmp_path):
+    env, _ = sonar_env
+    src = corpus(tmp_path / "docs.txt")
+    args = {"missing": [f"--dataset={tmp_path / 'nope.jsonl'}"],
+            "column": [f"--dataset={src}", "--text_column=body"],
+            "empty": [f"--dataset={tmp_path / 'empty.txt'}"],
+            "bytes": [f"--dataset={tmp_path / 'bad.txt'}"],
+            "lang": [f"--dataset={src}", "--lang=english"],
+            "nosonar": [f"--dataset={src}"]}[case]
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "bad.txt").write_bytes(b"Fine line.\n" * 5 + b"Bad \xff\xfe byte.\n")
+    if case == "nosonar":
+        env = ENV
+    p = run("embed.py", *args, "--encoder=sonar", "--device=cpu", cwd=tmp_path, env=env, check=False)
+    assert p.returncode == 1 and message in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert not list(tmp_path.glob("data/*/meta.json"))
+
+# -----------------------------------------------------------------------------
+# end to end with the real offline encoder, and the SONAR decode glue
+
+def test_minilm_end_to_end_embed_train_sample(tmp_path):
+    src = tmp_path / "news.jsonl"
+    from gensim.test.utils import datapath
+    docs = open(datapath("lee_background.cor")).read().splitlines()[:24]
+    src.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    run("embed.py", f"--dataset={src}", "--val_fraction=0.2", cwd=tmp_path)
+    meta = json.load(open(tmp_path / "data" / "news" / "meta.json"))
+    assert meta["encoder"] == "minilm" and meta["d_emb"] == 384
+    run("train.py", "--dataset=news", "--max_iters=4", "--eval_interval=4", *TRAIN[:-1], cwd=tmp_path)
+    p = run("sample.py", "--start=Firefighters battled the blaze overnight. The wind changed.", "--json=True",
+            "--max_new_concepts=3", cwd=tmp_path)
+    result = json.loads(p.stdout.strip().splitlines()[-1])
+    assert result["prompt"] == ["Firefighters battled the blaze overnight.", "The wind changed."]
+    bank = set((tmp_path / "data" / "news" / "train.txt").read_text().splitlines())
+    assert 1 <= len(result["steps"]) <= 3 and all(s["text"] in bank for s in result["steps"])
+    assert all(-1 <= s["retrieved_cos"] <= 1 for s in result["steps"])
+    text = run("sample.py", "--start=The wind changed.", "--max_new_concepts=2", cwd=tmp_path).stdout
+    assert "[retrieved, cos " in text
+
+def test_sample_decodes_with_sonar_in_the_requested_language(sonar_env, tmp_path):
+    env, calls = sonar_env
+    torch.manual_seed(0)
+    model = BaseLCM(tiny_config(d_emb=1024))
+    eot = torch.randn(1024)
+    data = {"encoder": "sonar", "lang": "eng_Latn", "d_emb": 1024, "eot": eot.tolist(), "spacy_model": "",
+            "max_chars": 256, "dir": str(tmp_path / "nowhere")}
+    os.makedirs(tmp_path / "out")
+    baselcm.atomic_save({"model": model.state_dict(), "model_args": model.config.__dict__, "data": data},
+                        str(tmp_path / "out" / "ckpt.pt"))
+    p = run("sample.py", "--start=One sentence. Two sentences.", "--lang=fra_Latn", "--max_new_concepts=4",
+            "--device=cpu", cwd=tmp_path, env=env)
+    assert p.stdout.splitlines()[:3] == ["One sentence.", "Two sentences.", "<fra_Latn> sentence 0"]
+    enc, dec = [c for c in calls() if c["call"] == "encode"], [c for c in calls() if c["call"] == "decode"]
+    assert enc[0]["source_lang"] == "eng_Latn" and enc[0]["n"] == 2
+    assert dec == [{"call": "decode", "n": 4, "target_lang": "fra_Latn", "max_seq_len": 256}]
+
+@pytest.mark.parametrize("args, message", [
+    (["--start="], "the prompt is empty"),
+    (["--out_dir=missing"], "no checkpoint at missing/ckpt.pt"),
+    (["--lang=french"], "unknown language code 'french'"),
+])
+def test_sample_bad_input_gives_one_clear_line(args, message, tmp_path):
+    model = BaseLCM(tiny_config(d_emb=1024))
+    data = {"encoder": "sonar", "lang": "eng_Latn", "d_emb": 1024, "eot": [0.0] * 1024, "spacy_model": "",
+            "max_chars": 256, "dir": ""}
+    os.makedirs(tmp_path / "out")
+    baselcm.atomic_save({"model": model.state_dict(), "model_args": model.config.__dict__, "data": data},
+                        str(tmp_path / "out" / "ckpt.pt"))
+    p = run("sample.py", *args, cwd=tmp_path, check=False)
+    assert p.returncode == 1 and message in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr

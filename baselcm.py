@@ -232,18 +232,22 @@ def synchronize(device):
     elif device_type == "mps":
         torch.mps.synchronize()
 
-def measure_peak_flops(device, dtype, n=0, reps=3):
-    """FLOP/s of a large F.linear (the model's kernel) in the training dtype, measured here and now:
-    the MFU denominator, instead of a datasheet number for some other chip."""
-    n = n or (8192 if torch.device(device).type == "cuda" else 2048)
-    a = b = torch.ones(n, n, device=device, dtype=dtype)  # no random numbers: training's RNG stays untouched
-    F.linear(a, b)
-    synchronize(device)
-    t = time.perf_counter()
-    for _ in range(reps):
+def measure_peak_flops(device, dtype, sizes=(), seconds=0.3):
+    """FLOP/s of F.linear (the model's kernel) in the training dtype, measured here and now: the MFU
+    denominator, instead of a datasheet number for some other chip. The best of a few square sizes."""
+    sizes = sizes or ((4096, 8192) if torch.device(device).type == "cuda" else (512, 1024, 2048))
+    best = 0.0
+    for n in sizes:
+        a = b = torch.ones(n, n, device=device, dtype=dtype)  # no random numbers: training's RNG stays untouched
         F.linear(a, b)
-    synchronize(device)
-    return 2 * n ** 3 * reps / (time.perf_counter() - t)
+        synchronize(device)
+        reps, t = 0, time.perf_counter()
+        while reps < 3 or time.perf_counter() - t < seconds:
+            F.linear(a, b)
+            reps += 1
+            synchronize(device)
+        best = max(best, 2 * n ** 3 * reps / (time.perf_counter() - t))
+    return best
 
 # -----------------------------------------------------------------------------
 # sentences and encoders

@@ -142,7 +142,7 @@ try:
             bar.update(len(rows))
             continue
         sents, emb, n_empty = embed_chunk(rows)
-        n_sent += len(emb)
+        n_sent += len(emb) - len(sents)  # sentences encoded, without the end-of-text rows
         tmp = path[:-4] + f".tmp{rank}.npz"
         np.savez(tmp, emb=emb, lengths=np.array([len(s) for s in sents], dtype=np.int64),
                  text=np.array("\n".join("\n".join(s) for s in sents)), n_empty=n_empty)
@@ -202,6 +202,7 @@ with open(os.path.join(out, "meta.json.tmp"), "w") as f:
 os.replace(os.path.join(out, "meta.json.tmp"), os.path.join(out, "meta.json"))  # last: marks the set finished
 shutil.rmtree(work)
 print(f"{out}: {meta['train_docs']} train / {meta['val_docs']} val documents, {n_train} / {n_val} concepts "
-      f"(d_emb {enc.d_emb}, {encoder}); {n_empty} empty documents skipped; {time.time() - t0:.1f}s")
+      f"(d_emb {enc.d_emb}, {encoder}); {n_empty} empty documents skipped; {time.time() - t0:.1f}s, "
+      f"{n_sent * world / (time.time() - t0):.0f} sentences/s")
 if ddp:
     torch.distributed.destroy_process_group()

@@ -197,7 +197,8 @@ local_steps = gradient_accumulation_steps // world
 if master:
     print(f"{sum(p.numel() for p in raw_model.parameters()) / 1e6:.2f}M parameters, {meta['train_rows']} train "
           f"concepts of d_emb {meta['d_emb']} ({meta['encoder']}), {device} {dtype}, peak {peak / 1e9:.1f} GFLOP/s")
-t0 = time.time()
+t0 = loop_start = time.time()
+t0_iter = first_iter = iter_num
 while True:
     lr = get_lr(iter_num)
     for group in optimizer.param_groups:
@@ -216,7 +217,7 @@ while True:
                          "best_val_loss": best_val_loss, "config": config, "data_rng": data_rng.bit_generator.state,
                          "torch_rng": torch_rng, "data": {k: meta[k] for k in ("encoder", "lang", "d_emb", "eot",
                          "spacy_model", "max_chars")} | {"dir": os.path.abspath(data_dir)}}, ckpt_path)
-        t0 = time.time()  # evaluation is not training time
+        t0, t0_iter = time.time(), iter_num  # evaluation is not training time
     if iter_num >= max_iters:
         break
     # one global batch, drawn identically on every rank; each rank takes its micro-batches
@@ -240,16 +241,19 @@ while True:
     iter_num += 1
     if master and iter_num % log_interval == 0:
         loss_val = loss_sum.item() / local_steps  # .item() syncs: only when logging
-        dt = (time.time() - t0) / log_interval
+        dt = (time.time() - t0) / (iter_num - t0_iter)
         concepts = int((np.minimum(ends - starts, block_size + 1) - 1).sum())  # real targets of the global batch
         mfu = flops_per_concept * gradient_accumulation_steps * batch_size * block_size / dt / peak
         print(f"iter {iter_num}: loss {loss_val:.2f}, lr {lr:.2e}, {dt * 1000:.1f}ms, {concepts / dt:.0f} concepts/s, "
               f"mfu {100 * mfu:.1f}%")
         log.write(json.dumps({"iter": iter_num, "loss": loss_val, "lr": lr, "ms": dt * 1000,
                               "concepts_per_s": concepts / dt, "mfu": mfu}) + "\n")
-        t0 = time.time()
+        t0, t0_iter = time.time(), iter_num
 
 if master:
+    loop_ms = 1000 * (time.time() - loop_start) / max(1, iter_num - first_iter)
+    print(f"{iter_num - first_iter} iterations, {loop_ms:.1f} ms each with batches, logging, evaluation and checkpoints")
+    log.write(json.dumps({"iter": iter_num, "loop_ms": loop_ms}) + "\n")
     log.close()
     if plot:
         try:

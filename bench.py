@@ -1,0 +1,158 @@
+"""
+Measures baselcm on the current device and writes bench.json: the device's matmul peak in the training
+dtype (measured now), training concepts/s and MFU against it (compile off and on), the forward / backward
+/ optimizer split, the whole train.py loop against the bare model step, generation with and without the
+KV cache, and embed.py against the bare encoder (speed and peak memory for a corpus and for 4x).
+
+$ python bench.py                       # everything (CPU: about 10 minutes)
+$ python bench.py --embed=False --compile=False
+"""
+import json, os, re, subprocess, sys, tempfile, time
+
+import numpy as np
+import torch
+
+from baselcm import BaseLCM, LCMConfig, autodetect_device, configure, measure_peak_flops, synchronize
+
+device = ""              # '' = autodetect
+dtype = ""               # '' = bfloat16 on GPUs that have it, else float32 (the training default)
+compile = True           # also measure with torch.compile
+embed = True             # also measure embed.py (needs data/lee's corpus: gensim and the minilm encoder)
+steps = 20               # timed training steps per configuration
+out = "bench.json"
+configure(globals(), sys.argv[1:])
+
+device = device or autodetect_device()
+device_type = torch.device(device).type
+dtype = dtype or ("bfloat16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "float32")
+ptdtype = getattr(torch, dtype)
+ctx = torch.autocast(device_type=device_type, dtype=ptdtype) if dtype != "float32" else torch.autocast("cpu", enabled=False)
+results = {"device": torch.cuda.get_device_name() if device_type == "cuda" else f"{device} ({os.cpu_count()} cores)",
+           "dtype": dtype, "torch": torch.__version__}
+peak = measure_peak_flops(device, ptdtype, seconds=2.0)
+results["peak_tflops"] = peak / 1e12
+print(f"{results['device']}, {dtype}: matmul peak {peak / 1e12:.3f} TFLOP/s (F.linear, measured now)")
+
+def timed(fn):
+    synchronize(device)
+    t = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - t
+
+# -----------------------------------------------------------------------------
+# training: the bare model step, split, and MFU
+configs = {"default (d256 L4 T16 B32)": dict(n_embd=256, n_layer=4, n_head=4, block_size=16, batch_size=32),
+           "d512 L8 T64 B16": dict(n_embd=512, n_layer=8, n_head=8, block_size=64, batch_size=16)}
+if device_type == "cuda":
+    configs["d1024 L8 T128 B16 (laptop GPU config)"] = dict(n_embd=1024, n_layer=8, n_head=16, block_size=128, batch_size=16)
+results["train"] = []
+for name, c in configs.items():
+    for use_compile in (False, True) if compile else (False,):
+        torch.manual_seed(0)
+        raw = BaseLCM(LCMConfig(d_emb=1024, block_size=c["block_size"], n_layer=c["n_layer"], n_head=c["n_head"],
+                                n_embd=c["n_embd"], dropout=0.0)).to(device)
+        model = torch.compile(raw) if use_compile else raw
+        opt = raw.configure_optimizers(0.1, 4e-4, (0.9, 0.95), 1e-5, device_type)
+        x, y = (torch.randn(c["batch_size"], c["block_size"], 1024, device=device) for _ in range(2))
+        mask = torch.ones(c["batch_size"], c["block_size"], dtype=torch.bool, device=device)
+        split = {"forward": 0.0, "backward": 0.0, "optimizer": 0.0}
+        for i in range(steps + 3):  # 3 warm-up steps (and compilation)
+            t = [time.perf_counter()]
+            with ctx:
+                _, loss = model(x, y, mask)
+            synchronize(device), t.append(time.perf_counter())
+            loss.backward()
+            synchronize(device), t.append(time.perf_counter())
+            torch.nn.utils.clip_grad_norm_(raw.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            synchronize(device), t.append(time.perf_counter())
+            if i >= 3:
+                for k, a, b in zip(split, t, t[1:]):
+                    split[k] += b - a
+        step = sum(split.values()) / steps
+        concepts = c["batch_size"] * c["block_size"] / step
+        mfu = raw.flops_per_concept() * concepts / peak
+        r = {"config": name, "compile": use_compile, "params_M": sum(p.numel() for p in raw.parameters()) / 1e6,
+             "step_ms": 1000 * step, "concepts_per_s": concepts, "mfu": mfu,
+             **{f"{k}_share": v / steps / step for k, v in split.items()}}
+        results["train"].append(r)
+        print(f"train {name:38} compile={str(use_compile):5} {r['step_ms']:8.1f} ms/step {concepts:9.0f} concepts/s "
+              f"MFU {100 * mfu:5.1f}%  fwd/bwd/opt {100 * r['forward_share']:.0f}/{100 * r['backward_share']:.0f}/"
+              f"{100 * r['optimizer_share']:.0f}%")
+
+# -----------------------------------------------------------------------------
+# the whole train.py loop (batches, logging, evaluation, checkpoints) against the bare step, same shapes
+with tempfile.TemporaryDirectory() as tmp:
+    rng = np.random.default_rng(0)
+    os.makedirs(f"{tmp}/syn")
+    for split, n_docs in (("train", 400), ("val", 40)):
+        lengths = rng.integers(20, 60, n_docs)
+        rng.normal(size=(lengths.sum(), 1024)).astype(np.float16).tofile(f"{tmp}/syn/{split}.bin")
+        np.save(f"{tmp}/syn/{split}_offsets.npy", np.concatenate([[0], np.cumsum(lengths)]))
+    json.dump({"encoder": "synthetic", "d_emb": 1024, "lang": "eng_Latn", "dtype": "float16", "spacy_model": "",
+               "max_chars": 256, "train_rows": int(lengths.sum()), "val_docs": 40,
+               "normalizer": {"center": [0.0] * 1024, "scale": [1.0] * 1024}, "mean": [0.0] * 1024,
+               "eot": [0.0] * 1024}, open(f"{tmp}/syn/meta.json", "w"))
+    c = configs["d512 L8 T64 B16"]
+    bare = next(r for r in results["train"] if r["config"] == "d512 L8 T64 B16" and not r["compile"])
+    n_iters = 100
+    subprocess.run([sys.executable, "train.py", f"--data_root={tmp}", "--dataset=syn", f"--out_dir={tmp}/out",
+                    f"--max_iters={n_iters}", "--eval_interval=50", "--eval_iters=4", "--log_interval=10", "--plot=False",
+                    "--dropout=0.0", f"--device={device}", f"--dtype={dtype}"] +
+                   [f"--{k}={v}" for k, v in c.items()], check=True, capture_output=True)
+    loop_ms = [json.loads(line) for line in open(f"{tmp}/out/log.jsonl")][-1]["loop_ms"]
+results["train_loop"] = {"config": bare["config"], "loop_ms": loop_ms, "bare_step_ms": bare["step_ms"],
+                         "overhead": loop_ms / bare["step_ms"] - 1}
+print(f"train.py loop, d512 L8 T64 B16: {loop_ms:.1f} ms/iter with batches, logging, evaluation (every 50) and "
+      f"checkpoints, against {bare['step_ms']:.1f} ms for the bare step: {100 * results['train_loop']['overhead']:+.1f}%")
+
+# -----------------------------------------------------------------------------
+# generation: 200 concepts with and without the KV cache
+torch.manual_seed(0)
+model = BaseLCM(LCMConfig(d_emb=1024, block_size=256, n_layer=8, n_head=8, n_embd=512, dropout=0.0)).to(device).eval()
+prompt, eot = torch.randn(8, 1024, device=device), torch.randn(1024, device=device)
+results["generate"] = {}
+for use_cache in (True, False):
+    with ctx:
+        model.generate(prompt, 5, eot, stop_eot=2.0, use_cache=use_cache)  # warm-up
+        t = timed(lambda: model.generate(prompt, 200, eot, stop_eot=2.0, use_cache=use_cache))
+    results["generate"]["cache" if use_cache else "no_cache"] = 200 / t
+speedup = results["generate"]["cache"] / results["generate"]["no_cache"]
+results["generate"]["speedup"] = speedup
+print(f"generate 200 concepts, d512 L8: {results['generate']['cache']:.0f} concepts/s with the KV cache, "
+      f"{results['generate']['no_cache']:.0f} without: {speedup:.1f}x")
+
+# -----------------------------------------------------------------------------
+# embed.py against the bare encoder on the same sentences, and its peak memory on a corpus and on 4x
+if embed:
+    from gensim.test.utils import datapath
+    from baselcm import load_encoder, sentence_splitter, split_sentences
+    docs = open(datapath("lee_background.cor")).read().splitlines()
+    sentences = [s for d in split_sentences(sentence_splitter(), docs) for s in d]
+    enc = load_encoder("minilm", device)
+    enc.encode(sentences[:256], batch_size=128)
+    bare = len(sentences) / timed(lambda: enc.encode(sentences, batch_size=128))
+    results["embed"] = {"sentences": len(sentences), "bare_sentences_per_s": bare}
+    with tempfile.TemporaryDirectory() as tmp:
+        for k in (1, 4):
+            with open(f"{tmp}/corpus{k}.txt", "w") as f:
+                f.write("\n".join(docs * k) + "\n")
+            measure = "import resource, subprocess, sys; p = subprocess.run(sys.argv[1:], capture_output=True, text=True); " \
+                      "print(p.stdout, p.stderr[-500:] if p.returncode else ''); " \
+                      "print('maxrss_kb', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
+            p = subprocess.run([sys.executable, "-c", measure, sys.executable, "embed.py", f"--dataset={tmp}/corpus{k}.txt",
+                                f"--data_root={tmp}", f"--device={device}", "--batch_size=128"],
+                               capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1"))
+            rate = float(re.search(r"([\d.]+) sentences/s", p.stdout).group(1))
+            results["embed"][f"{k}x"] = {"sentences_per_s": rate, "peak_rss_mb": int(re.search(r"maxrss_kb (\d+)", p.stdout).group(1)) / 1024}
+    e = results["embed"]
+    e["overhead"] = 1 - e["1x"]["sentences_per_s"] / bare
+    print(f"embed {len(sentences)} Lee sentences: bare encoder {bare:.0f}/s, embed.py {e['1x']['sentences_per_s']:.0f}/s "
+          f"({100 * e['overhead']:+.1f}% overhead); peak RSS {e['1x']['peak_rss_mb']:.0f} MB for the corpus, "
+          f"{e['4x']['peak_rss_mb']:.0f} MB for 4x")
+
+with open(out, "w") as f:
+    json.dump(results, f, indent=1)
+print(f"wrote {out}")

@@ -416,6 +416,7 @@ def test_official_lcm_parquet_is_imported_without_reencoding(sonar_env, tmp_path
     ("bytes", "not valid UTF-8"),
     ("lang", "unknown language code 'english'"),
     ("nosonar", "SONAR is not installed"),
+    ("hub", "cannot load dataset 'nobody-here/no-such-dataset'"),
 ])
 def test_embed_bad_input_gives_one_line_and_leaves_no_dataset(case, message, sonar_env, tmp_path):
     env, _ = sonar_env
@@ -425,7 +426,8 @@ def test_embed_bad_input_gives_one_line_and_leaves_no_dataset(case, message, son
             "empty": [f"--dataset={tmp_path / 'empty.txt'}"],
             "bytes": [f"--dataset={tmp_path / 'bad.txt'}"],
             "lang": [f"--dataset={src}", "--lang=english"],
-            "nosonar": [f"--dataset={src}"]}[case]
+            "nosonar": [f"--dataset={src}"],
+            "hub": ["--dataset=nobody-here/no-such-dataset"]}[case]  # offline: the hub is unreachable
     (tmp_path / "empty.txt").write_text("")
     (tmp_path / "bad.txt").write_bytes(b"Fine line.\n" * 5 + b"Bad \xff\xfe byte.\n")
     if case == "nosonar":

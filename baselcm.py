@@ -384,7 +384,7 @@ def get_batch(rows, starts, ends, block_size, device="cpu"):
         buf[i, :k] = rows[s:s + k]
     buf = torch.from_numpy(buf)
     mask = torch.arange(block_size)[None, :] < torch.from_numpy(n - 1)[:, None]
-    if device != "cpu" and torch.device(device).type == "cuda":
+    if torch.device(device).type == "cuda":
         buf, mask = buf.pin_memory(), mask.pin_memory()
     buf, mask = buf.to(device, non_blocking=True), mask.to(device, non_blocking=True)
     return buf[:, :-1], buf[:, 1:], mask

@@ -3,7 +3,7 @@ The specification of baselcm, as tests. Offline: tiny datasets in the real on-di
 `sonar` package that records how it was called, and the real MiniLM encoder on a small slice.
 $ python -m pytest -q
 """
-import json, os, signal, subprocess, sys, textwrap, time
+import json, os, signal, subprocess, sys, time
 
 import numpy as np
 import pytest

@@ -176,6 +176,8 @@ if eval_only:
             print(f"{name:8}{r['loss']:10.2f}{r['l2']:9.4f}{r['rt_l2']:9.4f}{100 * r['ca']:7.1f}%{r['par']:8.3f}")
         with open(os.path.join(out_dir, "eval.json"), "w") as f:
             json.dump({"iter": iter_num, "dataset": data_dir, "windows": len(val_starts), **results}, f, indent=1)
+    if ddp:
+        destroy_process_group()
     sys.exit(0)
 
 def get_lr(it):  # linear warm-up, then cosine decay to min_lr

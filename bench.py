@@ -133,8 +133,8 @@ if embed:
     sentences = [s for d in split_sentences(sentence_splitter(), docs) for s in d]
     enc = load_encoder("minilm", device)
     enc.encode(sentences[:256], batch_size=128)
-    bare = len(sentences) / timed(lambda: enc.encode(sentences, batch_size=128))
-    results["embed"] = {"sentences": len(sentences), "bare_sentences_per_s": bare}
+    bare_rate = len(sentences) / timed(lambda: enc.encode(sentences, batch_size=128))
+    results["embed"] = {"sentences": len(sentences), "bare_sentences_per_s": bare_rate}
     with tempfile.TemporaryDirectory() as tmp:
         for k in (1, 4):
             with open(f"{tmp}/corpus{k}.txt", "w") as f:
@@ -148,8 +148,8 @@ if embed:
             rate = float(re.search(r"([\d.]+) sentences/s", p.stdout).group(1))
             results["embed"][f"{k}x"] = {"sentences_per_s": rate, "peak_rss_mb": int(re.search(r"maxrss_kb (\d+)", p.stdout).group(1)) / 1024}
     e = results["embed"]
-    e["overhead"] = 1 - e["1x"]["sentences_per_s"] / bare
-    print(f"embed {len(sentences)} Lee sentences: bare encoder {bare:.0f}/s, embed.py {e['1x']['sentences_per_s']:.0f}/s "
+    e["overhead"] = 1 - e["1x"]["sentences_per_s"] / bare_rate
+    print(f"embed {len(sentences)} Lee sentences: bare encoder {bare_rate:.0f}/s, embed.py {e['1x']['sentences_per_s']:.0f}/s "
           f"({100 * e['overhead']:+.1f}% overhead); peak RSS {e['1x']['peak_rss_mb']:.0f} MB for the corpus, "
           f"{e['4x']['peak_rss_mb']:.0f} MB for 4x")
 

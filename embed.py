@@ -70,6 +70,9 @@ if os.path.exists(os.path.join(out, "meta.json")):
 # documents, through Hugging Face datasets (streaming: nothing is loaded whole)
 from datasets import load_dataset
 
+def not_utf8(e):
+    die(f"{dataset} is not valid UTF-8 ({e.reason} at byte {e.start}): re-save it as UTF-8")
+
 builders = {".txt": "text", ".cor": "text", ".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 ext = os.path.splitext(source)[1].lower()
 try:
@@ -86,7 +89,7 @@ try:
     docs = iter(docs)
     first = next(docs, None)
 except UnicodeDecodeError as e:
-    die(f"{dataset} is not valid UTF-8 ({e.reason} at byte {e.start}): re-save it as UTF-8")
+    not_utf8(e)
 except Exception as e:  # datasets raises many kinds for a bad name, a missing file or no network
     die(f"cannot load dataset '{dataset}': {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         " (check the name, config and network, or pass a local file)")
@@ -149,8 +152,8 @@ try:
         os.replace(tmp, path)  # atomic: a chunk is on disk whole or not at all
         bar.update(len(rows))
         bar.set_postfix(sent_per_s=f"{n_sent * world / (time.time() - t0):.0f}")
-except UnicodeDecodeError as e:
-    die(f"{dataset} is not valid UTF-8 ({e.reason} at byte {e.start}): re-save it as UTF-8")
+except UnicodeDecodeError as e:  # streaming reads the file as it goes
+    not_utf8(e)
 bar.close()
 if ddp:
     torch.distributed.barrier()

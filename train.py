@@ -141,6 +141,8 @@ raw_model = model
 if ddp:
     model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None, broadcast_buffers=False)
 
+baselines = {}  # copy and mean depend on the validation windows only: measured once, at the first evaluation
+
 @torch.no_grad()
 def evaluate(roundtrip=None):
     """Teacher-forced next-concept metrics on fixed validation windows, for the model and two baselines:
@@ -151,7 +153,9 @@ def evaluate(roundtrip=None):
         x, y, mask = get_batch(val_rows, val_starts[i:i + batch_size], val_ends[i:i + batch_size], block_size, device)
         with ctx:
             pred, _ = raw_model(x)
-        preds = {"model": raw_model.normalizer.denormalize(pred.float()), "copy": x, "mean": mean_concept.expand_as(y)}
+        preds = {"model": raw_model.normalizer.denormalize(pred.float())}
+        if roundtrip or not baselines:
+            preds |= {"copy": x, "mean": mean_concept.expand_as(y)}
         for name, p in preds.items():
             m = concept_metrics(p, x, y, mask, raw_model.normalizer)
             if roundtrip:
@@ -159,7 +163,10 @@ def evaluate(roundtrip=None):
                 m["rt_l2"] = (back - y[mask]).norm(dim=-1).sum().item()
             sums[name] = {k: sums.get(name, {}).get(k, 0) + v for k, v in m.items()}
     raw_model.train()
-    return {name: finish_metrics(s) | ({"rt_l2": s["rt_l2"] / s["n"]} if roundtrip else {}) for name, s in sums.items()}
+    results = {name: finish_metrics(s) | ({"rt_l2": s["rt_l2"] / s["n"]} if roundtrip else {}) for name, s in sums.items()}
+    if not roundtrip:
+        baselines.update({name: r for name, r in results.items() if name != "model"})
+    return results | ({} if roundtrip else baselines)
 
 if eval_only:
     if master:

@@ -4,7 +4,7 @@ The model (normalizer, pre-net, causal transformer, post-net), generation with a
 and the helpers that embed.py, train.py, sample.py and bench.py share: configuration,
 sentence splitting, encoders, the on-disk data format, batches, metrics and checkpoints.
 """
-import ast, json, math, os, re, sys, textwrap, time
+import ast, json, math, os, re, sys, tempfile, textwrap, time
 from dataclasses import dataclass
 
 import numpy as np
@@ -189,11 +189,13 @@ class BaseLCM(nn.Module):
 def die(msg):
     """An expected mistake: one line on stderr, non-zero exit, no traceback."""
     print(f"error: {msg}", file=sys.stderr)
+    sys.unraisablehook = lambda *a: None  # objects torn down after this line (a dataset reader) add nothing
     sys.exit(1)
 
 def configure(g, argv):
-    """Overrides the simple-typed globals of a script in g from a config file and --key=value pairs."""
-    keys = {k for k, v in g.items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))}
+    """Overrides the simple-typed globals of a script in g from a config file and --key=value pairs.
+    A str knob takes the text as given. Returns the keys that were set."""
+    keys, given = {k for k, v in g.items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))}, set()
     for arg in argv:
         if not arg.startswith("--"):  # a config file: plain python assignments
             if not os.path.isfile(arg):
@@ -205,10 +207,11 @@ def configure(g, argv):
             key, eq, val = arg[2:].partition("=")
             if not eq:
                 die(f"{arg} has no value: write --{key}=VALUE")
-            try:
-                val = ast.literal_eval(val)
-            except (SyntaxError, ValueError):
-                pass  # a bare string
+            if key in keys and not isinstance(g[key], str):
+                try:
+                    val = ast.literal_eval(val)
+                except (SyntaxError, ValueError):
+                    pass  # reported below as the wrong type
             pairs = [(key, val, arg)]
         for key, val, where in pairs:
             if key not in keys:
@@ -219,11 +222,30 @@ def configure(g, argv):
             if type(val) is not want:
                 die(f"--{key} wants a {want.__name__}, got {val!r} (from {where})")
             g[key] = val
+            given.add(key)
+    return given
 
-def autodetect_device():
-    if torch.cuda.is_available():
-        return "cuda"
-    return "mps" if torch.backends.mps.is_available() else "cpu"
+def get_device(device):
+    """'' -> cuda, mps or cpu, whichever is here; a named device is checked, so a typo is one line."""
+    if not device:
+        return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        kind = None
+    if kind not in ("cuda", "mps", "cpu"):
+        die(f"--device={device} is not a device: use cuda, cuda:N, mps or cpu (or leave it empty)")
+    if kind == "cuda" and not torch.cuda.is_available() or kind == "mps" and not torch.backends.mps.is_available():
+        die(f"--device={device}, but this machine has no {kind}: use --device=cpu or leave it empty")
+    return device
+
+def writable_dir(path, flag):
+    """Creates path and checks that files can be written there, before any work is done."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        tempfile.TemporaryFile(dir=path).close()
+    except OSError as e:
+        die(f"cannot write to --{flag}={path} ({e.strerror}): pick a folder you can write to")
 
 def synchronize(device):
     device_type = torch.device(device).type
@@ -264,14 +286,20 @@ def sentence_splitter(spacy_model=""):
     nlp.add_pipe("sentencizer")
     return nlp
 
+# sentence ends that spaCy's tokenizer misses inside a word (。！？ ।  ።  ။ ...): split after them, unless a
+# closing quote or bracket follows
+SENT_END = "。！？｡।॥؟۔။።፧፨។៕།‼⁇⁈⁉﹒﹖﹗"
+AFTER_SENT_END = re.compile(f"(?<=[{SENT_END}])(?![{SENT_END}”’」』）)\\]\"'])")
+
 def split_sentences(nlp, texts, max_chars=256):
     """texts -> one list of sentences each: whitespace normalized, empty ones dropped, long ones cut
-    on word boundaries (never dropped)."""
+    on word boundaries (never dropped). A document longer than spaCy's default limit is valid."""
+    nlp.max_length = max([nlp.max_length] + [len(t) + 1 for t in texts])
     out = []
     for doc in nlp.pipe(texts, batch_size=64):
         sents = []
-        for s in doc.sents:
-            s = " ".join(s.text.split())
+        for s in (s for sent in doc.sents for s in AFTER_SENT_END.split(sent.text)):
+            s = " ".join(s.split())
             if s:
                 sents += textwrap.wrap(s, max_chars) if len(s) > max_chars else [s]
         out.append(sents)
@@ -299,8 +327,8 @@ class SentenceTransformerEncoder:
         try:
             self.model = SentenceTransformer(path, device=device)
         except OSError as e:
-            die(f"cannot load sentence-transformers model '{name}' ({str(e).splitlines()[0]}); "
-                "check the name and network, or use --encoder=minilm")
+            die(f"cannot load sentence-transformers model '{name}' ({str(e).splitlines()[0]}): check the name "
+                "(a hub model downloads once, then works offline), or use the offline encoder 'minilm'")
         self.d_emb = self.model.get_embedding_dimension() if hasattr(self.model, "get_embedding_dimension") \
             else self.model.get_sentence_embedding_dimension()
 
@@ -315,9 +343,10 @@ class SonarEncoder:
     def __init__(self, device):
         try:
             from sonar.inference_pipelines import text
-        except ImportError:
-            die("SONAR is not installed: see README 'The SONAR path' (pip install sonar-space with its "
-                "matching torch), or use --encoder=minilm")
+        except Exception as e:  # not installed, or installed against another torch / without libsndfile1
+            cause = "not installed" if isinstance(e, ModuleNotFoundError) else f"broken ({type(e).__name__}: " \
+                f"{str(e).splitlines()[0][:160] if str(e) else ''})"
+            die(f"SONAR (sonar-space) is {cause}: install it as README 'The SONAR path' says")
         self.text, self.device = text, torch.device(device)
         self.dtype = torch.float16 if self.device.type == "cuda" else torch.float32
         self.t2v = text.TextToEmbeddingModelPipeline(encoder="text_sonar_basic_encoder",
@@ -455,12 +484,18 @@ def atomic_save(obj, path):
         if os.path.exists(tmp):
             os.remove(tmp)
 
-def load_checkpoint(path, device="cpu"):
-    """-> (model, checkpoint dict). Strips the '_orig_mod.' prefix that torch.compile adds."""
+def load_checkpoint(path):
+    """-> (model on the CPU, checkpoint dict). Weights only, so a shared checkpoint cannot run code; memory-
+    mapped, so what a caller does not use (sample.py: the optimizer) is never read. Strips torch.compile's
+    '_orig_mod.' prefix."""
     if not os.path.isfile(path):
         die(f"no checkpoint at {path}: train one with `python train.py` or pass --out_dir=DIR")
-    ckpt = torch.load(path, map_location=device, weights_only=False)
-    model = BaseLCM(LCMConfig(**ckpt["model_args"]))
-    state = {k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()}
-    model.load_state_dict(state)
-    return model.to(device), ckpt
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        ckpt["config"], ckpt["data"]  # a foreign checkpoint has no such keys
+        model = BaseLCM(LCMConfig(**ckpt["model_args"]))
+        model.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()})
+    except Exception as e:
+        die(f"{path} is not a readable baselcm checkpoint ({type(e).__name__}): retrain it, or pass the --out_dir "
+            "of another run")
+    return model, ckpt

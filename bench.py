@@ -12,7 +12,7 @@ import json, os, re, subprocess, sys, tempfile, time
 import numpy as np
 import torch
 
-from baselcm import BaseLCM, LCMConfig, autodetect_device, configure, measure_peak_flops, synchronize
+from baselcm import BaseLCM, LCMConfig, configure, get_device, measure_peak_flops, synchronize
 
 device = ""              # '' = autodetect
 dtype = ""               # '' = bfloat16 on GPUs that have it, else float32 (the training default)
@@ -22,7 +22,7 @@ steps = 20               # timed training steps per configuration
 out = "bench.json"
 configure(globals(), sys.argv[1:])
 
-device = device or autodetect_device()
+device = get_device(device)
 device_type = torch.device(device).type
 dtype = dtype or ("bfloat16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "float32")
 ptdtype = getattr(torch, dtype)
@@ -99,7 +99,7 @@ with tempfile.TemporaryDirectory() as tmp:
     bare = next(r for r in results["train"] if r["config"] == "d512 L8 T64 B16" and not r["compile"])
     n_iters = 100
     subprocess.run([sys.executable, "train.py", f"--data_root={tmp}", "--dataset=syn", f"--out_dir={tmp}/out",
-                    f"--max_iters={n_iters}", "--eval_interval=50", "--eval_iters=4", "--log_interval=10", "--plot=False",
+                    f"--max_iters={n_iters}", "--eval_interval=50", "--eval_iters=4", "--log_interval=10",
                     "--dropout=0.0", f"--device={device}", f"--dtype={dtype}"] +
                    [f"--{k}={v}" for k, v in c.items()], check=True, capture_output=True)
     loop_ms = [json.loads(line) for line in open(f"{tmp}/out/log.jsonl")][-1]["loop_ms"]

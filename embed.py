@@ -7,7 +7,7 @@ $ python embed.py                                  # offline default: gensim's L
 $ python embed.py --dataset=wikitext --hf_config=wikitext-103-raw-v1 --encoder=sonar --device=cuda
 $ torchrun --nproc_per_node=8 embed.py --dataset=my_docs.jsonl --encoder=sonar   # one share per GPU
 """
-import glob, json, os, shutil, sys, time, zlib
+import glob, hashlib, json, os, shutil, sys, time, zlib
 from datetime import timedelta
 from itertools import chain, islice
 
@@ -15,10 +15,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from baselcm import (EOT_TEXT, autodetect_device, check_lang, configure, die, fit_normalizer, load_encoder,
-                     sentence_splitter, split_sentences)
+from baselcm import (EOT_TEXT, check_lang, configure, die, fit_normalizer, get_device, load_encoder, load_meta,
+                     sentence_splitter, split_sentences, writable_dir)
 
-dataset = "lee"          # 'lee' (offline default), a local .txt/.jsonl/.json/.csv/.parquet file or folder, or a hub name
+dataset = "lee"          # 'lee' (offline default), a .txt (a document per line) .jsonl .json .csv .parquet file, a folder
+                         # of them (a .txt file there is one document), or a hub name
 hf_config = ""           # hub dataset config name, e.g. wikitext-103-raw-v1
 hf_split = "train"       # hub dataset split
 text_column = ""         # '' = 'text'; official LCM parquet (text_sentences, text_sentences_sonar_emb) is auto-detected
@@ -39,60 +40,99 @@ norm_sample = 1_000_000  # at most this many train rows fit the normalizer
 overwrite = False
 configure(globals(), sys.argv[1:])
 
+# -----------------------------------------------------------------------------
+# everything that can be checked before encoding is checked now
 check_lang(lang)
 if dtype not in ("float16", "float32"):
     die(f"--dtype={dtype} is not a storage type: use float16 or float32")
+if not 0 < val_fraction < 1:
+    die(f"--val_fraction={val_fraction} must be between 0 and 1")
+for k in ("batch_size", "chunk_docs", "max_chars", "norm_sample"):
+    if globals()[k] < 1:
+        die(f"--{k}={globals()[k]} must be at least 1")
+if max_docs < 0:
+    die(f"--max_docs={max_docs} must be 0 (all documents) or more")
 if dataset == "lee":  # ships inside gensim's wheel: 300 news documents, one per line
     from gensim.test.utils import datapath
     source, name = datapath("lee_background.cor"), name or "lee"
 else:
     source = dataset
+builders = {".txt": "text", ".cor": "text", ".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+ext = lambda f: os.path.splitext(f)[1].lower()
+if os.path.isdir(source):  # all files of a folder; a .txt file is one document, other formats hold rows
+    source_files = sorted(f for f in glob.glob(os.path.join(source, "**", "*"), recursive=True) if ext(f) in builders)
+    if len({builders[ext(f)] for f in source_files}) > 1:
+        die(f"{source} mixes {' and '.join(sorted({ext(f) for f in source_files}))} files: point at a folder of one kind")
+    if not source_files:
+        die(f"{source} holds no {', '.join(builders)} files")
+elif os.path.isfile(source):
+    if ext(source) not in builders:
+        die(f"cannot read {source}: use a {', '.join(builders)} file, or a folder of them")
+    source_files = [source]
+elif ext(source) in builders or source.startswith((".", "/")):
+    die(f"no such file or folder: {source}")
+else:
+    source_files = []  # a hub dataset
 name = name or os.path.splitext(os.path.basename(os.path.normpath(dataset)))[0].replace("/", "_")
 out = os.path.join(data_root, name)
 work = os.path.join(out, "work")  # finished chunks live here until the final files are assembled
+# what decides the output: a dataset folder and its partial work are tied to these, and reused only for them
+settings = {"dataset": os.path.abspath(source) if source_files else source, "hf_config": hf_config, "hf_split": hf_split,
+            "files": [[os.path.relpath(f, source if os.path.isdir(source) else os.path.dirname(source)),
+                       os.path.getsize(f), os.stat(f).st_mtime_ns] for f in source_files],
+            "text_column": text_column, "max_docs": max_docs, "encoder": encoder, "lang": lang, "spacy_model": spacy_model,
+            "max_chars": max_chars, "chunk_docs": chunk_docs, "dtype": dtype, "seed": seed, "val_fraction": val_fraction,
+            "norm_sample": norm_sample}
+key = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 ddp = int(os.environ.get("RANK", -1)) != -1
 rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
-device = device or autodetect_device()
+device = get_device(device)
+writable_dir(data_root, "data_root")
 if ddp:  # gloo only waits for the ranks to finish; each rank encodes on its own GPU
     torch.distributed.init_process_group("gloo", timeout=timedelta(hours=12))
     if device == "cuda":
         device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
-if os.path.exists(os.path.join(out, "meta.json")):
-    if not overwrite:
-        print(f"{out} is already built; pass --overwrite=True to rebuild it")
+if os.path.exists(os.path.join(out, "meta.json")) and not overwrite:
+    built = load_meta(out)
+    if built.get("key") == key:
+        print(f"{out} is already built with these settings; pass --overwrite=True to rebuild it")
         sys.exit(0)
-    if rank == 0:
-        shutil.rmtree(out)
-    if ddp:
-        torch.distributed.barrier()
+    old = built.get("settings", {})
+    what = f"from {old.get('dataset')}" if old.get("dataset") != settings["dataset"] else \
+        f"with other settings ({', '.join(k for k in settings if old.get(k) != settings[k])})"
+    die(f"{out} was built {what}: pass --name=NEW for a new dataset, or --overwrite=True to replace it")
+marker = os.path.join(work, f"settings-{key}.json")
+if rank == 0 and os.path.isdir(work) and (overwrite or not os.path.exists(marker)):
+    if not overwrite:
+        print(f"{work} holds partial work from other settings: starting clean")
+    shutil.rmtree(work)
+if rank == 0 and overwrite and os.path.exists(os.path.join(out, "meta.json")):
+    os.remove(os.path.join(out, "meta.json"))  # unfinished from here on; the new source_files replace the old
+if ddp:
+    torch.distributed.barrier()
 
 # -----------------------------------------------------------------------------
 # documents, through Hugging Face datasets (streaming: nothing is loaded whole)
-from datasets import load_dataset
+import datasets
+datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its errors reach the user as our one line
 
 def not_utf8(e):
     die(f"{dataset} is not valid UTF-8 ({e.reason} at byte {e.start}): re-save it as UTF-8")
 
-builders = {".txt": "text", ".cor": "text", ".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
-ext = os.path.splitext(source)[1].lower()
 try:
-    if os.path.isfile(source):
-        if ext not in builders:
-            die(f"cannot read {source}: use a {', '.join(builders)} file")
-        docs = load_dataset(builders[ext], data_files=source, split="train", streaming=True)
-    elif os.path.isdir(source):
-        docs = load_dataset(source, split="train", streaming=True)
-    elif ext in builders or source.startswith((".", "/")):
-        die(f"no such file or folder: {source}")
+    if source_files:
+        kind = builders[ext(source_files[0])]
+        by_file = {"sample_by": "document"} if kind == "text" and os.path.isdir(source) else {}
+        docs = datasets.load_dataset(kind, data_files=source_files, split="train", streaming=True, **by_file)
     else:
-        docs = load_dataset(source, hf_config or None, split=hf_split, streaming=True)
+        docs = datasets.load_dataset(source, hf_config or None, split=hf_split, streaming=True)
     docs = iter(docs)
     first = next(docs, None)
 except UnicodeDecodeError as e:
     not_utf8(e)
-except Exception as e:  # datasets raises many kinds for a bad name, a missing file or no network
-    die(f"cannot load dataset '{dataset}': {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-        " (check the name, config and network, or pass a local file)")
+except Exception as e:  # datasets raises many kinds for a bad name, a broken file or no network
+    die(f"cannot {'read' if source_files else 'load dataset'} '{dataset}': {type(e).__name__}: "
+        f"{str(e).splitlines()[0] if str(e) else ''}" + ("" if source_files else " (check the name, config and network)"))
 if first is None:
     die(f"dataset '{dataset}' has no documents")
 official = "text_sentences" in first and "text_sentences_sonar_emb" in first
@@ -133,6 +173,9 @@ def embed_chunk(rows):
 # -----------------------------------------------------------------------------
 # encode: chunk k belongs to rank k % world; a chunk already on disk is not encoded again
 os.makedirs(work, exist_ok=True)
+if rank == 0:
+    with open(marker, "w") as f:
+        json.dump(settings, f)
 t0, n_sent = time.time(), 0
 bar = tqdm(total=max_docs or None, unit="doc", disable=rank != 0, desc=f"embed {name}")
 try:
@@ -164,7 +207,7 @@ if ddp:
 # -----------------------------------------------------------------------------
 # assemble: stream the chunks, in order, into the train and val files (rank 0)
 chunks = sorted(glob.glob(os.path.join(work, "chunk*.npz")))
-files = {s: {"bin": open(os.path.join(out, f"{s}.bin.tmp"), "wb"), "txt": open(os.path.join(out, f"{s}.txt.tmp"), "w"),
+files = {s: {"bin": open(os.path.join(work, f"{s}.bin"), "wb"), "txt": open(os.path.join(work, f"{s}.txt"), "w"),
              "offsets": [0]} for s in ("train", "val")}
 n_docs, n_empty = 0, 0
 for path in tqdm(chunks, desc="assemble", unit="chunk", disable=len(chunks) < 10):
@@ -180,21 +223,20 @@ for path in tqdm(chunks, desc="assemble", unit="chunk", disable=len(chunks) < 10
         at, n_docs = at + length, n_docs + 1
 for s, f in files.items():
     f["bin"].close(), f["txt"].close()
-    np.save(os.path.join(out, f"{s}_offsets.npy.tmp.npy"), np.array(f["offsets"], dtype=np.int64))
+    np.save(os.path.join(work, f"{s}_offsets.npy"), np.array(f["offsets"], dtype=np.int64))
 n_train, n_val = files["train"]["offsets"][-1], files["val"]["offsets"][-1]
 if n_train == 0 or n_val == 0:
     die(f"{n_docs} documents with text give an empty {'train' if n_train == 0 else 'val'} split: "
         "use more documents or another --val_fraction")
 
-train_rows = np.memmap(os.path.join(out, "train.bin.tmp"), dtype=dtype, mode="r").reshape(-1, enc.d_emb)
+train_rows = np.memmap(os.path.join(work, "train.bin"), dtype=dtype, mode="r").reshape(-1, enc.d_emb)
 pick = np.sort(np.random.default_rng(seed).choice(n_train, min(n_train, norm_sample), replace=False))
 sample = np.asarray(train_rows[pick], dtype=np.float32)
 center, scale = fit_normalizer(sample)
-for s in ("train", "val"):
-    os.replace(os.path.join(out, f"{s}.bin.tmp"), os.path.join(out, f"{s}.bin"))
-    os.replace(os.path.join(out, f"{s}.txt.tmp"), os.path.join(out, f"{s}.txt"))
-    os.replace(os.path.join(out, f"{s}_offsets.npy.tmp.npy"), os.path.join(out, f"{s}_offsets.npy"))
-meta = {"encoder": encoder, "d_emb": enc.d_emb, "lang": lang, "dtype": dtype, "dataset": dataset,
+for f in ("train.bin", "train.txt", "train_offsets.npy", "val.bin", "val.txt", "val_offsets.npy"):
+    os.replace(os.path.join(work, f), os.path.join(out, f))
+meta = {"encoder": encoder, "d_emb": enc.d_emb, "lang": lang, "dtype": dtype, "dataset": dataset, "key": key,
+        "settings": settings,
         "spacy_model": spacy_model, "max_chars": max_chars,
         "train_docs": len(files["train"]["offsets"]) - 1, "val_docs": len(files["val"]["offsets"]) - 1,
         "train_rows": n_train, "val_rows": n_val, "empty_docs_skipped": n_empty,

@@ -12,8 +12,8 @@ import os, sys
 
 import torch
 
-from baselcm import (SentenceBank, autodetect_device, check_lang, configure, die, load_checkpoint, load_encoder,
-                     load_meta, sentence_splitter, split_sentences)
+from baselcm import (SentenceBank, check_lang, configure, die, get_device, load_checkpoint, load_encoder, load_meta,
+                     sentence_splitter, split_sentences)
 
 out_dir = "out"          # holds ckpt.pt
 start = "Hundreds of people have been forced to leave their homes as a bushfire moves towards the town."  # or FILE:path
@@ -31,9 +31,9 @@ device = ""
 json = False             # print one JSON object per sample: each step's text, cosine to end of text, stop reason
 configure(globals(), sys.argv[1:])
 
-device = device or autodetect_device()
-model, ckpt = load_checkpoint(os.path.join(out_dir, "ckpt.pt"), device)
-model.eval()
+device = get_device(device)
+model, ckpt = load_checkpoint(os.path.join(out_dir, "ckpt.pt"))
+model.to(device).eval()
 data = ckpt["data"]
 prompt_lang = prompt_lang or data["lang"]
 lang = lang or prompt_lang
@@ -42,8 +42,11 @@ check_lang(lang)
 if start.startswith("FILE:"):
     if not os.path.isfile(start[5:]):
         die(f"prompt file {start[5:]} not found")
-    with open(start[5:], encoding="utf-8") as f:
-        start = f.read()
+    try:
+        with open(start[5:], encoding="utf-8") as f:
+            start = f.read()
+    except UnicodeDecodeError as e:
+        die(f"prompt file {start[5:]} is not UTF-8 ({e.reason} at byte {e.start}): re-save it as UTF-8")
 prompt = split_sentences(sentence_splitter(data["spacy_model"]), [start], data["max_chars"])[0]
 if not prompt:
     die("the prompt is empty: pass --start='Some sentences.' or --start=FILE:prompt.txt")

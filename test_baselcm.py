@@ -37,7 +37,7 @@ def write_dataset(root, name, train_docs, val_docs, eot, encoder="stand-in"):
             f.writelines(f"doc {i} sentence {j}\n" for i, d in enumerate(docs) for j in range(len(d)))
     rows = np.concatenate(train_docs).astype(np.float16).astype(np.float32)
     center, scale = fit_normalizer(rows)
-    meta = {"encoder": encoder, "d_emb": rows.shape[1], "lang": "eng_Latn", "dtype": "float16", "dataset": name,
+    meta = {"encoder": encoder, "d_emb": rows.shape[1], "lang": "eng_Latn", "dtype": "float16", "dataset": name, "key": name,
             "spacy_model": "", "max_chars": 256, "train_docs": len(train_docs), "val_docs": len(val_docs),
             "train_rows": len(rows), "val_rows": sum(map(len, val_docs)), "empty_docs_skipped": 0,
             "normalizer": {"center": center.tolist(), "scale": scale.tolist()}, "mean": rows.mean(0).tolist(),
@@ -45,6 +45,14 @@ def write_dataset(root, name, train_docs, val_docs, eot, encoder="stand-in"):
     with open(os.path.join(out, "meta.json"), "w") as f:
         json.dump(meta, f)
     return meta
+
+SONAR_DATA = {"encoder": "sonar", "lang": "eng_Latn", "d_emb": 1024, "eot": [0.0] * 1024, "spacy_model": "",
+              "max_chars": 256, "dir": ""}
+
+def save_checkpoint(out, model, data):
+    os.makedirs(out, exist_ok=True)
+    baselcm.atomic_save({"model": model.state_dict(), "model_args": model.config.__dict__, "config": {}, "data": data},
+                        str(out / "ckpt.pt"))
 
 def rotation_docs(rng, n_docs, d=16, lo=6, hi=20):
     """Documents whose next concept is a fixed rotation of the current one: learnable, and far from a copy."""
@@ -259,7 +267,8 @@ def test_checkpoint_of_a_compiled_model_loads(tmp_path):
     model = BaseLCM(tiny_config())
     compiled = torch.compile(model)
     assert all(k.startswith("_orig_mod.") for k in compiled.state_dict())
-    baselcm.atomic_save({"model": compiled.state_dict(), "model_args": model.config.__dict__}, tmp_path / "c.pt")
+    baselcm.atomic_save({"model": compiled.state_dict(), "model_args": model.config.__dict__, "config": {}, "data": {}},
+                        tmp_path / "c.pt")
     loaded, _ = baselcm.load_checkpoint(str(tmp_path / "c.pt"))
     x = torch.randn(1, 5, 16)
     assert torch.equal(loaded.eval()(x)[0], model.eval()(x)[0])
@@ -268,7 +277,7 @@ def test_checkpoint_of_a_compiled_model_loads(tmp_path):
 # training (train.py as a user runs it)
 
 TRAIN = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=12", "--batch_size=8", "--eval_iters=4",
-         "--log_interval=1", "--plot=False", "--dataset=rot"]
+         "--log_interval=1", "--dataset=rot"]
 
 def log_of(out):
     return [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
@@ -282,19 +291,61 @@ def test_training_learns_a_next_concept_rule_far_better_than_copying(rotation_da
     assert last["model"]["loss"] < 0.3 * last["mean"]["loss"]
     assert last["model"]["loss"] < 0.3 * first["model"]["loss"]
 
-def test_resume_gives_the_same_losses_as_an_uninterrupted_run(rotation_data, tmp_path):
-    common = [*TRAIN, f"--data_root={rotation_data}", "--eval_interval=10", "--lr_decay_iters=20", "--dropout=0.1"]
-    run("train.py", *common, "--out_dir=a", "--max_iters=20", cwd=tmp_path)
-    run("train.py", *common, "--out_dir=b", "--max_iters=10", cwd=tmp_path)
-    run("train.py", *common, "--out_dir=b", "--max_iters=20", "--init_from=resume", cwd=tmp_path)
+def test_a_killed_run_resumed_with_only_init_from_and_out_dir_continues_exactly(rotation_data, tmp_path):
+    common = [*TRAIN, f"--data_root={rotation_data}", "--eval_interval=10", "--max_iters=400", "--dropout=0.1",
+              "--always_save_checkpoint=True", "--learning_rate=1e-3"]
+    run("train.py", *common, "--out_dir=a", cwd=tmp_path)
+    p = subprocess.Popen([sys.executable, os.path.join(HERE, "train.py"), *common, "--out_dir=b"], cwd=tmp_path, env=ENV,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log, deadline = tmp_path / "b" / "log.jsonl", time.time() + 120
+    while time.time() < deadline and not (log.exists() and any("val" in r and r["iter"] >= 30 for r in log_of(log.parent))):
+        time.sleep(0.01)
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    assert max(r["iter"] for r in log_of(log.parent)) < 400  # really interrupted
+    run("train.py", "--init_from=resume", "--out_dir=b", cwd=tmp_path)  # data_root, lr, max_iters: the checkpoint's
     losses = lambda out: {r["iter"]: r["loss"] for r in log_of(tmp_path / out) if "loss" in r}
     a, b = losses("a"), losses("b")
-    assert sorted(b) == list(range(1, 21))
-    assert all(abs(a[i] - b[i]) <= 1e-5 * abs(a[i]) for i in range(11, 21)), (a, b)
+    assert sorted(b) == list(range(1, 401))
+    assert all(abs(a[i] - b[i]) <= 1e-5 * abs(a[i]) for i in range(1, 401)), (a, b)
+
+@pytest.fixture()
+def trained(tmp_path):
+    """A tiny model trained on data/rot, and beside it: rot2 (same encoder), wide (another d_emb)."""
+    rng = np.random.default_rng(2)
+    for name, d in (("rot", 16), ("rot2", 16), ("wide", 24)):
+        train, eot = rotation_docs(rng, 30, d=d)
+        val, _ = rotation_docs(rng, 6, d=d)
+        write_dataset(tmp_path / "data", name, train, val, eot)
+    run("train.py", *TRAIN, "--out_dir=o", "--max_iters=10", "--eval_interval=5", "--learning_rate=1e-3", cwd=tmp_path)
+    return tmp_path
+
+def test_resume_and_eval_only_follow_the_checkpoint_and_print_what_changed(trained):
+    p = run("train.py", "--init_from=resume", "--out_dir=o", "--max_iters=20", cwd=trained)  # data/lee does not exist here
+    assert "changed from the checkpoint: max_iters 10 -> 20" in p.stdout
+    assert max(r["iter"] for r in log_of(trained / "o")) == 20 and max(r.get("lr", 0) for r in log_of(trained / "o")) > 4e-4
+    run("train.py", "--eval_only=True", "--out_dir=o", cwd=trained)
+    assert json.load(open(trained / "o" / "eval.json"))["dataset"] == os.path.join("data", "rot")
+    p = run("train.py", "--eval_only=True", "--out_dir=o", "--dataset=rot2", cwd=trained)  # same encoder: allowed if asked
+    assert f"trained on {trained / 'data' / 'rot'}" in p.stdout
+    assert json.load(open(trained / "o" / "eval.json"))["dataset"] == os.path.join("data", "rot2")
+
+@pytest.mark.parametrize("args, message", [
+    (["--init_from=resume", "--n_layer=3"], "the model's settings cannot change"),
+    (["--init_from=resume", "--dropout=0.2"], "the model's settings cannot change"),
+    (["--eval_only=True", "--dataset=wide"], "holds stand-in concepts (d_emb 24), but o/ckpt.pt was trained on"),
+    (["--init_from=resume", "rebuilt"], "was rebuilt after o/ckpt.pt was trained on it: pass --dataset=rot"),
+])
+def test_resume_refuses_what_would_make_the_result_meaningless(args, message, trained):
+    if "rebuilt" in args:
+        meta = json.load(open(trained / "data" / "rot" / "meta.json"))
+        json.dump(meta | {"key": "another"}, open(trained / "data" / "rot" / "meta.json", "w"))
+    p = run("train.py", *[a for a in args if a != "rebuilt"], "--out_dir=o", cwd=trained, check=False)
+    assert p.returncode == 1 and message in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
 
 def test_ddp_on_two_gloo_processes_matches_one_process(rotation_data, tmp_path):
     common = [*TRAIN, f"--data_root={rotation_data}", "--eval_interval=15", "--max_iters=15", "--dropout=0.0",
-              "--gradient_accumulation_steps=2", "--device=cpu"]
+              "--device=cpu"]  # the default: one micro-batch, shared by the two processes
     run("train.py", *common, "--out_dir=single", cwd=tmp_path)
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                 os.path.join(HERE, "train.py")]
@@ -311,9 +362,18 @@ def test_ddp_on_two_gloo_processes_matches_one_process(rotation_data, tmp_path):
     (["--n_embd=30", "--n_head=4"], "must be a multiple of --n_head"),
     (["--dataset=nope"], "no dataset at"),
     (["config/nope.py"], "config file config/nope.py not found"),
+    (["--device=gpu"], "--device=gpu is not a device"),
+    (["--device=cuda"], "--device=cuda, but this machine has no cuda"),
+    (["--out_dir={tmp}/afile/o"], "cannot write to --out_dir"),
+    (["--init_from=resume", "--out_dir={tmp}/truncated"], "is not a readable baselcm checkpoint"),
+    (["--eval_only=True", "--out_dir={tmp}/empty"], "is not a readable baselcm checkpoint"),
 ])
 def test_bad_configuration_gives_one_clear_line(args, message, tmp_path):
-    p = run("train.py", *args, f"--out_dir={tmp_path}/o", cwd=HERE, check=False)
+    (tmp_path / "afile").write_text("")
+    for name, content in (("truncated", b"PK\x03\x04 cut short"), ("empty", b"")):
+        os.makedirs(tmp_path / name)
+        (tmp_path / name / "ckpt.pt").write_bytes(content)
+    p = run("train.py", f"--out_dir={tmp_path}/o", *[a.format(tmp=tmp_path) for a in args], cwd=HERE, check=False)
     assert p.returncode == 1 and message in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
 
 # -----------------------------------------------------------------------------
@@ -326,6 +386,30 @@ def test_sentences_are_cut_on_word_boundaries_never_dropped():
     assert docs[0][0] == "Short one."
     assert all(len(s) <= 50 for s in docs[0]) and " ".join(docs[0][1:]) == f"Then {long}."
     assert docs[1] == [] and docs[2] == ["Final."]
+
+@pytest.mark.parametrize("text, sentences", [
+    ("火灾正在向小镇蔓延。居民已经撤离。警方关闭了高速公路。", ["火灾正在向小镇蔓延。", "居民已经撤离。", "警方关闭了高速公路。"]),
+    ("明日は雨でしょう！本当？「はい。」と言った。", ["明日は雨でしょう！", "本当？", "「はい。」と言った。"]),
+    ("यह एक वाक्य है।यह दूसरा है।", ["यह एक वाक्य है।", "यह दूसरा है।"]),
+    ("هل هذا سؤال؟نعم هذا سؤال.", ["هل هذا سؤال؟", "نعم هذا سؤال."]),
+    ("ዛሬ ዝናብ ዘነበ።ነገ ፀሐይ ይወጣል።", ["ዛሬ ዝናብ ዘነበ።", "ነገ ፀሐይ ይወጣል።"]),
+    ("Pi is 3.14. Really? Yes. Fine!", ["Pi is 3.14.", "Really?", "Yes.", "Fine!"]),
+])
+def test_sentences_are_split_in_scripts_without_spaces(text, sentences):
+    assert baselcm.split_sentences(baselcm.sentence_splitter(), [text]) == [sentences]
+
+def test_a_document_longer_than_spacys_limit_is_split_whole():
+    text = "".join(f"Sentence number {i} is here. " for i in range(40_000))  # 1.2M characters
+    assert len(text) > 1_000_000
+    [sents] = baselcm.split_sentences(baselcm.sentence_splitter(), [text])
+    assert sents == [f"Sentence number {i} is here." for i in range(40_000)]
+
+def test_a_string_option_takes_the_text_as_given():
+    g = {"start": "x", "n_layer": 2, "compile": False}
+    assert baselcm.configure(g, ["--start=2024", "--n_layer=3", "--compile=True"]) == {"start", "n_layer", "compile"}
+    assert g == {"start": "2024", "n_layer": 3, "compile": True}
+    baselcm.configure(g, ["--start='quoted' [1, 2]"])
+    assert g["start"] == "'quoted' [1, 2]"
 
 def test_embed_with_sonar_writes_the_data_format(sonar_env, tmp_path):
     env, calls = sonar_env
@@ -355,31 +439,22 @@ def test_embed_with_sonar_writes_the_data_format(sonar_env, tmp_path):
     assert np.allclose(meta["normalizer"]["center"], center) and np.allclose(meta["normalizer"]["scale"], scale)
     assert set(meta) >= set(write_dataset(tmp_path / "x", "y", [np.zeros((2, 3))], [np.zeros((2, 3))], np.zeros(3)))
     assert not (tmp_path / "data" / "docs" / "work").exists()
-    again = run("embed.py", f"--dataset={src}", "--encoder=sonar", cwd=tmp_path, env=env)
+    again = run("embed.py", f"--dataset={src}", "--encoder=sonar", "--lang=deu_Latn", "--chunk_docs=5",
+                "--val_fraction=0.25", cwd=tmp_path, env=env)
     assert "already built" in again.stdout
 
 def test_embed_resumes_after_kill_9_with_identical_files(sonar_env, tmp_path):
     env, calls = sonar_env
     src = corpus(tmp_path / "docs.txt", n_docs=30)
-    args = [os.path.join(HERE, "embed.py"), f"--dataset={src}", "--encoder=sonar", "--chunk_docs=2", "--device=cpu"]
-    run("embed.py", *args[1:], "--name=whole", cwd=tmp_path, env=env)
-    p = subprocess.Popen([sys.executable] + args, cwd=tmp_path, env=dict(env, FAKE_SONAR_DELAY="0.3"),
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    work = tmp_path / "data" / "docs" / "work"
-    deadline = time.time() + 120
-    while time.time() < deadline and len(list(work.glob("chunk*.npz")) if work.exists() else []) < 3:
-        time.sleep(0.05)
-    os.kill(p.pid, signal.SIGKILL)
-    p.wait()
-    assert not (tmp_path / "data" / "docs" / "meta.json").exists()
-    n_done = len(list(work.glob("chunk*.npz")))
+    args = [f"--dataset={src}", "--encoder=sonar", "--chunk_docs=2", "--device=cpu"]
+    run("embed.py", *args, "--name=whole", cwd=tmp_path, env=env)
+    n_done = kill_after_chunks(args, env, tmp_path, 3)
     assert 3 <= n_done < 15
     n_before = len([c for c in calls() if c["call"] == "encode"])
-    run("embed.py", *args[1:], cwd=tmp_path, env=env)
+    run("embed.py", *args, cwd=tmp_path, env=env)
     assert len([c for c in calls() if c["call"] == "encode"]) - n_before == 1 + 15 - n_done  # eot + the rest
     for f in ("train.bin", "val.bin", "train.txt", "val.txt", "train_offsets.npy", "val_offsets.npy", "meta.json"):
-        a, b = (tmp_path / "data" / "whole" / f).read_bytes(), (tmp_path / "data" / "docs" / f).read_bytes()
-        assert a == b or f == "meta.json" and json.loads(a) | {"dataset": 0} == json.loads(b) | {"dataset": 0}
+        assert (tmp_path / "data" / "whole" / f).read_bytes() == (tmp_path / "data" / "docs" / f).read_bytes()
 
 def test_embed_on_two_processes_equals_one(sonar_env, tmp_path):
     env, _ = sonar_env
@@ -414,9 +489,18 @@ def test_official_lcm_parquet_is_imported_without_reencoding(sonar_env, tmp_path
     ("column", "no column 'body'"),
     ("empty", "has no documents"),
     ("bytes", "not valid UTF-8"),
+    ("parquet", "cannot read"),
     ("lang", "unknown language code 'english'"),
-    ("nosonar", "SONAR is not installed"),
+    ("nosonar", "SONAR (sonar-space) is not installed"),
+    ("broken sonar", "SONAR (sonar-space) is broken (OSError: /x/_torchaudio.abi3.so: undefined symbol"),
     ("hub", "cannot load dataset 'nobody-here/no-such-dataset'"),
+    ("--val_fraction=1.0", "--val_fraction=1.0 must be between 0 and 1"),
+    ("--batch_size=0", "--batch_size=0 must be at least 1"),
+    ("--chunk_docs=0", "--chunk_docs=0 must be at least 1"),
+    ("--max_chars=0", "--max_chars=0 must be at least 1"),
+    ("--max_docs=-1", "--max_docs=-1 must be 0"),
+    ("--device=cuda", "this machine has no cuda"),
+    ("data_root", "cannot write to --data_root"),
 ])
 def test_embed_bad_input_gives_one_line_and_leaves_no_dataset(case, message, sonar_env, tmp_path):
     env, _ = sonar_env
@@ -425,16 +509,81 @@ def test_embed_bad_input_gives_one_line_and_leaves_no_dataset(case, message, son
             "column": [f"--dataset={src}", "--text_column=body"],
             "empty": [f"--dataset={tmp_path / 'empty.txt'}"],
             "bytes": [f"--dataset={tmp_path / 'bad.txt'}"],
-            "lang": [f"--dataset={src}", "--lang=english"],
-            "nosonar": [f"--dataset={src}"],
-            "hub": ["--dataset=nobody-here/no-such-dataset"]}[case]  # offline: the hub is unreachable
+            "parquet": [f"--dataset={tmp_path / 'bad.parquet'}"],
+            "hub": ["--dataset=nobody-here/no-such-dataset"],  # offline: the hub is unreachable
+            "data_root": [f"--dataset={src}", f"--data_root={tmp_path / 'afile' / 'data'}"],
+            "lang": [f"--dataset={src}", "--lang=english"]}.get(case, [f"--dataset={src}", case])
     (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "afile").write_text("")
     (tmp_path / "bad.txt").write_bytes(b"Fine line.\n" * 5 + b"Bad \xff\xfe byte.\n")
+    (tmp_path / "bad.parquet").write_bytes(b"PAR1 not really parquet")
     if case == "nosonar":
         env = ENV
-    p = run("embed.py", *args, "--encoder=sonar", "--device=cpu", cwd=tmp_path, env=env, check=False)
+    if case == "broken sonar":  # imports, then fails as a torchaudio built for another torch does
+        (tmp_path / "fake" / "sonar" / "inference_pipelines" / "text.py").write_text(
+            "raise OSError('/x/_torchaudio.abi3.so: undefined symbol: _ZN3c10')")
+    p = run("embed.py", "--encoder=sonar", "--device=cpu", *[a for a in args if a not in ("nosonar", "broken sonar")],
+            cwd=tmp_path, env=env, check=False)
     assert p.returncode == 1 and message in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
-    assert not list(tmp_path.glob("data/*/meta.json"))
+    assert not list(tmp_path.glob("data/*/meta.json")) and ("network" in p.stderr) == (case == "hub")
+
+def kill_after_chunks(args, env, cwd, n):
+    """Starts embed.py with a slow encoder and kills it (-9) once n chunks are on disk."""
+    p = subprocess.Popen([sys.executable, os.path.join(HERE, "embed.py"), *args], cwd=cwd,
+                         env=dict(env, FAKE_SONAR_DELAY="0.3"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    work, deadline = cwd / "data" / "docs" / "work", time.time() + 120
+    while time.time() < deadline and len(list(work.glob("chunk*.npz")) if work.exists() else []) < n:
+        time.sleep(0.05)
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    assert not (cwd / "data" / "docs" / "meta.json").exists()
+    return len(list(work.glob("chunk*.npz")))
+
+def test_partial_work_from_other_settings_is_never_reused(sonar_env, tmp_path):
+    env, _ = sonar_env
+    src = corpus(tmp_path / "docs.txt", n_docs=30)
+    args = [f"--dataset={src}", "--encoder=sonar", "--device=cpu"]
+    assert kill_after_chunks([*args, "--chunk_docs=2"], env, tmp_path, 3) < 15
+    p = run("embed.py", *args, "--dtype=float32", cwd=tmp_path, env=env)  # other chunking and dtype
+    assert "partial work from other settings: starting clean" in p.stdout
+    run("embed.py", *args, "--dtype=float32", "--name=clean", cwd=tmp_path, env=env)
+    for f in ("train.bin", "val.bin", "train.txt", "val.txt", "train_offsets.npy"):
+        assert (tmp_path / "data" / "docs" / f).read_bytes() == (tmp_path / "data" / "clean" / f).read_bytes()
+
+def test_a_failed_run_does_not_block_the_fixed_rerun(sonar_env, tmp_path):
+    env, _ = sonar_env
+    src = tmp_path / "docs.txt"
+    src.write_text("Only one document. It has two sentences.\n")
+    p = run("embed.py", f"--dataset={src}", "--encoder=sonar", "--device=cpu", cwd=tmp_path, env=env, check=False)
+    assert p.returncode == 1 and "empty" in p.stderr
+    corpus(src, n_docs=30)  # the fix: more documents in the same file
+    run("embed.py", f"--dataset={src}", "--encoder=sonar", "--device=cpu", cwd=tmp_path, env=env)
+    meta = json.load(open(tmp_path / "data" / "docs" / "meta.json"))
+    assert meta["train_docs"] + meta["val_docs"] == 30
+
+def test_another_source_or_other_settings_under_the_same_name_are_refused(sonar_env, tmp_path):
+    env, _ = sonar_env
+    txt, jsonl = corpus(tmp_path / "docs.txt", n_docs=30), tmp_path / "docs.jsonl"
+    jsonl.write_text("".join(json.dumps({"text": line}) + "\n" for line in txt.read_text().splitlines()[::-1]))
+    run("embed.py", f"--dataset={txt}", "--encoder=sonar", cwd=tmp_path, env=env)
+    for args, message in (([f"--dataset={jsonl}"], f"data/docs was built from {txt}: pass --name=NEW"),
+                          ([f"--dataset={txt}", "--max_chars=100"], "was built with other settings (max_chars)")):
+        p = run("embed.py", *args, "--encoder=sonar", cwd=tmp_path, env=env, check=False)
+        assert p.returncode == 1 and message in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    run("embed.py", f"--dataset={jsonl}", "--encoder=sonar", "--overwrite=True", cwd=tmp_path, env=env)
+    assert json.load(open(tmp_path / "data" / "docs" / "meta.json"))["settings"]["dataset"] == str(jsonl)
+
+def test_a_folder_of_txt_files_is_one_document_per_file(sonar_env, tmp_path):
+    env, _ = sonar_env
+    names = ["training-notes.txt", "doc001.txt", "doc002.txt", "sub/validation.txt", "test.txt", "zz.txt"]
+    for i, name in enumerate(names):
+        (tmp_path / "docs" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "docs" / name).write_text(f"File {i} line one.\nFile {i} line two.\n\nFile {i} line three.\n")
+    run("embed.py", f"--dataset={tmp_path / 'docs'}", "--encoder=sonar", "--val_fraction=0.3", cwd=tmp_path, env=env)
+    d = read_dataset(tmp_path / "data" / "docs")
+    lengths = np.concatenate([np.diff(d["train"][1]), np.diff(d["val"][1])])
+    assert len(lengths) == 6 and (lengths == 4).all()  # three sentences and end of text, from each file
+    assert {t.split()[1] for t in d["train"][2] + d["val"][2] if t.startswith("File")} == {str(i) for i in range(6)}
 
 # -----------------------------------------------------------------------------
 # end to end with the real offline encoder, and the SONAR decode glue
@@ -465,9 +614,7 @@ def test_sample_decodes_with_sonar_in_the_requested_language(sonar_env, tmp_path
     eot = torch.randn(1024)
     data = {"encoder": "sonar", "lang": "eng_Latn", "d_emb": 1024, "eot": eot.tolist(), "spacy_model": "",
             "max_chars": 256, "dir": str(tmp_path / "nowhere")}
-    os.makedirs(tmp_path / "out")
-    baselcm.atomic_save({"model": model.state_dict(), "model_args": model.config.__dict__, "data": data},
-                        str(tmp_path / "out" / "ckpt.pt"))
+    save_checkpoint(tmp_path / "out", model, data)
     p = run("sample.py", "--start=One sentence. Two sentences.", "--lang=fra_Latn", "--max_new_concepts=4",
             "--device=cpu", cwd=tmp_path, env=env)
     assert p.stdout.splitlines()[:3] == ["One sentence.", "Two sentences.", "<fra_Latn> sentence 0"]
@@ -475,17 +622,31 @@ def test_sample_decodes_with_sonar_in_the_requested_language(sonar_env, tmp_path
     assert enc[0]["source_lang"] == "eng_Latn" and enc[0]["n"] == 2
     assert dec == [{"call": "decode", "n": 4, "target_lang": "fra_Latn", "max_seq_len": 256}]
 
-@pytest.mark.parametrize("args, message", [
-    (["--start="], "the prompt is empty"),
-    (["--out_dir=missing"], "no checkpoint at missing/ckpt.pt"),
-    (["--lang=french"], "unknown language code 'french'"),
+class RunsCode:  # a pickle that runs a command when loaded without weights_only
+    def __reduce__(self):
+        return os.system, ("touch pwned",)
+
+@pytest.mark.parametrize("case, message", [
+    ("--start=", "the prompt is empty"),
+    ("--out_dir=missing", "no checkpoint at missing/ckpt.pt"),
+    ("--lang=french", "unknown language code 'french'"),
+    ("--start=FILE:latin1.txt", "prompt file latin1.txt is not UTF-8"),
+    ("--device=gpu", "--device=gpu is not a device"),
+    ("truncated", "is not a readable baselcm checkpoint"),
+    ("foreign", "is not a readable baselcm checkpoint"),
+    ("runs code", "is not a readable baselcm checkpoint (UnpicklingError)"),
+    ("no sonar", "SONAR (sonar-space) is not installed: install it as README 'The SONAR path' says"),
 ])
-def test_sample_bad_input_gives_one_clear_line(args, message, tmp_path):
-    model = BaseLCM(tiny_config(d_emb=1024))
-    data = {"encoder": "sonar", "lang": "eng_Latn", "d_emb": 1024, "eot": [0.0] * 1024, "spacy_model": "",
-            "max_chars": 256, "dir": ""}
-    os.makedirs(tmp_path / "out")
-    baselcm.atomic_save({"model": model.state_dict(), "model_args": model.config.__dict__, "data": data},
-                        str(tmp_path / "out" / "ckpt.pt"))
-    p = run("sample.py", *args, cwd=tmp_path, check=False)
+def test_sample_bad_input_gives_one_clear_line(case, message, tmp_path):
+    save_checkpoint(tmp_path / "out", BaseLCM(tiny_config(d_emb=1024)), SONAR_DATA)
+    ckpt = tmp_path / "out" / "ckpt.pt"
+    if case == "truncated":
+        ckpt.write_bytes(ckpt.read_bytes()[:2000])
+    if case == "foreign":
+        torch.save({"state_dict": BaseLCM(tiny_config()).state_dict()}, ckpt)
+    if case == "runs code":
+        torch.save({"model": RunsCode()}, ckpt)
+    (tmp_path / "latin1.txt").write_bytes("Caf\xe9 ouvert.".encode("latin-1"))
+    p = run("sample.py", *[case] if case.startswith("--") else [], cwd=tmp_path, check=False)
     assert p.returncode == 1 and message in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert "--encoder" not in p.stderr and not (tmp_path / "pwned").exists()  # hints name sample.py's own options

@@ -15,9 +15,9 @@ import torch
 from torch.distributed import destroy_process_group, init_process_group
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from baselcm import (BaseLCM, LCMConfig, SentenceBank, atomic_save, autodetect_device, concept_metrics, configure,
-                     die, eval_windows, finish_metrics, get_batch, load_checkpoint, load_encoder, load_meta,
-                     load_split, measure_peak_flops, sample_windows)
+from baselcm import (BaseLCM, LCMConfig, SentenceBank, atomic_save, concept_metrics, configure, die, eval_windows,
+                     finish_metrics, get_batch, get_device, load_checkpoint, load_encoder, load_meta, load_split,
+                     measure_peak_flops, sample_windows, writable_dir)
 
 # I/O
 out_dir = "out"
@@ -26,13 +26,12 @@ log_interval = 10
 eval_iters = 20          # evaluation batches of fixed validation windows
 eval_only = False        # evaluate (model, copy and mean baselines, round-trip l2) and exit
 always_save_checkpoint = False  # False: keep the best val loss (small data overfits); True: the latest
-init_from = "scratch"    # 'scratch' or 'resume' (from out_dir/ckpt.pt)
-plot = True              # draw out_dir/loss.png at the end when matplotlib is installed
+init_from = "scratch"    # 'scratch' or 'resume' (out_dir/ckpt.pt, with its settings unless given here)
 # data
 dataset = "lee"          # reads data_root/dataset, built by embed.py
 data_root = "data"
 batch_size = 32          # windows per micro-batch
-gradient_accumulation_steps = 1  # micro-batches per iteration, over all processes
+gradient_accumulation_steps = 1  # the global batch is this many micro-batches, shared by all processes
 block_size = 16          # context in concepts (Lee documents: 10 sentences on average)
 # model
 n_layer = 4
@@ -60,7 +59,20 @@ compile = False          # torch.compile the model
 backend = ""             # DDP: '' = nccl on cuda, gloo otherwise
 seed = 1337
 config = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))}
-configure(globals(), sys.argv[1:])
+given = configure(globals(), sys.argv[1:])
+ckpt_path = os.path.join(out_dir, "ckpt.pt")
+resume = init_from == "resume" or eval_only
+if resume:  # the checkpoint's run: its settings, but for the ones given here (the machine's are never taken)
+    model, checkpoint = load_checkpoint(ckpt_path)
+    old = checkpoint["config"]
+    globals().update({k: v for k, v in old.items() if k in config and k not in given and k not in
+                      ("out_dir", "init_from", "eval_only", "device", "backend")})
+    changed = {k: old[k] for k in given if k in old and old[k] != globals()[k] and k not in ("init_from", "eval_only")}
+    for k in changed.keys() & model.config.__dict__.keys():  # block_size, n_layer, dropout, ...
+        die(f"--{k}={globals()[k]}, but {ckpt_path} was made with {k}={old[k]}: the model's settings cannot change; "
+            "train a new model in another --out_dir")
+    if changed:
+        print("changed from the checkpoint: " + ", ".join(f"{k} {v} -> {globals()[k]}" for k, v in changed.items()))
 config = {k: globals()[k] for k in config}
 lr_decay_iters = lr_decay_iters or max_iters
 for k in ("batch_size", "block_size", "n_layer", "n_head", "n_embd", "gradient_accumulation_steps", "eval_iters"):
@@ -76,15 +88,16 @@ if init_from not in ("scratch", "resume"):
 # -----------------------------------------------------------------------------
 # devices and processes
 ddp = int(os.environ.get("RANK", -1)) != -1
-device = device or autodetect_device()
+device = get_device(device)
 if ddp:
     rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    if world > gradient_accumulation_steps * batch_size:
+        die(f"{world} processes share a global batch of {gradient_accumulation_steps * batch_size} windows: "
+            "raise --batch_size or --gradient_accumulation_steps, or use fewer processes")
     if device.startswith("cuda"):
         device = f"cuda:{local_rank}"
         torch.cuda.set_device(device)
     init_process_group(backend=backend or ("nccl" if device.startswith("cuda") else "gloo"))
-    if gradient_accumulation_steps % world:
-        die(f"--gradient_accumulation_steps={gradient_accumulation_steps} must be a multiple of the {world} processes")
 else:
     rank, world = 0, 1
 master = rank == 0
@@ -98,7 +111,7 @@ ctx = nullcontext() if dtype == "float32" else torch.autocast(device_type=device
 torch.manual_seed(seed + rank)
 torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 if master:
-    os.makedirs(out_dir, exist_ok=True)
+    writable_dir(out_dir, "out_dir")
 
 # -----------------------------------------------------------------------------
 # data: memmaps, never the whole set in RAM
@@ -113,12 +126,14 @@ mean_concept = torch.tensor(meta["mean"], device=device)
 # -----------------------------------------------------------------------------
 # model
 iter_num, best_val_loss = 0, float("inf")
-ckpt_path = os.path.join(out_dir, "ckpt.pt")
-if init_from == "resume":
-    model, checkpoint = load_checkpoint(ckpt_path, device)
-    if model.config.d_emb != meta["d_emb"]:
-        die(f"{ckpt_path} was trained on d_emb {model.config.d_emb}, {data_dir} has {meta['d_emb']}")
-    block_size = model.config.block_size
+if resume:
+    trained_on = checkpoint["data"]
+    if (meta["encoder"], meta["d_emb"]) != (trained_on["encoder"], trained_on["d_emb"]):
+        die(f"{data_dir} holds {meta['encoder']} concepts (d_emb {meta['d_emb']}), but {ckpt_path} was trained on "
+            f"{trained_on['encoder']} (d_emb {trained_on['d_emb']}): pass a --dataset built with that encoder")
+    if meta.get("key") != trained_on.get("key") and "dataset" not in given:
+        die(f"{data_dir} was rebuilt after {ckpt_path} was trained on it: pass --dataset={dataset} to use it anyway")
+    model.to(device)
     iter_num, best_val_loss = checkpoint["iter_num"], checkpoint["best_val_loss"]
 else:
     model = BaseLCM(LCMConfig(d_emb=meta["d_emb"], block_size=block_size, n_layer=n_layer, n_head=n_head,
@@ -129,7 +144,7 @@ else:
 model_args = model.config.__dict__
 scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")
 optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), eps, device_type)
-if init_from == "resume":
+if resume and not eval_only:
     optimizer.load_state_dict(checkpoint["optimizer"])
     scaler.load_state_dict(checkpoint["scaler"])
     data_rng.bit_generator.state = checkpoint["data_rng"]
@@ -177,7 +192,8 @@ if eval_only:
             bank = SentenceBank(data_dir, meta)
             roundtrip = lambda p: np.asarray(bank.rows[bank.nearest(p)[0]], dtype=np.float32)
         results = evaluate(roundtrip)
-        print(f"{len(val_starts)} validation windows, {meta['val_docs']} documents of {data_dir}, iter {iter_num}")
+        print(f"{len(val_starts)} validation windows, {meta['val_docs']} documents of {data_dir}, iter {iter_num}"
+              + (f" (trained on {trained_on['dir']})" if os.path.abspath(data_dir) != trained_on["dir"] else ""))
         print(f"{'':8}{'loss':>10}{'l2':>9}{'rt_l2':>9}{'CA':>8}{'PAR':>8}")
         for name, r in results.items():
             print(f"{name:8}{r['loss']:10.2f}{r['l2']:9.4f}{r['rt_l2']:9.4f}{100 * r['ca']:7.1f}%{r['par']:8.3f}")
@@ -202,7 +218,6 @@ def get_lr(it):  # linear warm-up, then cosine decay to min_lr
 log = open(os.path.join(out_dir, "log.jsonl"), "a" if init_from == "resume" else "w") if master else None
 peak = measure_peak_flops(device, ptdtype) if master else 0.0
 flops_per_concept = raw_model.flops_per_concept()
-local_steps = gradient_accumulation_steps // world
 if master:
     print(f"{sum(p.numel() for p in raw_model.parameters()) / 1e6:.2f}M parameters, {meta['train_rows']} train "
           f"concepts of d_emb {meta['d_emb']} ({meta['encoder']}), {device} {dtype}, peak {peak / 1e9:.1f} GFLOP/s")
@@ -224,23 +239,27 @@ while True:
             atomic_save({"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
                          "scaler": scaler.state_dict(), "model_args": model_args, "iter_num": iter_num,
                          "best_val_loss": best_val_loss, "config": config, "data_rng": data_rng.bit_generator.state,
-                         "torch_rng": torch_rng, "data": {k: meta[k] for k in ("encoder", "lang", "d_emb", "eot",
-                         "spacy_model", "max_chars")} | {"dir": os.path.abspath(data_dir)}}, ckpt_path)
+                         "torch_rng": torch_rng, "data": {k: meta.get(k) for k in ("encoder", "lang", "d_emb", "eot",
+                         "spacy_model", "max_chars", "key")} | {"dir": os.path.abspath(data_dir)}}, ckpt_path)
         t0, t0_iter = time.time(), iter_num  # evaluation is not training time
     if iter_num >= max_iters:
         break
-    # one global batch, drawn identically on every rank; each rank takes its micro-batches
+    # one global batch, drawn identically on every rank; each rank takes a share of it in micro-batches. The loss
+    # is averaged over the global batch's targets, so the gradient does not depend on how it is shared.
     starts, ends = sample_windows(data_rng, train_offsets, gradient_accumulation_steps * batch_size, block_size)
+    n_targets = int((np.minimum(ends - starts, block_size + 1) - 1).sum())
+    share = np.array_split(np.arange(len(starts)), world)[rank]
+    micro_batches = np.array_split(share, math.ceil(len(share) / batch_size))
     loss_sum = torch.zeros((), device=device)
-    for micro in range(rank, gradient_accumulation_steps, world):
-        s = slice(micro * batch_size, (micro + 1) * batch_size)
-        x, y, mask = get_batch(train_rows, starts[s], ends[s], block_size, device)
+    for i, micro in enumerate(micro_batches):
+        x, y, mask = get_batch(train_rows, starts[micro], ends[micro], block_size, device)
         if ddp:  # sync gradients on the last micro-step only
-            model.require_backward_grad_sync = micro + world >= gradient_accumulation_steps
+            model.require_backward_grad_sync = i == len(micro_batches) - 1
         with ctx:
             _, loss = model(x, y, mask)
+        loss = loss * mask.sum() * world / n_targets  # DDP averages over the world
         loss_sum += loss.detach()
-        scaler.scale(loss / local_steps).backward()
+        scaler.scale(loss).backward()
     if grad_clip > 0:
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
@@ -249,9 +268,9 @@ while True:
     optimizer.zero_grad(set_to_none=True)
     iter_num += 1
     if master and iter_num % log_interval == 0:
-        loss_val = loss_sum.item() / local_steps  # .item() syncs: only when logging
+        loss_val = loss_sum.item() / world  # .item() syncs: only when logging
         dt = (time.time() - t0) / (iter_num - t0_iter)
-        concepts = int((np.minimum(ends - starts, block_size + 1) - 1).sum())  # real targets of the global batch
+        concepts = n_targets
         mfu = flops_per_concept * gradient_accumulation_steps * batch_size * block_size / dt / peak
         print(f"iter {iter_num}: loss {loss_val:.2f}, lr {lr:.2e}, {dt * 1000:.1f}ms, {concepts / dt:.0f} concepts/s, "
               f"mfu {100 * mfu:.1f}%")
@@ -264,22 +283,5 @@ if master:
     print(f"{iter_num - first_iter} iterations, {loop_ms:.1f} ms each with batches, logging, evaluation and checkpoints")
     log.write(json.dumps({"iter": iter_num, "loop_ms": loop_ms}) + "\n")
     log.close()
-    if plot:
-        try:
-            import matplotlib
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-        except ImportError:
-            plt = None
-        if plt:
-            rows = [json.loads(line) for line in open(os.path.join(out_dir, "log.jsonl"))]
-            tr, va = [r for r in rows if "loss" in r], [r for r in rows if "val" in r]
-            plt.plot([r["iter"] for r in tr], [r["loss"] for r in tr], label="train")
-            plt.plot([r["iter"] for r in va], [r["val"]["model"]["loss"] for r in va], "o-", label="val")
-            plt.plot([r["iter"] for r in va], [r["val"]["copy"]["loss"] for r in va], "--", label="val: copy last")
-            plt.plot([r["iter"] for r in va], [r["val"]["mean"]["loss"] for r in va], ":", label="val: train mean")
-            plt.xlabel("iteration"), plt.ylabel("loss (normalized squared error)"), plt.legend()
-            plt.title(f"Base-LCM on {dataset}")
-            plt.savefig(os.path.join(out_dir, "loss.png"), dpi=100)
 if ddp:
     destroy_process_group()

@@ -5,6 +5,7 @@ and the helpers that embed.py, train.py, sample.py and bench.py share: configura
 sentence splitting, encoders, the on-disk data format, batches, metrics and checkpoints.
 """
 import ast, json, math, os, re, sys, tempfile, textwrap, time
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -355,16 +356,26 @@ class SonarEncoder:
         self.v2t = None  # the decoder is large: loaded on first use
 
     def encode(self, sentences, lang="eng_Latn", batch_size=64):
-        emb = self.t2v.predict(sentences, source_lang=lang, batch_size=batch_size)
-        return emb.float().cpu().numpy()
+        with self.known_lang(lang):
+            return self.t2v.predict(sentences, source_lang=lang, batch_size=batch_size).float().cpu().numpy()
 
     def decode(self, embeddings, lang="eng_Latn", batch_size=32):
         if self.v2t is None:
             self.v2t = self.text.EmbeddingToTextModelPipeline(decoder="text_sonar_basic_decoder",
                                                               tokenizer="text_sonar_basic_encoder",
                                                               device=self.device, dtype=self.dtype)
-        emb = torch.as_tensor(embeddings, dtype=self.dtype, device=self.device)
-        return self.v2t.predict(emb, target_lang=lang, batch_size=batch_size, max_seq_len=256)
+        with self.known_lang(lang):
+            emb = torch.as_tensor(embeddings, dtype=self.dtype, device=self.device)
+            return self.v2t.predict(emb, target_lang=lang, batch_size=batch_size, max_seq_len=256)
+
+    @contextmanager
+    def known_lang(self, lang):  # SONAR's tokenizer is what knows its 200 languages
+        try:
+            yield
+        except Exception as e:
+            if f"is {lang} instead" not in str(e):
+                raise
+            die(f"SONAR does not know the language '{lang}': use a FLORES-200 code it lists, such as fra_Latn")
 
 def load_encoder(name, device="cpu"):
     return SonarEncoder(device) if name == "sonar" else SentenceTransformerEncoder(name, device)

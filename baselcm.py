@@ -52,6 +52,10 @@ def rope(x, cos, sin):  # x (B, nh, T, hs); rotate pairs (i, i + hs/2)
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
+class RMSNorm(nn.RMSNorm):
+    def forward(self, x):  # the weight in x's dtype: under bf16 autocast the fused kernel still applies
+        return F.rms_norm(x, self.normalized_shape, self.weight.to(x.dtype), self.eps)
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -61,15 +65,14 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
         self.n_head, self.dropout = config.n_head, config.dropout
 
-    def forward(self, x, cos, sin, cache=None):
+    def forward(self, x, cos, sin, cache=None, pos=0):
         B, T, C = x.size()
         q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
         q, k = rope(q, cos, sin), rope(k, cos, sin)  # (B, nh, T, hs)
-        if cache is not None:  # a list [k, v] per layer, grown in place
-            if cache:
-                k, v = torch.cat([cache[0], k], 2), torch.cat([cache[1], v], 2)
-            cache[:] = [k, v]
-        assert T == 1 or k.size(2) == T, "with a cache, prefill once, then feed one concept at a time"
+        if cache is not None:  # (2, B, nh, block_size, hs), preallocated: written in place at pos
+            assert T == 1 or pos == 0, "with a cache, prefill once, then feed one concept at a time"
+            cache[0, :, :, pos:pos + T], cache[1, :, :, pos:pos + T] = k, v
+            k, v = cache[0, :, :, :pos + T], cache[1, :, :, :pos + T]
         y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0,
                                            is_causal=T > 1)
         return self.resid_dropout(self.c_proj(y.transpose(1, 2).reshape(B, T, C)))
@@ -89,11 +92,11 @@ class SwiGLU(nn.Module):
 class Block(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.ln_1, self.attn = nn.RMSNorm(config.n_embd), CausalSelfAttention(config)
-        self.ln_2, self.mlp = nn.RMSNorm(config.n_embd), SwiGLU(config)
+        self.ln_1, self.attn = RMSNorm(config.n_embd), CausalSelfAttention(config)
+        self.ln_2, self.mlp = RMSNorm(config.n_embd), SwiGLU(config)
 
-    def forward(self, x, cos, sin, cache=None):
-        x = x + self.attn(self.ln_1(x), cos, sin, cache)
+    def forward(self, x, cos, sin, cache=None, pos=0):
+        x = x + self.attn(self.ln_1(x), cos, sin, cache, pos)
         return x + self.mlp(self.ln_2(x))
 
 class BaseLCM(nn.Module):
@@ -104,7 +107,7 @@ class BaseLCM(nn.Module):
         self.prenet = nn.Linear(config.d_emb, config.n_embd)
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
-        self.ln_f = nn.RMSNorm(config.n_embd)
+        self.ln_f = RMSNorm(config.n_embd)
         self.postnet = nn.Linear(config.n_embd, config.d_emb)
         hs = config.n_embd // config.n_head
         freqs = torch.outer(torch.arange(config.block_size).float(),
@@ -131,7 +134,7 @@ class BaseLCM(nn.Module):
         x = self.drop(self.prenet(self.normalizer.normalize(concepts)))  # (B, T, n_embd)
         cos, sin = self.rope_cos[pos:pos + T], self.rope_sin[pos:pos + T]
         for i, block in enumerate(self.blocks):
-            x = block(x, cos, sin, None if cache is None else cache[i])
+            x = block(x, cos, sin, None if cache is None else cache[i], pos)
         pred = self.postnet(self.ln_f(x))  # (B, T, d_emb)
         if targets is None:
             return pred, None
@@ -147,15 +150,15 @@ class BaseLCM(nn.Module):
         When the context outgrows block_size it is cut to its last block_size // 2 concepts, so the
         cache is rebuilt only every block_size // 2 steps; without the cache the same window is rerun."""
         seq, cosines, reason = prompt.float(), [], "max_new_concepts"
-        start, cache, cached = 0, None, 0  # window start; rows of the window already in the cache
+        c = self.config
+        cache = torch.empty(c.n_layer, 2, 1, c.n_head, c.block_size, c.n_embd // c.n_head, device=seq.device)
+        start, cached = 0, 0  # window start; rows of the window already in the cache
         for _ in range(max_new_concepts):
-            if seq.size(0) - start > self.config.block_size:
-                start, cache = seq.size(0) - self.config.block_size // 2, None
+            if seq.size(0) - start > c.block_size:
+                start, cached = seq.size(0) - c.block_size // 2, 0
             if not use_cache:
                 pred, _ = self(seq[None, start:])
             else:
-                if cache is None:
-                    cache, cached = [[] for _ in self.blocks], 0
                 pred, _ = self(seq[None, start + cached:], cache=cache, pos=cached)
                 cached = seq.size(0) - start
             z = pred[0, -1].float()
@@ -459,28 +462,48 @@ class SentenceBank:
 # metrics (paper, section 2.4): on predictions in the encoder's space
 
 @torch.no_grad()
-def concept_metrics(pred, x, y, mask, normalizer):
-    """Sums over one batch for a predictor: pred, x (inputs), y (targets) (B, T, d_emb), mask (B, T).
-    loss: the training loss; l2: distance to the true next concept; ca: contrastive accuracy against
-    the batch's other targets; par: distance to the closest context concept / distance to the truth."""
+def concept_metrics(pred, x, y, mask, normalizer, doc, row):
+    """Sums over one batch for a predictor: pred, x (inputs), y (targets) (B, T, d_emb), mask (B, T); doc (B,) the
+    document of each window and row (B, T) the row of each target, to find a target's neighbours.
+    loss: the training loss; l2: distance to the true next concept; ca: contrastive accuracy as in the paper,
+    against the batch's other targets but the truth's neighbours in its document; ca_doc: as in the official
+    code, against the targets of other documents; par: the mean max cosine to the context of the predictions, over
+    that of the true next concepts (a ratio of means: a per-prediction ratio explodes where the truth's is ~0)."""
     pred, x, y = pred.float(), x.float(), y.float()
-    cdist = lambda a, b: torch.cdist(a, b, compute_mode="donot_use_mm_for_euclid_dist")  # exact zeros
     err = (normalizer.normalize(pred) - normalizer.normalize(y)).pow(2).sum(-1)[mask]
     d_true = (pred - y).norm(dim=-1)  # (B, T)
-    p, t = pred[mask], y[mask]  # (N, d_emb)
-    d_all = cdist(p, t)  # (N, N): prediction i against target j
-    other = cdist(t, t) > 1e-6  # a target equal to the truth (end of text) is no negative
-    ca_hits = ((d_all.diagonal()[:, None] < d_all) & other).sum()
-    d_ctx = cdist(pred, x)  # (B, T, T): prediction at t against inputs s <= t
-    T = x.size(1)
-    d_ctx = d_ctx.masked_fill(~torch.ones(T, T, dtype=torch.bool, device=x.device).tril(), float("inf"))
-    par = d_ctx.min(-1).values[mask] / d_true[mask].clamp_min(1e-6)
+    cdist = lambda a, b: torch.cdist(a, b, compute_mode="donot_use_mm_for_euclid_dist")  # exact zeros
+    d_all, t = cdist(pred[mask], y[mask]), y[mask]  # (N, N): prediction i against target j
+    further = d_all.diagonal()[:, None] < d_all
+    d, r = doc[:, None].expand_as(mask)[mask], row[mask]
+    same_doc, distinct = d[:, None] == d[None, :], cdist(t, t) > 1e-6  # end of text is in every document: no distractor
+    paper = distinct & ~(same_doc & ((r[:, None] - r[None, :]).abs() <= 1))
+    official = distinct & ~same_doc
+    causal = torch.ones(x.size(1), x.size(1), dtype=torch.bool, device=x.device).tril()
+    ctx_cos = lambda a: (F.normalize(a, dim=-1) @ F.normalize(x, dim=-1).transpose(1, 2)).masked_fill(~causal, -1).amax(-1)
     return {"n": mask.sum().item(), "loss": err.sum().item(), "l2": d_true[mask].sum().item(),
-            "ca_hits": ca_hits.item(), "ca_pairs": other.sum().item(), "par": par.sum().item()}
+            "ca_hits": (further & paper).sum().item(), "ca_pairs": paper.sum().item(),
+            "ca_doc_hits": (further & official).sum().item(), "ca_doc_pairs": official.sum().item(),
+            "par_pred": ctx_cos(pred)[mask].sum().item(), "par_true": ctx_cos(y)[mask].sum().item()}
 
 def finish_metrics(sums):
-    return {"loss": sums["loss"] / sums["n"], "l2": sums["l2"] / sums["n"],
-            "ca": sums["ca_hits"] / max(sums["ca_pairs"], 1), "par": sums["par"] / sums["n"]}
+    return {"loss": sums["loss"] / sums["n"], "l2": sums["l2"] / sums["n"], "ca": sums["ca_hits"] / max(sums["ca_pairs"], 1),
+            "ca_doc": sums["ca_doc_hits"] / max(sums["ca_doc_pairs"], 1), "par": sums["par_pred"] / sums["par_true"]}
+
+@torch.no_grad()
+def coherence_mi(lm, tokenizer, texts, contexts):
+    """MI (paper, section 2.4.1) as sums: (log p(s | its context sentences) - log p(s) summed over the texts s, their
+    length in tokens); MI is the first over the second. A newline starts and ends a text, as in the official code."""
+    gain, n_tokens = 0.0, 0
+    for text, context in zip(texts, contexts):
+        target = tokenizer.encode(text + "\n")
+        for prefix, sign in ((tokenizer.encode("\n"), -1), (tokenizer.encode("\n" + "".join(c + "\n" for c in context)), 1)):
+            prefix = prefix[-(lm.config.max_position_embeddings - len(target)):]  # the context's end, if it is long
+            ids = torch.tensor([prefix + target], device=lm.device)
+            logp = lm(ids).logits[0, len(prefix) - 1:-1].float().log_softmax(-1)
+            gain += sign * logp.gather(-1, ids[0, len(prefix):, None]).sum().item()
+        n_tokens += len(target)
+    return gain, n_tokens
 
 # -----------------------------------------------------------------------------
 # checkpoints

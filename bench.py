@@ -15,7 +15,7 @@ import torch
 from baselcm import BaseLCM, LCMConfig, configure, get_device, measure_peak_flops, synchronize
 
 device = ""              # '' = autodetect
-dtype = ""               # '' = bfloat16 on GPUs that have it, else float32 (the training default)
+dtype = ""               # '' = bfloat16 on GPUs that have it; on a CPU both float32 and bfloat16
 compile = True           # also measure with torch.compile
 embed = True             # also measure embed.py (needs data/lee's corpus: gensim and the minilm encoder)
 steps = 20               # timed training steps per configuration
@@ -24,14 +24,16 @@ configure(globals(), sys.argv[1:])
 
 device = get_device(device)
 device_type = torch.device(device).type
-dtype = dtype or ("bfloat16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "float32")
-ptdtype = getattr(torch, dtype)
-ctx = torch.autocast(device_type=device_type, dtype=ptdtype) if dtype != "float32" else torch.autocast("cpu", enabled=False)
+dtypes = [dtype] if dtype else ["float32", "bfloat16"] if device_type == "cpu" else \
+    ["bfloat16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "float32"]
+autocast = lambda d: torch.autocast(device_type=device_type, dtype=getattr(torch, d), enabled=d != "float32")
 results = {"device": torch.cuda.get_device_name() if device_type == "cuda" else f"{device} ({os.cpu_count()} cores)",
-           "dtype": dtype, "torch": torch.__version__}
-peak = measure_peak_flops(device, ptdtype, seconds=2.0)
-results["peak_tflops"] = peak / 1e12
-print(f"{results['device']}, {dtype}: matmul peak {peak / 1e12:.3f} TFLOP/s (F.linear, measured now)")
+           "torch": torch.__version__, "peak_tflops": {}}
+for d in dtypes:
+    results["peak_tflops"][d] = measure_peak_flops(device, getattr(torch, d), seconds=2.0) / 1e12
+    print(f"{results['device']}, {d}: matmul peak {results['peak_tflops'][d]:.3f} TFLOP/s (F.linear, measured now)")
+dtype = max(dtypes, key=results["peak_tflops"].get)  # the faster: for the loop, generation and embedding figures
+ctx, peak = autocast(dtype), results["peak_tflops"][dtype] * 1e12
 
 def timed(fn):
     synchronize(device)
@@ -47,40 +49,39 @@ configs = {"default (d256 L4 T16 B32)": dict(n_embd=256, n_layer=4, n_head=4, bl
 if device_type == "cuda":
     configs["d1024 L8 T128 B16 (laptop GPU config)"] = dict(n_embd=1024, n_layer=8, n_head=16, block_size=128, batch_size=16)
 results["train"] = []
-for name, c in configs.items():
-    for use_compile in (False, True) if compile else (False,):
-        torch.manual_seed(0)
-        raw = BaseLCM(LCMConfig(d_emb=1024, block_size=c["block_size"], n_layer=c["n_layer"], n_head=c["n_head"],
-                                n_embd=c["n_embd"], dropout=0.0)).to(device)
-        model = torch.compile(raw) if use_compile else raw
-        opt = raw.configure_optimizers(0.1, 4e-4, (0.9, 0.95), 1e-5, device_type)
-        x, y = (torch.randn(c["batch_size"], c["block_size"], 1024, device=device) for _ in range(2))
-        mask = torch.ones(c["batch_size"], c["block_size"], dtype=torch.bool, device=device)
-        split = {"forward": 0.0, "backward": 0.0, "optimizer": 0.0}
-        for i in range(steps + 3):  # 3 warm-up steps (and compilation)
-            t = [time.perf_counter()]
-            with ctx:
-                _, loss = model(x, y, mask)
-            synchronize(device), t.append(time.perf_counter())
-            loss.backward()
-            synchronize(device), t.append(time.perf_counter())
-            torch.nn.utils.clip_grad_norm_(raw.parameters(), 1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            synchronize(device), t.append(time.perf_counter())
-            if i >= 3:
-                for k, a, b in zip(split, t, t[1:]):
-                    split[k] += b - a
-        step = sum(split.values()) / steps
-        concepts = c["batch_size"] * c["block_size"] / step
-        mfu = raw.flops_per_concept() * concepts / peak
-        r = {"config": name, "compile": use_compile, "params_M": sum(p.numel() for p in raw.parameters()) / 1e6,
-             "step_ms": 1000 * step, "concepts_per_s": concepts, "mfu": mfu,
-             **{f"{k}_share": v / steps / step for k, v in split.items()}}
-        results["train"].append(r)
-        print(f"train {name:38} compile={str(use_compile):5} {r['step_ms']:8.1f} ms/step {concepts:9.0f} concepts/s "
-              f"MFU {100 * mfu:5.1f}%  fwd/bwd/opt {100 * r['forward_share']:.0f}/{100 * r['backward_share']:.0f}/"
-              f"{100 * r['optimizer_share']:.0f}%")
+for (name, c), d, use_compile in [(nc, d, u) for nc in configs.items() for d in dtypes for u in (False, True)[:1 + compile]]:
+    torch.manual_seed(0)
+    raw = BaseLCM(LCMConfig(d_emb=1024, block_size=c["block_size"], n_layer=c["n_layer"], n_head=c["n_head"],
+                            n_embd=c["n_embd"], dropout=0.0)).to(device)
+    model = torch.compile(raw) if use_compile else raw
+    opt = raw.configure_optimizers(0.1, 4e-4, (0.9, 0.95), 1e-5, device_type)
+    x, y = (torch.randn(c["batch_size"], c["block_size"], 1024, device=device) for _ in range(2))
+    mask = torch.ones(c["batch_size"], c["block_size"], dtype=torch.bool, device=device)
+    split = {"forward": 0.0, "backward": 0.0, "optimizer": 0.0}
+    for i in range(steps + 3):  # 3 warm-up steps (and compilation)
+        t = [time.perf_counter()]
+        with autocast(d):
+            _, loss = model(x, y, mask)
+        synchronize(device), t.append(time.perf_counter())
+        loss.backward()
+        synchronize(device), t.append(time.perf_counter())
+        torch.nn.utils.clip_grad_norm_(raw.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        synchronize(device), t.append(time.perf_counter())
+        if i >= 3:
+            for k, a, b in zip(split, t, t[1:]):
+                split[k] += b - a
+    step = sum(split.values()) / steps
+    concepts = c["batch_size"] * c["block_size"] / step
+    mfu = raw.flops_per_concept() * concepts / (results["peak_tflops"][d] * 1e12)
+    r = {"config": name, "dtype": d, "compile": use_compile, "params_M": sum(p.numel() for p in raw.parameters()) / 1e6,
+         "step_ms": 1000 * step, "concepts_per_s": concepts, "mfu": mfu,
+         **{f"{k}_share": v / steps / step for k, v in split.items()}}
+    results["train"].append(r)
+    print(f"train {name:28} {d:8} compile={str(use_compile):5} {r['step_ms']:8.1f} ms/step {concepts:9.0f} concepts/s "
+          f"MFU {100 * mfu:5.1f}%  fwd/bwd/opt {100 * r['forward_share']:.0f}/{100 * r['backward_share']:.0f}/"
+          f"{100 * r['optimizer_share']:.0f}%")
 
 # -----------------------------------------------------------------------------
 # the whole train.py loop (batches, logging, evaluation, checkpoints) against the bare step, same shapes
@@ -96,7 +97,7 @@ with tempfile.TemporaryDirectory() as tmp:
                "normalizer": {"center": [0.0] * 1024, "scale": [1.0] * 1024}, "mean": [0.0] * 1024,
                "eot": [0.0] * 1024}, open(f"{tmp}/syn/meta.json", "w"))
     c = configs["d512 L8 T64 B16"]
-    bare = next(r for r in results["train"] if r["config"] == "d512 L8 T64 B16" and not r["compile"])
+    bare = next(r for r in results["train"] if r["config"] == "d512 L8 T64 B16" and r["dtype"] == dtype and not r["compile"])
     n_iters = 100
     subprocess.run([sys.executable, "train.py", f"--data_root={tmp}", "--dataset=syn", f"--out_dir={tmp}/out",
                     f"--max_iters={n_iters}", "--eval_interval=50", "--eval_iters=4", "--log_interval=10",

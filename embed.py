@@ -7,7 +7,8 @@ $ python embed.py                                  # offline default: gensim's L
 $ python embed.py --dataset=wikitext --hf_config=wikitext-103-raw-v1 --encoder=sonar --device=cuda
 $ torchrun --nproc_per_node=8 embed.py --dataset=my_docs.jsonl --encoder=sonar   # one share per GPU
 """
-import glob, hashlib, json, os, shutil, sys, time, zlib
+import glob, hashlib, itertools, json, os, shutil, sys, time, zlib
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from itertools import chain, islice
 
@@ -147,18 +148,21 @@ if max_docs:
     docs = islice(docs, max_docs)
 
 enc = load_encoder(encoder, device)
-eot = enc.encode([EOT_TEXT], lang=lang, batch_size=batch_size)[0]
+eot = enc.encode([EOT_TEXT] * batch_size, lang=lang, batch_size=batch_size)[0]  # a full batch warms the encoder
 nlp = sentence_splitter(spacy_model)
 
-def embed_chunk(rows):
-    """a list of dataset rows -> (sentences per document, embeddings (n, d)); EOT ends each document"""
+def sentences(rows):
+    """dataset rows -> the sentences of each document (in a thread, beside the encoder)"""
     if official:
-        sents = [[" ".join(s.split()) for s in r["text_sentences"]] for r in rows]
-        embs = [np.asarray(r["text_sentences_sonar_emb"], dtype=np.float32).reshape(-1, enc.d_emb) for r in rows]
-        emb = np.concatenate(embs) if embs else np.zeros((0, enc.d_emb), np.float32)
+        return [[" ".join(s.split()) for s in r["text_sentences"]] for r in rows]
+    return split_sentences(nlp, [r[text_column] if isinstance(r[text_column], str) else "" for r in rows], max_chars)
+
+def embed_chunk(rows, sents):
+    """rows and their sentences -> (sentences per document, embeddings (n, d)); EOT ends each document"""
+    if official:
+        emb = [np.asarray(r["text_sentences_sonar_emb"], dtype=np.float32).reshape(-1, enc.d_emb) for r in rows]
+        emb = np.concatenate(emb) if emb else np.zeros((0, enc.d_emb), np.float32)
     else:
-        texts = [r[text_column] if isinstance(r[text_column], str) else "" for r in rows]
-        sents = split_sentences(nlp, texts, max_chars)
         flat = [s for doc in sents for s in doc]
         emb = enc.encode(flat, lang=lang, batch_size=batch_size) if flat else np.zeros((0, enc.d_emb), np.float32)
     keep = [i for i, s in enumerate(sents) if s]  # empty documents are skipped (and counted)
@@ -178,23 +182,33 @@ if rank == 0:
         json.dump(settings, f)
 t0, n_sent = time.time(), 0
 bar = tqdm(total=max_docs or None, unit="doc", disable=rank != 0, desc=f"embed {name}")
-try:
-    for k in range(10**9):
+def todo():
+    """this rank's chunks that are not on disk yet, with their rows; the others count as done"""
+    for k in itertools.count():
         rows = list(islice(docs, chunk_docs))
         if not rows:
-            break
+            return
         path = os.path.join(work, f"chunk{k:06d}.npz")
-        if k % world != rank or os.path.exists(path):
+        if k % world == rank and not os.path.exists(path):
+            yield path, rows
+        else:
             bar.update(len(rows))
-            continue
-        sents, emb, n_empty = embed_chunk(rows)
-        n_sent += len(emb) - len(sents)  # sentences encoded, without the end-of-text rows
-        tmp = path[:-4] + f".tmp{rank}.npz"
-        np.savez(tmp, emb=emb, lengths=np.array([len(s) for s in sents], dtype=np.int64),
-                 text=np.array("\n".join("\n".join(s) for s in sents)), n_empty=n_empty)
-        os.replace(tmp, path)  # atomic: a chunk is on disk whole or not at all
-        bar.update(len(rows))
-        bar.set_postfix(sent_per_s=f"{n_sent * world / (time.time() - t0):.0f}")
+
+try:
+    with ThreadPoolExecutor(1) as pool:  # chunk k + 1 is split into sentences while chunk k encodes
+        jobs = ((path, rows, pool.submit(sentences, rows)) for path, rows in todo())
+        job = next(jobs, None)
+        while job:
+            path, rows, split = job
+            job = next(jobs, None)
+            sents, emb, n_empty = embed_chunk(rows, split.result())
+            n_sent += len(emb) - len(sents)  # sentences encoded, without the end-of-text rows
+            tmp = path[:-4] + f".tmp{rank}.npz"
+            np.savez(tmp, emb=emb, lengths=np.array([len(s) for s in sents], dtype=np.int64),
+                     text=np.array("\n".join("\n".join(s) for s in sents)), n_empty=n_empty)
+            os.replace(tmp, path)  # atomic: a chunk is on disk whole or not at all
+            bar.update(len(rows))
+            bar.set_postfix(sent_per_s=f"{n_sent * world / (time.time() - t0):.0f}")
 except UnicodeDecodeError as e:  # streaming reads the file as it goes
     not_utf8(e)
 bar.close()

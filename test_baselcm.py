@@ -3,7 +3,7 @@ The specification of baselcm, as tests. Offline: tiny datasets in the real on-di
 `sonar` package that records how it was called, and the real MiniLM encoder on a small slice.
 $ python -m pytest -q
 """
-import json, os, signal, subprocess, sys, time
+import copy, json, os, signal, subprocess, sys, time
 
 import numpy as np
 import pytest
@@ -189,17 +189,70 @@ def test_normalizer_uses_true_median_and_quartiles():
     t = torch.from_numpy(x[:100])
     assert torch.allclose(norm.denormalize(norm.normalize(t)), t, atol=1e-5)
 
+def window_ids(B, T):  # each window its own document, targets at rows 1..T
+    return torch.arange(B), torch.arange(1, T + 1).expand(B, T)
+
 def test_metrics_on_perfect_copy_and_mean_predictors():
     torch.manual_seed(0)
     norm = baselcm.Normalizer(16)
     seq = torch.randn(4, 9, 16)
     x, y, mask = seq[:, :-1], seq[:, 1:], torch.ones(4, 8, dtype=torch.bool)
-    perfect = finish_metrics(concept_metrics(y, x, y, mask, norm))
-    copy = finish_metrics(concept_metrics(x, x, y, mask, norm))
-    assert perfect["l2"] < 1e-6 and perfect["ca"] == 1.0 and perfect["loss"] < 1e-9
-    assert copy["par"] < 1e-6  # a copy is at distance 0 from its context
-    mean = finish_metrics(concept_metrics(torch.zeros_like(y), x, y, mask, norm))
-    assert mean["ca"] == 0.5  # one prediction for all: of each pair of targets, it is closer to exactly one
+    perfect = finish_metrics(concept_metrics(y, x, y, mask, norm, *window_ids(4, 8)))
+    copy = finish_metrics(concept_metrics(x, x, y, mask, norm, *window_ids(4, 8)))
+    assert perfect["l2"] < 1e-6 and perfect["ca"] == perfect["ca_doc"] == 1.0 and perfect["loss"] < 1e-9
+    assert abs(perfect["par"] - 1) < 1e-6 and copy["par"] > 1  # a copy is as close to its context as can be
+    mean = finish_metrics(concept_metrics(torch.zeros_like(y), x, y, mask, norm, *window_ids(4, 8)))
+    assert mean["ca_doc"] == 0.5  # one prediction for all: of each pair of targets, it is closer to exactly one
+
+def test_contrastive_accuracy_leaves_out_the_truth_and_its_neighbours_in_the_document():
+    line = lambda *v: torch.tensor([[[a, 1.0] for a in v]])  # points on a line: distances by hand
+    y = torch.cat([line(1, 2, 3), line(10, 20, 30)])  # window 0: document 0, rows 1-3; window 1: document 1, rows 0-2
+    pred = torch.cat([line(1.4, 2.9, 1.2), line(10, 20, 30)])
+    mask, doc, row = torch.ones(2, 3, dtype=torch.bool), torch.tensor([0, 1]), torch.tensor([[1, 2, 3], [0, 1, 2]])
+    r = finish_metrics(concept_metrics(pred, y, y, mask, baselcm.Normalizer(2), doc, row))
+    # 1.4 vs 1: all 4 distractors (3, 10, 20, 30) further; 2.9 vs 2: its neighbours 1 and 3 are left out, 3 of 3;
+    # 1.2 vs 3: 1 (not a neighbour) is closer, 3 of 4; window 1 is exact: 4 + 3 + 4 hits. The official variant
+    # takes only the other document's 3 targets: 18 of 18.
+    assert r["ca"] == 21 / 22 and r["ca_doc"] == 1.0
+
+def test_par_is_the_max_cosine_to_the_context_of_prediction_over_truth():
+    x = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])  # the context grows: [x0], then [x0, x1]
+    y = torch.tensor([[[1.0, 1.0], [1.0, 1.0]]])  # max cos to the context: 1/sqrt(2) both times
+    pred = torch.tensor([[[1.0, 0.0], [3.0, 1.0]]])  # max cos: 1, then 3/sqrt(10)
+    r = finish_metrics(concept_metrics(pred, x, y, torch.ones(1, 2, dtype=torch.bool), baselcm.Normalizer(2),
+                                       *window_ids(1, 2)))
+    assert abs(r["par"] - (1 + 3 / 10 ** 0.5) / (2 / 2 ** 0.5)) < 1e-6
+
+@pytest.fixture(scope="module")
+def tiny_lm():
+    """A randomly initialised GPT-2 and a byte-level BPE tokenizer trained here in milliseconds."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers, decoders
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    tok.train_from_iterator(["The fire spread. Residents left.\nThe wind changed.\n"] * 20,
+                            trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    torch.manual_seed(0)
+    lm = GPT2LMHeadModel(GPT2Config(vocab_size=tok.get_vocab_size(), n_positions=1024, n_embd=32, n_layer=2, n_head=2))
+    return lm.eval(), PreTrainedTokenizerFast(tokenizer_object=tok)
+
+def test_mi_is_the_gain_in_mean_log_likelihood_from_the_context(tiny_lm):
+    lm, tok = tiny_lm
+    texts, contexts = ["The wind changed.", "Residents left."], [["The fire spread.", "Residents left."], []]
+    gain, n = baselcm.coherence_mi(lm, tok, texts, contexts)
+    def mean_nll(prefix, text):  # transformers' own loss over the text's tokens only
+        p, t = tok.encode(prefix), tok.encode(text + "\n")
+        return lm(torch.tensor([p + t]), labels=torch.tensor([[-100] * len(p) + t])).loss.item(), len(t)
+    by_hand = [(mean_nll("\n", s)[0] - mean_nll("\n" + "".join(c + "\n" for c in ctx), s)[0], mean_nll("\n", s)[1])
+               for s, ctx in zip(texts, contexts)]
+    assert n == sum(k for _, k in by_hand) and abs(gain - sum(d * k for d, k in by_hand)) < 1e-4
+    assert abs(by_hand[1][0]) < 1e-6 and abs(gain) > 1e-3  # no context, no gain; a context changes the likelihood
+    lm = copy.deepcopy(lm)  # the fixture is shared
+    with torch.no_grad():  # a model that sees only the current token: a context can change nothing
+        for block in lm.transformer.h:
+            block.attn.c_proj.weight.zero_(), block.attn.c_proj.bias.zero_()
+        lm.transformer.wpe.weight.zero_()
+    assert abs(baselcm.coherence_mi(lm, tok, texts, contexts)[0]) < 1e-4
 
 # -----------------------------------------------------------------------------
 # generation
@@ -277,7 +330,7 @@ def test_checkpoint_of_a_compiled_model_loads(tmp_path):
 # training (train.py as a user runs it)
 
 TRAIN = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=12", "--batch_size=8", "--eval_iters=4",
-         "--log_interval=1", "--dataset=rot"]
+         "--log_interval=1", "--dtype=float32", "--dataset=rot"]  # fp32: the same numbers on every CPU
 
 def log_of(out):
     return [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
@@ -293,7 +346,7 @@ def test_training_learns_a_next_concept_rule_far_better_than_copying(rotation_da
 
 def test_a_killed_run_resumed_with_only_init_from_and_out_dir_continues_exactly(rotation_data, tmp_path):
     common = [*TRAIN, f"--data_root={rotation_data}", "--eval_interval=10", "--max_iters=400", "--dropout=0.1",
-              "--always_save_checkpoint=True", "--learning_rate=1e-3"]
+              "--always_save_checkpoint=True", "--learning_rate=1e-3", "--patience=0"]
     run("train.py", *common, "--out_dir=a", cwd=tmp_path)
     p = subprocess.Popen([sys.executable, os.path.join(HERE, "train.py"), *common, "--out_dir=b"], cwd=tmp_path, env=ENV,
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -308,6 +361,16 @@ def test_a_killed_run_resumed_with_only_init_from_and_out_dir_continues_exactly(
     a, b = losses("a"), losses("b")
     assert sorted(b) == list(range(1, 401))
     assert all(abs(a[i] - b[i]) <= 1e-5 * abs(a[i]) for i in range(1, 401)), (a, b)
+
+def test_training_length_follows_the_data_and_stops_when_val_loss_stops_improving(rotation_data, tmp_path):
+    rows = json.load(open(rotation_data / "rot" / "meta.json"))["train_rows"]
+    p = run("train.py", *TRAIN, f"--data_root={rotation_data}", "--out_dir=e", "--epochs=0.5", cwd=tmp_path)
+    n = -(-rows // (2 * 8 * 12))  # half a pass over the training concepts, in batches of 8 windows of 12
+    assert f"{n} iterations (0.5 epochs)" in p.stdout and max(r["iter"] for r in log_of(tmp_path / "e")) == n
+    p = run("train.py", *TRAIN, f"--data_root={rotation_data}", "--out_dir=s", "--learning_rate=0", "--eval_interval=5",
+            "--patience=2", cwd=tmp_path)  # nothing learns: the evaluations at 10 and 15 are no better than at 5
+    assert "no better val loss in 2 evaluations: stopping" in p.stdout
+    assert max(r["iter"] for r in log_of(tmp_path / "s")) == 15
 
 @pytest.fixture()
 def trained(tmp_path):
@@ -475,7 +538,7 @@ def test_official_lcm_parquet_is_imported_without_reencoding(sonar_env, tmp_path
     pq.write_table(pa.table({"text_sentences": sents, "text_sentences_sonar_emb": [list(e) for e in embs]}),
                    tmp_path / "lcm.parquet")
     run("embed.py", f"--dataset={tmp_path / 'lcm.parquet'}", "--val_fraction=0.3", "--device=cpu", cwd=tmp_path, env=env)
-    assert [c["n"] for c in calls() if c["call"] == "encode"] == [1]  # the end-of-text sentence only
+    assert [c["n"] for c in calls() if c["call"] == "encode"] == [128]  # one call: end of text, a full batch of it (a warm-up)
     d = read_dataset(tmp_path / "data" / "lcm")
     rows = np.concatenate([d["train"][0], d["val"][0]])
     texts = d["train"][2] + d["val"][2]
@@ -588,7 +651,7 @@ def test_a_folder_of_txt_files_is_one_document_per_file(sonar_env, tmp_path):
 # -----------------------------------------------------------------------------
 # end to end with the real offline encoder, and the SONAR decode glue
 
-def test_minilm_end_to_end_embed_train_sample(tmp_path):
+def test_minilm_end_to_end_embed_train_sample(tmp_path, tiny_lm):
     src = tmp_path / "news.jsonl"
     from gensim.test.utils import datapath
     docs = open(datapath("lee_background.cor")).read().splitlines()[:24]
@@ -596,16 +659,22 @@ def test_minilm_end_to_end_embed_train_sample(tmp_path):
     run("embed.py", f"--dataset={src}", "--val_fraction=0.2", cwd=tmp_path)
     meta = json.load(open(tmp_path / "data" / "news" / "meta.json"))
     assert meta["encoder"] == "minilm" and meta["d_emb"] == 384
-    run("train.py", "--dataset=news", "--max_iters=4", "--eval_interval=4", *TRAIN[:-1], cwd=tmp_path)
+    run("train.py", "--dataset=news", "--max_iters=4", "--eval_interval=4", *TRAIN[:-1], cwd=tmp_path)  # data/news
     p = run("sample.py", "--start=Firefighters battled the blaze overnight. The wind changed.", "--json=True",
             "--max_new_concepts=3", cwd=tmp_path)
     result = json.loads(p.stdout.strip().splitlines()[-1])
     assert result["prompt"] == ["Firefighters battled the blaze overnight.", "The wind changed."]
     bank = set((tmp_path / "data" / "news" / "train.txt").read_text().splitlines())
-    assert 1 <= len(result["steps"]) <= 3 and all(s["text"] in bank for s in result["steps"])
+    assert 1 <= len(result["steps"]) <= 3 and all(s["text"] in bank for s in result["steps"]), result
     assert all(-1 <= s["retrieved_cos"] <= 1 for s in result["steps"])
     text = run("sample.py", "--start=The wind changed.", "--max_new_concepts=2", cwd=tmp_path).stdout
     assert "[retrieved, cos " in text
+    for part in tiny_lm:
+        part.save_pretrained(tmp_path / "lm")
+    p = run("train.py", "--eval_only=True", f"--mi_model={tmp_path / 'lm'}", cwd=tmp_path)
+    assert "decoded text: retrieval of the nearest training sentence" in p.stdout
+    results = json.load(open(tmp_path / "out" / "eval.json"))
+    assert all(np.isfinite(results[k]["mi"]) and results[k]["mi"] != 0 for k in ("model", "copy", "mean")), results
 
 def test_sample_decodes_with_sonar_in_the_requested_language(sonar_env, tmp_path):
     env, calls = sonar_env

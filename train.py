@@ -15,9 +15,9 @@ import torch
 from torch.distributed import destroy_process_group, init_process_group
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from baselcm import (BaseLCM, LCMConfig, SentenceBank, atomic_save, concept_metrics, configure, die, eval_windows,
-                     finish_metrics, get_batch, get_device, load_checkpoint, load_encoder, load_meta, load_split,
-                     measure_peak_flops, sample_windows, writable_dir)
+from baselcm import (BaseLCM, LCMConfig, SentenceBank, atomic_save, coherence_mi, concept_metrics, configure, die,
+                     eval_windows, finish_metrics, get_batch, get_device, load_checkpoint, load_encoder, load_meta,
+                     load_split, measure_peak_flops, sample_windows, writable_dir)
 
 # I/O
 out_dir = "out"
@@ -25,6 +25,7 @@ eval_interval = 25       # iterations between evaluations (and checkpoints)
 log_interval = 10
 eval_iters = 20          # evaluation batches of fixed validation windows
 eval_only = False        # evaluate (model, copy and mean baselines, round-trip l2) and exit
+mi_model = ""            # eval_only: a Hugging Face causal LM (gpt2 in the paper) for the MI coherence metric
 always_save_checkpoint = False  # False: keep the best val loss (small data overfits); True: the latest
 init_from = "scratch"    # 'scratch' or 'resume' (out_dir/ckpt.pt, with its settings unless given here)
 # data
@@ -42,7 +43,10 @@ bias = False
 rope_theta = 10000.0
 # AdamW, warm-up then cosine decay (paper: lr 4e-4, betas 0.9/0.95, eps 1e-5, weight decay 0.1)
 learning_rate = 4e-4
-max_iters = 200
+max_iters = 0            # 0 = follow the data: `epochs` passes over the training concepts, counted at start-up
+epochs = 20.0
+patience = 4             # stop after this many evaluations without a better val loss; 0 = never
+noise = 0.0              # std of Gaussian noise added to the input concepts in training (normalized space)
 weight_decay = 0.1
 beta1 = 0.9
 beta2 = 0.95
@@ -54,7 +58,7 @@ lr_decay_iters = 0       # 0 = max_iters
 min_lr = 4e-5
 # system
 device = ""              # '' = autodetect: cuda, mps, cpu
-dtype = ""               # '' = bfloat16 on GPUs that have it, float16 on older GPUs, float32 elsewhere
+dtype = ""               # '' = bf16 on GPUs that have it, fp16 on older ones; on a CPU, bf16 if measured 1.5x faster
 compile = False          # torch.compile the model
 backend = ""             # DDP: '' = nccl on cuda, gloo otherwise
 seed = 1337
@@ -74,7 +78,6 @@ if resume:  # the checkpoint's run: its settings, but for the ones given here (t
     if changed:
         print("changed from the checkpoint: " + ", ".join(f"{k} {v} -> {globals()[k]}" for k, v in changed.items()))
 config = {k: globals()[k] for k in config}
-lr_decay_iters = lr_decay_iters or max_iters
 for k in ("batch_size", "block_size", "n_layer", "n_head", "n_embd", "gradient_accumulation_steps", "eval_iters"):
     if globals()[k] < 1:
         die(f"--{k}={globals()[k]} must be at least 1")
@@ -102,6 +105,16 @@ else:
     rank, world = 0, 1
 master = rank == 0
 device_type = torch.device(device).type
+if not dtype and device_type == "cpu":  # CPUs differ (bf16 matmuls from 0.2x to 10x fp32's speed): measure here
+    rate = {d: measure_peak_flops(device, getattr(torch, d), sizes=(n_embd, 4 * n_embd), seconds=0.1)
+            for d in ("float32", "bfloat16")}
+    faster = torch.tensor(float(rate["bfloat16"] > 1.5 * rate["float32"]))
+    if ddp:  # one choice for all processes
+        torch.distributed.broadcast(faster, 0)
+    dtype = "bfloat16" if faster else "float32"
+    if master:
+        print(f"dtype: {dtype} (F.linear at this model's sizes: float32 {rate['float32'] / 1e9:.0f}, bfloat16 "
+              f"{rate['bfloat16'] / 1e9:.0f} GFLOP/s; bf16 is used when 1.5x faster)")
 if not dtype:
     dtype = ("bfloat16" if torch.cuda.is_bf16_supported() else "float16") if device_type == "cuda" else "float32"
 if dtype not in ("float32", "bfloat16", "float16"):
@@ -120,12 +133,16 @@ meta = load_meta(data_dir)
 train_rows, train_offsets = load_split(data_dir, "train", meta)
 val_rows, val_offsets = load_split(data_dir, "val", meta)
 val_starts, val_ends = eval_windows(val_offsets, block_size, eval_iters * batch_size)
+val_docs = np.searchsorted(val_offsets, val_starts, side="right") - 1
+if not max_iters:  # the same number of passes over the data, whatever its size
+    max_iters = math.ceil(epochs * meta["train_rows"] / (gradient_accumulation_steps * batch_size * block_size))
+lr_decay_iters = lr_decay_iters or max_iters
 data_rng = np.random.default_rng(seed)  # the same on every rank: together they draw one global batch
 mean_concept = torch.tensor(meta["mean"], device=device)
 
 # -----------------------------------------------------------------------------
 # model
-iter_num, best_val_loss = 0, float("inf")
+iter_num, best_val_loss, evals_since_best = 0, float("inf"), 0
 if resume:
     trained_on = checkpoint["data"]
     if (meta["encoder"], meta["d_emb"]) != (trained_on["encoder"], trained_on["d_emb"]):
@@ -134,7 +151,7 @@ if resume:
     if meta.get("key") != trained_on.get("key") and "dataset" not in given:
         die(f"{data_dir} was rebuilt after {ckpt_path} was trained on it: pass --dataset={dataset} to use it anyway")
     model.to(device)
-    iter_num, best_val_loss = checkpoint["iter_num"], checkpoint["best_val_loss"]
+    iter_num, best_val_loss, evals_since_best = checkpoint["iter_num"], checkpoint["best_val_loss"], checkpoint["evals_since_best"]
 else:
     model = BaseLCM(LCMConfig(d_emb=meta["d_emb"], block_size=block_size, n_layer=n_layer, n_head=n_head,
                               n_embd=n_embd, dropout=dropout, bias=bias, rope_theta=rope_theta))
@@ -166,19 +183,26 @@ def evaluate(roundtrip=None):
     sums = {}
     for i in range(0, len(val_starts), batch_size):
         x, y, mask = get_batch(val_rows, val_starts[i:i + batch_size], val_ends[i:i + batch_size], block_size, device)
+        doc = torch.as_tensor(val_docs[i:i + batch_size], device=device)
+        row = torch.as_tensor(val_starts[i:i + batch_size, None] + np.arange(1, block_size + 1), device=device)
         with ctx:
             pred, _ = raw_model(x)
         preds = {"model": raw_model.normalizer.denormalize(pred.float())}
         if roundtrip or not baselines:
             preds |= {"copy": x, "mean": mean_concept.expand_as(y)}
         for name, p in preds.items():
-            m = concept_metrics(p, x, y, mask, raw_model.normalizer)
+            m = concept_metrics(p, x, y, mask, raw_model.normalizer, doc, row)
             if roundtrip:
-                back = torch.as_tensor(roundtrip(p[mask].float().cpu().numpy()), device=device)
-                m["rt_l2"] = (back - y[mask]).norm(dim=-1).sum().item()
+                texts, back = roundtrip(p[mask].float().cpu().numpy())
+                m["rt_l2"] = (torch.as_tensor(back, device=device) - y[mask]).norm(dim=-1).sum().item()
+            if mi_model:  # the decoded next sentence, after the document's previous 10 (paper: k = 10)
+                starts = val_offsets[doc.cpu().numpy()][:, None].repeat(block_size, 1)[mask.cpu().numpy()]
+                contexts = [val_text[max(lo, r - 10):r] for lo, r in zip(starts, row[mask].tolist())]
+                m["mi_gain"], m["mi_tokens"] = coherence_mi(mi_lm, mi_tokenizer, texts, contexts)
             sums[name] = {k: sums.get(name, {}).get(k, 0) + v for k, v in m.items()}
     raw_model.train()
-    results = {name: finish_metrics(s) | ({"rt_l2": s["rt_l2"] / s["n"]} if roundtrip else {}) for name, s in sums.items()}
+    results = {name: finish_metrics(s) | ({"rt_l2": s["rt_l2"] / s["n"]} if roundtrip else {})
+               | ({"mi": s["mi_gain"] / max(s["mi_tokens"], 1)} if mi_model else {}) for name, s in sums.items()}
     if not roundtrip:
         baselines.update({name: r for name, r in results.items() if name != "model"})
     return results | ({} if roundtrip else baselines)
@@ -187,18 +211,35 @@ if eval_only:
     if master:
         if meta["encoder"] == "sonar":  # decode with SONAR, re-encode
             enc = load_encoder("sonar", device)
-            roundtrip = lambda p: enc.encode(enc.decode(p, lang=meta["lang"]), lang=meta["lang"])
+            decoded_by = "SONAR's decoder"
+            def roundtrip(p):
+                texts = enc.decode(p, lang=meta["lang"])
+                return texts, enc.encode(texts, lang=meta["lang"])
         else:  # no decoder: the nearest training sentence stands for the decoded text
-            bank = SentenceBank(data_dir, meta)
-            roundtrip = lambda p: np.asarray(bank.rows[bank.nearest(p)[0]], dtype=np.float32)
+            bank, decoded_by = SentenceBank(data_dir, meta), "retrieval of the nearest training sentence"
+            def roundtrip(p):
+                idx = bank.nearest(p)[0]
+                return bank.texts(idx) if mi_model else None, np.asarray(bank.rows[idx], dtype=np.float32)
+        if mi_model:
+            try:
+                from transformers import AutoModelForCausalLM, AutoTokenizer
+                mi_tokenizer = AutoTokenizer.from_pretrained(mi_model)
+                mi_lm = AutoModelForCausalLM.from_pretrained(mi_model).to(device).eval()
+            except OSError as e:
+                die(f"cannot load --mi_model={mi_model} ({str(e).splitlines()[0]}): name a causal LM such as gpt2 "
+                    "(downloads once) or a local folder")
+            val_text = open(os.path.join(data_dir, "val.txt"), encoding="utf-8").read().splitlines()
         results = evaluate(roundtrip)
         print(f"{len(val_starts)} validation windows, {meta['val_docs']} documents of {data_dir}, iter {iter_num}"
-              + (f" (trained on {trained_on['dir']})" if os.path.abspath(data_dir) != trained_on["dir"] else ""))
-        print(f"{'':8}{'loss':>10}{'l2':>9}{'rt_l2':>9}{'CA':>8}{'PAR':>8}")
+              + (f" (trained on {trained_on['dir']})" if os.path.abspath(data_dir) != trained_on["dir"] else "")
+              + f"; decoded text: {decoded_by}" + (f"; MI with {mi_model}" if mi_model else ""))
+        print(f"{'':8}{'loss':>10}{'l2':>9}{'rt_l2':>9}{'CA':>8}{'CA-doc':>8}{'PAR':>8}" + (f"{'MI':>8}" if mi_model else ""))
         for name, r in results.items():
-            print(f"{name:8}{r['loss']:10.2f}{r['l2']:9.4f}{r['rt_l2']:9.4f}{100 * r['ca']:7.1f}%{r['par']:8.3f}")
+            print(f"{name:8}{r['loss']:10.2f}{r['l2']:9.4f}{r['rt_l2']:9.4f}{100 * r['ca']:7.1f}%{100 * r['ca_doc']:7.1f}%"
+                  f"{r['par']:8.3f}" + (f"{r['mi']:8.3f}" if mi_model else ""))
         with open(os.path.join(out_dir, "eval.json"), "w") as f:
-            json.dump({"iter": iter_num, "dataset": data_dir, "windows": len(val_starts), **results}, f, indent=1)
+            json.dump({"iter": iter_num, "dataset": data_dir, "windows": len(val_starts), "decoded_by": decoded_by,
+                       "mi_model": mi_model, **results}, f, indent=1)
     if ddp:
         destroy_process_group()
     sys.exit(0)
@@ -220,27 +261,42 @@ peak = measure_peak_flops(device, ptdtype) if master else 0.0
 flops_per_concept = raw_model.flops_per_concept()
 if master:
     print(f"{sum(p.numel() for p in raw_model.parameters()) / 1e6:.2f}M parameters, {meta['train_rows']} train "
-          f"concepts of d_emb {meta['d_emb']} ({meta['encoder']}), {device} {dtype}, peak {peak / 1e9:.1f} GFLOP/s")
+          f"concepts of d_emb {meta['d_emb']} ({meta['encoder']}), {max_iters} iterations "
+          f"({max_iters * gradient_accumulation_steps * batch_size * block_size / meta['train_rows']:.1f} epochs), "
+          f"{device} {dtype}, peak {peak / 1e9:.1f} GFLOP/s")
 t0 = loop_start = time.time()
 t0_iter = first_iter = iter_num
 while True:
     lr = get_lr(iter_num)
     for group in optimizer.param_groups:
         group["lr"] = lr
-    if master and (iter_num % eval_interval == 0 or iter_num == max_iters):
-        r = evaluate()
-        print(f"step {iter_num}: val loss {r['model']['loss']:.2f} (copy {r['copy']['loss']:.2f}, mean "
-              f"{r['mean']['loss']:.2f}), l2 {r['model']['l2']:.4f}, CA {100 * r['model']['ca']:.1f}%")
-        log.write(json.dumps({"iter": iter_num, "val": r}) + "\n")
-        log.flush()
-        if iter_num > 0 and (r["model"]["loss"] < best_val_loss or always_save_checkpoint):
-            best_val_loss = min(best_val_loss, r["model"]["loss"])
-            torch_rng = [torch.get_rng_state()]
-            atomic_save({"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
-                         "scaler": scaler.state_dict(), "model_args": model_args, "iter_num": iter_num,
-                         "best_val_loss": best_val_loss, "config": config, "data_rng": data_rng.bit_generator.state,
-                         "torch_rng": torch_rng, "data": {k: meta.get(k) for k in ("encoder", "lang", "d_emb", "eot",
-                         "spacy_model", "max_chars", "key")} | {"dir": os.path.abspath(data_dir)}}, ckpt_path)
+    if iter_num % eval_interval == 0 or iter_num == max_iters:
+        stop = torch.zeros((), device=device)
+        if master:
+            r = evaluate()
+            print(f"step {iter_num}: val loss {r['model']['loss']:.2f} (copy {r['copy']['loss']:.2f}, mean "
+                  f"{r['mean']['loss']:.2f}), l2 {r['model']['l2']:.4f}, CA {100 * r['model']['ca']:.1f}%")
+            log.write(json.dumps({"iter": iter_num, "val": r}) + "\n")
+            log.flush()
+            improved = iter_num > 0 and r["model"]["loss"] < best_val_loss
+            if iter_num > 0:
+                best_val_loss, evals_since_best = (r["model"]["loss"], 0) if improved else (best_val_loss, evals_since_best + 1)
+            if improved or iter_num > 0 and always_save_checkpoint:
+                torch_rng = [torch.get_rng_state()]
+                atomic_save({"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+                             "scaler": scaler.state_dict(), "model_args": model_args, "iter_num": iter_num,
+                             "best_val_loss": best_val_loss, "evals_since_best": evals_since_best, "config": config,
+                             "data_rng": data_rng.bit_generator.state, "torch_rng": torch_rng,
+                             "data": {k: meta.get(k) for k in ("encoder", "lang", "d_emb", "eot", "spacy_model",
+                                                                "max_chars", "key")} | {"dir": os.path.abspath(data_dir)}},
+                            ckpt_path)
+            stop.fill_(patience > 0 and evals_since_best >= patience)
+        if ddp:  # the processes stop together
+            torch.distributed.broadcast(stop, 0)
+        if stop:
+            if master:
+                print(f"no better val loss in {patience} evaluations: stopping; the best ({best_val_loss:.2f}) is in {ckpt_path}")
+            break
         t0, t0_iter = time.time(), iter_num  # evaluation is not training time
     if iter_num >= max_iters:
         break
@@ -253,6 +309,8 @@ while True:
     loss_sum = torch.zeros((), device=device)
     for i, micro in enumerate(micro_batches):
         x, y, mask = get_batch(train_rows, starts[micro], ends[micro], block_size, device)
+        if noise:  # a regulariser (not in the paper's Base-LCM): noise of std `noise` after normalization
+            x = x + noise * raw_model.normalizer.scale * torch.randn_like(x)
         if ddp:  # sync gradients on the last micro-step only
             model.require_backward_grad_sync = i == len(micro_batches) - 1
         with ctx:

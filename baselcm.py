@@ -4,7 +4,7 @@ The model (normalizer, pre-net, causal transformer, post-net), generation with a
 and the helpers that embed.py, train.py, sample.py and bench.py share: configuration,
 sentence splitting, encoders, the on-disk data format, batches, metrics and checkpoints.
 """
-import ast, json, math, os, re, sys, tempfile, textwrap, time
+import ast, importlib.util, json, math, os, re, sys, tempfile, textwrap, time
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -342,7 +342,7 @@ class SentenceTransformerEncoder:
 
 class SonarEncoder:
     """SONAR text encoder and decoder (pip install sonar-space; see README). 1024-d, 200 languages."""
-    d_emb = 1024
+    d_emb, impl = 1024, "sonar-space"
 
     def __init__(self, device):
         try:
@@ -380,8 +380,77 @@ class SonarEncoder:
                 raise
             die(f"SONAR does not know the language '{lang}': use a FLORES-200 code it lists, such as fra_Latn")
 
-def load_encoder(name, device="cpu"):
-    return SonarEncoder(device) if name == "sonar" else SentenceTransformerEncoder(name, device)
+class SonarPort:
+    """SONAR on Hugging Face transformers alone, for any torch and OS (no fairseq2): the community ports of its
+    encoder (an M2M100 encoder, masked mean pooling) and decoder (M2M100 generating from the concept as a
+    one-position encoder output), with the NLLB tokenizer. test_sonar.py checks them against sonar-space."""
+    d_emb, impl = 1024, "transformers"
+
+    def __init__(self, device, encoder, decoder):
+        from transformers import AutoTokenizer, M2M100ForConditionalGeneration
+        from transformers.models.m2m_100.modeling_m2m_100 import M2M100Encoder
+        self.device = torch.device(device)
+        self.dtype = torch.float16 if self.device.type in ("cuda", "mps") else torch.float32
+        self.tokenizer = self.load(AutoTokenizer.from_pretrained, encoder)
+        self.encoder = self.load(M2M100Encoder.from_pretrained, encoder)
+        self.decoder = lambda: self.load(M2M100ForConditionalGeneration.from_pretrained, decoder)  # on first use
+
+    def load(self, from_pretrained, name):
+        try:
+            loaded = from_pretrained(name) if "Tokenizer" in from_pretrained.__qualname__ else \
+                from_pretrained(name, dtype=self.dtype).to(self.device).eval()
+            return loaded
+        except OSError as e:
+            die(f"cannot load '{name}' for the transformers port of SONAR ({str(e).splitlines()[0][:120]}): set "
+                "--sonar_hf_encoder / --sonar_hf_decoder to models you have (see README), or install sonar-space")
+
+    def lang_id(self, lang):
+        i = self.tokenizer.convert_tokens_to_ids(lang)
+        if i == self.tokenizer.unk_token_id:
+            die(f"SONAR does not know the language '{lang}': use a FLORES-200 code it lists, such as fra_Latn")
+        return i
+
+    @torch.no_grad()
+    def encode(self, sentences, lang="eng_Latn", batch_size=64):
+        self.lang_id(lang)
+        self.tokenizer.src_lang, out = lang, np.zeros((len(sentences), self.d_emb), np.float32)
+        order = np.argsort([len(s) for s in sentences], kind="stable")  # batches of similar lengths pad little
+        for at in range(0, len(order), batch_size):
+            idx = order[at:at + batch_size]
+            batch = self.tokenizer([sentences[i] for i in idx], padding=True, truncation=True, max_length=512,
+                                   return_tensors="pt").to(self.device)
+            h, m = self.encoder(**batch).last_hidden_state, batch["attention_mask"][..., None].to(self.dtype)
+            out[idx] = ((h * m).sum(1) / m.sum(1)).float().cpu().numpy()  # the mean over real tokens only
+        return out
+
+    @torch.no_grad()
+    def decode(self, embeddings, lang="eng_Latn", batch_size=32, num_beams=5, max_length=256):
+        from transformers.modeling_outputs import BaseModelOutput
+        if not isinstance(self.decoder, nn.Module):
+            self.decoder = self.decoder()
+        emb, texts = torch.as_tensor(np.asarray(embeddings), dtype=self.dtype, device=self.device), []
+        for at in range(0, len(emb), batch_size):
+            ids = self.decoder.generate(encoder_outputs=BaseModelOutput(last_hidden_state=emb[at:at + batch_size, None]),
+                                        forced_bos_token_id=self.lang_id(lang), num_beams=num_beams, max_length=max_length)
+            texts += self.tokenizer.batch_decode(ids, skip_special_tokens=True)
+        return texts
+
+SONAR_HF = ("cointegrated/SONAR_200_text_encoder", "raxtemur/SONAR_200_text_decoder")  # CC-BY-NC-4.0 ports
+
+def load_encoder(name, device="cpu", sonar_hf=SONAR_HF):
+    """'sonar': sonar-space if it imports, else its transformers port; 'sonar_hf': the port; else sentence-transformers"""
+    import transformers
+    transformers.logging.disable_progress_bar()  # bars for loading weights: noise around our own output
+    if name == "sonar" and importlib.util.find_spec("sonar") is None:
+        print("sonar-space is not installed: SONAR through its transformers port")
+        name = "sonar_hf"
+    if name == "sonar":  # a broken install is reported there
+        return SonarEncoder(device)
+    return SonarPort(device, *sonar_hf) if name == "sonar_hf" else SentenceTransformerEncoder(name, device)
+
+def same_space(a, b):
+    """Two encoder names that give the same concepts: SONAR's two implementations are one space."""
+    return a == b or {a, b} <= {"sonar", "sonar_hf"}
 
 # -----------------------------------------------------------------------------
 # the data format (see README): data/<name>/{meta.json, train.bin, train_offsets.npy, train.txt, val.*}

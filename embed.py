@@ -27,7 +27,9 @@ text_column = ""         # '' = 'text'; official LCM parquet (text_sentences, te
 max_docs = 0             # 0 = all documents
 name = ""                # output goes to data_root/name; '' = derived from dataset
 data_root = "data"
-encoder = "minilm"       # 'minilm' (offline), 'sonar', or a sentence-transformers model name
+encoder = "minilm"       # 'minilm' (offline), 'sonar' (sonar-space, else its transformers port), 'sonar_hf' (the
+                         # port), or a sentence-transformers model name
+sonar_hf_encoder = "cointegrated/SONAR_200_text_encoder"  # the port's encoder and NLLB tokenizer (hub name or folder)
 lang = "eng_Latn"        # FLORES-200 code of the text (SONAR uses it)
 spacy_model = ""         # '' = rule-based sentencizer; or an installed pipeline such as en_core_web_sm
 max_chars = 256          # longer sentences are cut on word boundaries
@@ -82,7 +84,7 @@ settings = {"dataset": os.path.abspath(source) if source_files else source, "hf_
             "files": [[os.path.relpath(f, source if os.path.isdir(source) else os.path.dirname(source)),
                        os.path.getsize(f), os.stat(f).st_mtime_ns] for f in source_files],
             "text_column": text_column, "max_docs": max_docs, "encoder": encoder, "lang": lang, "spacy_model": spacy_model,
-            "max_chars": max_chars, "chunk_docs": chunk_docs, "dtype": dtype, "seed": seed, "val_fraction": val_fraction,
+            "max_chars": max_chars, "chunk_docs": chunk_docs, "sonar_hf_encoder": sonar_hf_encoder, "dtype": dtype, "seed": seed, "val_fraction": val_fraction,
             "norm_sample": norm_sample}
 key = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 ddp = int(os.environ.get("RANK", -1)) != -1
@@ -137,7 +139,7 @@ except Exception as e:  # datasets raises many kinds for a bad name, a broken fi
 if first is None:
     die(f"dataset '{dataset}' has no documents")
 official = "text_sentences" in first and "text_sentences_sonar_emb" in first
-if official and encoder != "sonar":
+if official and encoder not in ("sonar", "sonar_hf"):
     print("official LCM parquet: its embeddings are SONAR's, so the encoder is sonar")
     encoder = "sonar"
 text_column = text_column or "text"
@@ -147,7 +149,7 @@ docs = chain([first], docs)
 if max_docs:
     docs = islice(docs, max_docs)
 
-enc = load_encoder(encoder, device)
+enc = load_encoder(encoder, device, (sonar_hf_encoder, ""))
 eot = enc.encode([EOT_TEXT] * batch_size, lang=lang, batch_size=batch_size)[0]  # a full batch warms the encoder
 nlp = sentence_splitter(spacy_model)
 
@@ -249,7 +251,8 @@ sample = np.asarray(train_rows[pick], dtype=np.float32)
 center, scale = fit_normalizer(sample)
 for f in ("train.bin", "train.txt", "train_offsets.npy", "val.bin", "val.txt", "val_offsets.npy"):
     os.replace(os.path.join(work, f), os.path.join(out, f))
-meta = {"encoder": encoder, "d_emb": enc.d_emb, "lang": lang, "dtype": dtype, "dataset": dataset, "key": key,
+meta = {"encoder": encoder, "impl": getattr(enc, "impl", "sentence-transformers"), "d_emb": enc.d_emb, "lang": lang,
+        "dtype": dtype, "dataset": dataset, "key": key,
         "settings": settings,
         "spacy_model": spacy_model, "max_chars": max_chars,
         "train_docs": len(files["train"]["offsets"]) - 1, "val_docs": len(files["val"]["offsets"]) - 1,

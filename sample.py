@@ -13,7 +13,7 @@ import os, sys
 import torch
 
 from baselcm import (SentenceBank, check_lang, configure, die, get_device, load_checkpoint, load_encoder, load_meta,
-                     sentence_splitter, split_sentences)
+                     same_space, sentence_splitter, split_sentences)
 
 out_dir = "out"          # holds ckpt.pt
 start = "Hundreds of people have been forced to leave their homes as a bushfire moves towards the town."  # or FILE:path
@@ -27,6 +27,8 @@ prompt_lang = ""         # FLORES-200 code of the prompt; '' = the training data
 lang = ""                # FLORES-200 code of the output (SONAR decoder); '' = prompt_lang
 data_dir = ""            # sentence bank for retrieval; '' = the dataset the checkpoint was trained on
 use_cache = True         # KV cache: each new concept costs one position
+sonar_hf_encoder = "cointegrated/SONAR_200_text_encoder"  # SONAR's transformers port, used without sonar-space
+sonar_hf_decoder = "raxtemur/SONAR_200_text_decoder"
 device = ""
 json = False             # print one JSON object per sample: each step's text, cosine to end of text, stop reason
 configure(globals(), sys.argv[1:])
@@ -51,13 +53,13 @@ prompt = split_sentences(sentence_splitter(data["spacy_model"]), [start], data["
 if not prompt:
     die("the prompt is empty: pass --start='Some sentences.' or --start=FILE:prompt.txt")
 
-enc = load_encoder(data["encoder"], device)
+enc = load_encoder(data["encoder"], device, (sonar_hf_encoder, sonar_hf_decoder))
 if enc.d_emb != model.config.d_emb:
     die(f"encoder {data['encoder']} gives d_emb {enc.d_emb}, the checkpoint wants {model.config.d_emb}")
 if enc.decode is None:  # retrieval needs the sentences the encoder saw
     bank_dir = data_dir or data["dir"]
     bank_meta = load_meta(bank_dir)
-    if (bank_meta["encoder"], bank_meta["d_emb"]) != (data["encoder"], data["d_emb"]):
+    if not same_space(bank_meta["encoder"], data["encoder"]) or bank_meta["d_emb"] != data["d_emb"]:
         die(f"{bank_dir} holds {bank_meta['encoder']} concepts (d_emb {bank_meta['d_emb']}), the checkpoint "
             f"{data['encoder']} (d_emb {data['d_emb']}): pass --data_dir=DIR built with the same encoder")
     bank = SentenceBank(bank_dir, bank_meta)

@@ -554,7 +554,7 @@ def test_official_lcm_parquet_is_imported_without_reencoding(sonar_env, tmp_path
     ("bytes", "not valid UTF-8"),
     ("parquet", "cannot read"),
     ("lang", "unknown language code 'english'"),
-    ("nosonar", "SONAR (sonar-space) is not installed"),
+    ("nosonar", "cannot load 'cointegrated/SONAR_200_text_encoder' for the transformers port of SONAR"),
     ("broken sonar", "SONAR (sonar-space) is broken (OSError: /x/_torchaudio.abi3.so: undefined symbol"),
     ("hub", "cannot load dataset 'nobody-here/no-such-dataset'"),
     ("--val_fraction=1.0", "--val_fraction=1.0 must be between 0 and 1"),
@@ -704,7 +704,7 @@ class RunsCode:  # a pickle that runs a command when loaded without weights_only
     ("truncated", "is not a readable baselcm checkpoint"),
     ("foreign", "is not a readable baselcm checkpoint"),
     ("runs code", "is not a readable baselcm checkpoint (UnpicklingError)"),
-    ("no sonar", "SONAR (sonar-space) is not installed: install it as README 'The SONAR path' says"),
+    ("no sonar", "cannot load 'cointegrated/SONAR_200_text_encoder' for the transformers port of SONAR"),
 ])
 def test_sample_bad_input_gives_one_clear_line(case, message, tmp_path):
     save_checkpoint(tmp_path / "out", BaseLCM(tiny_config(d_emb=1024)), SONAR_DATA)
@@ -719,3 +719,47 @@ def test_sample_bad_input_gives_one_clear_line(case, message, tmp_path):
     p = run("sample.py", *[case] if case.startswith("--") else [], cwd=tmp_path, check=False)
     assert p.returncode == 1 and message in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
     assert "--encoder" not in p.stderr and not (tmp_path / "pwned").exists()  # hints name sample.py's own options
+
+# -----------------------------------------------------------------------------
+# SONAR without fairseq2: the transformers port's glue (test_sonar.py proves it equal to sonar-space)
+
+@pytest.fixture(scope="module")
+def tiny_port(tmp_path_factory):
+    """A randomly initialised port (M2M100, 1024 wide like SONAR) and a character-level NLLB tokenizer, saved
+    where the port loads them from: no fairseq2, no download. -> the sample.py/train.py options that select it."""
+    from transformers import M2M100Config, M2M100ForConditionalGeneration, NllbTokenizer
+    from transformers.models.m2m_100.modeling_m2m_100 import M2M100Encoder
+    root, chars = tmp_path_factory.mktemp("port"), sorted(set("abcdefghijklmnopqrstuvwxyzLRé.,'"))
+    tok = NllbTokenizer(vocab={t: i for i, t in enumerate(["<s>", "<pad>", "</s>", "<unk>", "\u2581", *chars,
+                                                              *("\u2581" + c for c in chars)])},
+                        merges=[], extra_special_tokens=["eng_Latn", "fra_Latn", "deu_Latn"])
+    config = M2M100Config(vocab_size=len(tok), d_model=1024, encoder_layers=1, decoder_layers=1, encoder_ffn_dim=64,
+                          decoder_ffn_dim=64, encoder_attention_heads=16, decoder_attention_heads=16, scale_embedding=True,
+                          max_position_embeddings=512, pad_token_id=1, bos_token_id=0, eos_token_id=2,
+                          decoder_start_token_id=2, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    for name, model in (("encoder", M2M100Encoder(config)), ("decoder", M2M100ForConditionalGeneration(config))):
+        model.save_pretrained(root / name)
+        tok.save_pretrained(root / name)
+    return [f"--sonar_hf_encoder={root / 'encoder'}", f"--sonar_hf_decoder={root / 'decoder'}"]
+
+def test_sonar_runs_through_its_transformers_port_without_sonar_space(tiny_port, tmp_path):
+    french = ["Le feu a pris la nuit.", "La route est fermée.", "Les habitants sont partis.", "Il pleut enfin."]
+    (tmp_path / "fr.txt").write_text("".join(" ".join(french[i % 4:] + french[:i % 4]) + "\n" for i in range(20)))
+    p = run("embed.py", f"--dataset={tmp_path / 'fr.txt'}", "--encoder=sonar", "--lang=fra_Latn", "--val_fraction=0.2",
+            tiny_port[0], cwd=tmp_path)  # no sonar-space here: the port
+    assert "SONAR through its transformers port" in p.stdout
+    d = read_dataset(tmp_path / "data" / "fr")
+    assert d["meta"]["encoder"] == "sonar" and d["meta"]["impl"] == "transformers" and d["meta"]["d_emb"] == 1024
+    port = baselcm.SonarPort("cpu", *(a.split("=", 1)[1] for a in tiny_port))
+    rows, _, texts = d["train"]
+    assert np.allclose(rows[:6].astype(np.float32), port.encode(texts[:6], lang="fra_Latn"), atol=2e-2)
+    run("train.py", "--dataset=fr", "--max_iters=2", "--eval_interval=2", *TRAIN[:-1], cwd=tmp_path)
+    p = run("sample.py", "--start=Le feu a pris. La route est fermée.", "--lang=deu_Latn", "--max_new_concepts=2",
+            "--stop_eot=2", "--json=True", *tiny_port, cwd=tmp_path)
+    steps = json.loads(p.stdout.strip().splitlines()[-1])["steps"]
+    assert len(steps) == 2 and all(isinstance(s["text"], str) and "retrieved_cos" not in s for s in steps)
+    for args, message in ((["--lang=xyz_Latn", "--stop_eot=2", "--max_new_concepts=1", *tiny_port], "SONAR does not know the language 'xyz_Latn'"),
+                          ([f"--sonar_hf_encoder={tmp_path / 'nowhere'}"], "for the transformers port of SONAR")):
+        p = run("sample.py", *args, cwd=tmp_path, check=False)
+        assert p.returncode == 1 and message in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr

@@ -17,7 +17,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from baselcm import (BaseLCM, LCMConfig, SentenceBank, atomic_save, coherence_mi, concept_metrics, configure, die,
                      eval_windows, finish_metrics, get_batch, get_device, load_checkpoint, load_encoder, load_meta,
-                     load_split, measure_peak_flops, sample_windows, writable_dir)
+                     load_split, measure_peak_flops, same_space, sample_windows, writable_dir)
 
 # I/O
 out_dir = "out"
@@ -26,6 +26,8 @@ log_interval = 10
 eval_iters = 20          # evaluation batches of fixed validation windows
 eval_only = False        # evaluate (model, copy and mean baselines, round-trip l2) and exit
 mi_model = ""            # eval_only: a Hugging Face causal LM (gpt2 in the paper) for the MI coherence metric
+sonar_hf_encoder = "cointegrated/SONAR_200_text_encoder"  # eval_only: SONAR's transformers port, without sonar-space
+sonar_hf_decoder = "raxtemur/SONAR_200_text_decoder"
 always_save_checkpoint = False  # False: keep the best val loss (small data overfits); True: the latest
 init_from = "scratch"    # 'scratch' or 'resume' (out_dir/ckpt.pt, with its settings unless given here)
 # data
@@ -145,7 +147,7 @@ mean_concept = torch.tensor(meta["mean"], device=device)
 iter_num, best_val_loss, evals_since_best = 0, float("inf"), 0
 if resume:
     trained_on = checkpoint["data"]
-    if (meta["encoder"], meta["d_emb"]) != (trained_on["encoder"], trained_on["d_emb"]):
+    if not same_space(meta["encoder"], trained_on["encoder"]) or meta["d_emb"] != trained_on["d_emb"]:
         die(f"{data_dir} holds {meta['encoder']} concepts (d_emb {meta['d_emb']}), but {ckpt_path} was trained on "
             f"{trained_on['encoder']} (d_emb {trained_on['d_emb']}): pass a --dataset built with that encoder")
     if meta.get("key") != trained_on.get("key") and "dataset" not in given:
@@ -209,8 +211,8 @@ def evaluate(roundtrip=None):
 
 if eval_only:
     if master:
-        if meta["encoder"] == "sonar":  # decode with SONAR, re-encode
-            enc = load_encoder("sonar", device)
+        if meta["encoder"] in ("sonar", "sonar_hf"):  # decode with SONAR, re-encode
+            enc = load_encoder(meta["encoder"], device, (sonar_hf_encoder, sonar_hf_decoder))
             decoded_by = "SONAR's decoder"
             def roundtrip(p):
                 texts = enc.decode(p, lang=meta["lang"])

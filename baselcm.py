@@ -387,19 +387,19 @@ class SonarPort:
     d_emb, impl = 1024, "transformers"
 
     def __init__(self, device, encoder, decoder):
-        from transformers import AutoTokenizer, M2M100ForConditionalGeneration
+        from transformers import AutoTokenizer
         from transformers.models.m2m_100.modeling_m2m_100 import M2M100Encoder
         self.device = torch.device(device)
         self.dtype = torch.float16 if self.device.type in ("cuda", "mps") else torch.float32
-        self.tokenizer = self.load(AutoTokenizer.from_pretrained, encoder)
-        self.encoder = self.load(M2M100Encoder.from_pretrained, encoder)
-        self.decoder = lambda: self.load(M2M100ForConditionalGeneration.from_pretrained, decoder)  # on first use
+        with self.loading(encoder):
+            self.tokenizer = AutoTokenizer.from_pretrained(encoder)
+            self.encoder = M2M100Encoder.from_pretrained(encoder, dtype=self.dtype).to(self.device).eval()
+        self.decoder_name, self.decoder = decoder, None  # loaded on first use
 
-    def load(self, from_pretrained, name):
+    @contextmanager
+    def loading(self, name):
         try:
-            loaded = from_pretrained(name) if "Tokenizer" in from_pretrained.__qualname__ else \
-                from_pretrained(name, dtype=self.dtype).to(self.device).eval()
-            return loaded
+            yield
         except OSError as e:
             die(f"cannot load '{name}' for the transformers port of SONAR ({str(e).splitlines()[0][:120]}): set "
                 "--sonar_hf_encoder / --sonar_hf_decoder to models you have (see README), or install sonar-space")
@@ -426,19 +426,23 @@ class SonarPort:
     @torch.no_grad()
     def decode(self, embeddings, lang="eng_Latn", batch_size=32, num_beams=5, max_length=256):
         from transformers.modeling_outputs import BaseModelOutput
-        if not isinstance(self.decoder, nn.Module):
-            self.decoder = self.decoder()
+        if self.decoder is None:
+            from transformers import M2M100ForConditionalGeneration
+            with self.loading(self.decoder_name):
+                self.decoder = M2M100ForConditionalGeneration.from_pretrained(self.decoder_name, dtype=self.dtype)
+                self.decoder = self.decoder.to(self.device).eval()
         emb, texts = torch.as_tensor(np.asarray(embeddings), dtype=self.dtype, device=self.device), []
         for at in range(0, len(emb), batch_size):
-            ids = self.decoder.generate(encoder_outputs=BaseModelOutput(last_hidden_state=emb[at:at + batch_size, None]),
-                                        forced_bos_token_id=self.lang_id(lang), num_beams=num_beams, max_length=max_length)
+            concepts = BaseModelOutput(last_hidden_state=emb[at:at + batch_size, None])  # a one-position "encoding"
+            ids = self.decoder.generate(encoder_outputs=concepts, forced_bos_token_id=self.lang_id(lang),
+                                        num_beams=num_beams, max_length=max_length)
             texts += self.tokenizer.batch_decode(ids, skip_special_tokens=True)
         return texts
 
 SONAR_HF = ("cointegrated/SONAR_200_text_encoder", "raxtemur/SONAR_200_text_decoder")  # CC-BY-NC-4.0 ports
 
 def load_encoder(name, device="cpu", sonar_hf=SONAR_HF):
-    """'sonar': sonar-space if it imports, else its transformers port; 'sonar_hf': the port; else sentence-transformers"""
+    """'sonar': sonar-space if installed, else its transformers port; 'sonar_hf': the port; else sentence-transformers"""
     import transformers
     transformers.logging.disable_progress_bar()  # bars for loading weights: noise around our own output
     if name == "sonar" and importlib.util.find_spec("sonar") is None:
@@ -549,15 +553,17 @@ def concept_metrics(pred, x, y, mask, normalizer, doc, row):
     paper = distinct & ~(same_doc & ((r[:, None] - r[None, :]).abs() <= 1))
     official = distinct & ~same_doc
     causal = torch.ones(x.size(1), x.size(1), dtype=torch.bool, device=x.device).tril()
-    ctx_cos = lambda a: (F.normalize(a, dim=-1) @ F.normalize(x, dim=-1).transpose(1, 2)).masked_fill(~causal, -1).amax(-1)
+    cos = lambda a: F.normalize(a, dim=-1) @ F.normalize(x, dim=-1).transpose(1, 2)  # (B, T, T) against the inputs
+    ctx_cos = lambda a: cos(a).masked_fill(~causal, -1).amax(-1)  # the closest of the context s <= t
     return {"n": mask.sum().item(), "loss": err.sum().item(), "l2": d_true[mask].sum().item(),
             "ca_hits": (further & paper).sum().item(), "ca_pairs": paper.sum().item(),
             "ca_doc_hits": (further & official).sum().item(), "ca_doc_pairs": official.sum().item(),
             "par_pred": ctx_cos(pred)[mask].sum().item(), "par_true": ctx_cos(y)[mask].sum().item()}
 
 def finish_metrics(sums):
-    return {"loss": sums["loss"] / sums["n"], "l2": sums["l2"] / sums["n"], "ca": sums["ca_hits"] / max(sums["ca_pairs"], 1),
-            "ca_doc": sums["ca_doc_hits"] / max(sums["ca_doc_pairs"], 1), "par": sums["par_pred"] / sums["par_true"]}
+    return {"loss": sums["loss"] / sums["n"], "l2": sums["l2"] / sums["n"],
+            "ca": sums["ca_hits"] / max(sums["ca_pairs"], 1), "ca_doc": sums["ca_doc_hits"] / max(sums["ca_doc_pairs"], 1),
+            "par": sums["par_pred"] / sums["par_true"]}
 
 @torch.no_grad()
 def coherence_mi(lm, tokenizer, texts, contexts):
@@ -566,7 +572,8 @@ def coherence_mi(lm, tokenizer, texts, contexts):
     gain, n_tokens = 0.0, 0
     for text, context in zip(texts, contexts):
         target = tokenizer.encode(text + "\n")
-        for prefix, sign in ((tokenizer.encode("\n"), -1), (tokenizer.encode("\n" + "".join(c + "\n" for c in context)), 1)):
+        with_context = tokenizer.encode("\n" + "".join(c + "\n" for c in context))
+        for prefix, sign in ((tokenizer.encode("\n"), -1), (with_context, 1)):
             prefix = prefix[-(lm.config.max_position_embeddings - len(target)):]  # the context's end, if it is long
             ids = torch.tensor([prefix + target], device=lm.device)
             logp = lm(ids).logits[0, len(prefix) - 1:-1].float().log_softmax(-1)

@@ -19,8 +19,8 @@ from tqdm import tqdm
 from baselcm import (EOT_TEXT, check_lang, configure, die, fit_normalizer, get_device, load_encoder, load_meta,
                      sentence_splitter, split_sentences, writable_dir)
 
-dataset = "lee"          # 'lee' (offline default), a .txt (a document per line) .jsonl .json .csv .parquet file, a folder
-                         # of them (a .txt file there is one document), or a hub name
+dataset = "lee"          # 'lee' (offline default), a .txt (a document per line) .jsonl .json .csv .parquet file,
+                         # a folder of them (a .txt file there is one document), or a hub name
 hf_config = ""           # hub dataset config name, e.g. wikitext-103-raw-v1
 hf_split = "train"       # hub dataset split
 text_column = ""         # '' = 'text'; official LCM parquet (text_sentences, text_sentences_sonar_emb) is auto-detected
@@ -65,7 +65,7 @@ ext = lambda f: os.path.splitext(f)[1].lower()
 if os.path.isdir(source):  # all files of a folder; a .txt file is one document, other formats hold rows
     source_files = sorted(f for f in glob.glob(os.path.join(source, "**", "*"), recursive=True) if ext(f) in builders)
     if len({builders[ext(f)] for f in source_files}) > 1:
-        die(f"{source} mixes {' and '.join(sorted({ext(f) for f in source_files}))} files: point at a folder of one kind")
+        die(f"{source} mixes {' and '.join(sorted({ext(f) for f in source_files}))} files: use a folder of one kind")
     if not source_files:
         die(f"{source} holds no {', '.join(builders)} files")
 elif os.path.isfile(source):
@@ -80,12 +80,12 @@ name = name or os.path.splitext(os.path.basename(os.path.normpath(dataset)))[0].
 out = os.path.join(data_root, name)
 work = os.path.join(out, "work")  # finished chunks live here until the final files are assembled
 # what decides the output: a dataset folder and its partial work are tied to these, and reused only for them
+top = source if os.path.isdir(source) else os.path.dirname(source)
 settings = {"dataset": os.path.abspath(source) if source_files else source, "hf_config": hf_config, "hf_split": hf_split,
-            "files": [[os.path.relpath(f, source if os.path.isdir(source) else os.path.dirname(source)),
-                       os.path.getsize(f), os.stat(f).st_mtime_ns] for f in source_files],
-            "text_column": text_column, "max_docs": max_docs, "encoder": encoder, "lang": lang, "spacy_model": spacy_model,
-            "max_chars": max_chars, "chunk_docs": chunk_docs, "sonar_hf_encoder": sonar_hf_encoder, "dtype": dtype, "seed": seed, "val_fraction": val_fraction,
-            "norm_sample": norm_sample}
+            "files": [[os.path.relpath(f, top), os.path.getsize(f), os.stat(f).st_mtime_ns] for f in source_files],
+            "text_column": text_column, "max_docs": max_docs, "encoder": encoder, "sonar_hf_encoder": sonar_hf_encoder,
+            "lang": lang, "spacy_model": spacy_model, "max_chars": max_chars, "chunk_docs": chunk_docs, "dtype": dtype,
+            "seed": seed, "val_fraction": val_fraction, "norm_sample": norm_sample}
 key = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 ddp = int(os.environ.get("RANK", -1)) != -1
 rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
@@ -135,7 +135,7 @@ except UnicodeDecodeError as e:
     not_utf8(e)
 except Exception as e:  # datasets raises many kinds for a bad name, a broken file or no network
     die(f"cannot {'read' if source_files else 'load dataset'} '{dataset}': {type(e).__name__}: "
-        f"{str(e).splitlines()[0] if str(e) else ''}" + ("" if source_files else " (check the name, config and network)"))
+        f"{str(e).splitlines()[0] if str(e) else ''}" + ("" if source_files else " (check the name, config, network)"))
 if first is None:
     die(f"dataset '{dataset}' has no documents")
 official = "text_sentences" in first and "text_sentences_sonar_emb" in first

@@ -153,7 +153,8 @@ if resume:
     if meta.get("key") != trained_on.get("key") and "dataset" not in given:
         die(f"{data_dir} was rebuilt after {ckpt_path} was trained on it: pass --dataset={dataset} to use it anyway")
     model.to(device)
-    iter_num, best_val_loss, evals_since_best = checkpoint["iter_num"], checkpoint["best_val_loss"], checkpoint["evals_since_best"]
+    iter_num, best_val_loss = checkpoint["iter_num"], checkpoint["best_val_loss"]
+    evals_since_best = checkpoint.get("evals_since_best", 0)  # older checkpoints: counted from here
 else:
     model = BaseLCM(LCMConfig(d_emb=meta["d_emb"], block_size=block_size, n_layer=n_layer, n_head=n_head,
                               n_embd=n_embd, dropout=dropout, bias=bias, rope_theta=rope_theta))
@@ -235,9 +236,10 @@ if eval_only:
         print(f"{len(val_starts)} validation windows, {meta['val_docs']} documents of {data_dir}, iter {iter_num}"
               + (f" (trained on {trained_on['dir']})" if os.path.abspath(data_dir) != trained_on["dir"] else "")
               + f"; decoded text: {decoded_by}" + (f"; MI with {mi_model}" if mi_model else ""))
-        print(f"{'':8}{'loss':>10}{'l2':>9}{'rt_l2':>9}{'CA':>8}{'CA-doc':>8}{'PAR':>8}" + (f"{'MI':>8}" if mi_model else ""))
+        print(f"{'':8}    loss       l2    rt_l2      CA  CA-doc     PAR" + ("      MI" if mi_model else ""))
         for name, r in results.items():
-            print(f"{name:8}{r['loss']:10.2f}{r['l2']:9.4f}{r['rt_l2']:9.4f}{100 * r['ca']:7.1f}%{100 * r['ca_doc']:7.1f}%"
+            print(f"{name:8}{r['loss']:10.2f}{r['l2']:9.4f}{r['rt_l2']:9.4f}{100 * r['ca']:7.1f}%"
+                  f"{100 * r['ca_doc']:7.1f}%"
                   f"{r['par']:8.3f}" + (f"{r['mi']:8.3f}" if mi_model else ""))
         with open(os.path.join(out_dir, "eval.json"), "w") as f:
             json.dump({"iter": iter_num, "dataset": data_dir, "windows": len(val_starts), "decoded_by": decoded_by,
@@ -282,7 +284,8 @@ while True:
             log.flush()
             improved = iter_num > 0 and r["model"]["loss"] < best_val_loss
             if iter_num > 0:
-                best_val_loss, evals_since_best = (r["model"]["loss"], 0) if improved else (best_val_loss, evals_since_best + 1)
+                evals_since_best = 0 if improved else evals_since_best + 1
+                best_val_loss = r["model"]["loss"] if improved else best_val_loss
             if improved or iter_num > 0 and always_save_checkpoint:
                 torch_rng = [torch.get_rng_state()]
                 atomic_save({"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
@@ -297,7 +300,8 @@ while True:
             torch.distributed.broadcast(stop, 0)
         if stop:
             if master:
-                print(f"no better val loss in {patience} evaluations: stopping; the best ({best_val_loss:.2f}) is in {ckpt_path}")
+                print(f"no better val loss in {patience} evaluations: stopping; the best ({best_val_loss:.2f}) is "
+                      f"in {ckpt_path}")
             break
         t0, t0_iter = time.time(), iter_num  # evaluation is not training time
     if iter_num >= max_iters:

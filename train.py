@@ -174,7 +174,7 @@ if compile:
     model = torch.compile(model)
 raw_model = model
 if ddp:
-    model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None, broadcast_buffers=False)
+    model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
 
 baselines = {}  # copy and mean depend on the validation windows only: measured once, at the first evaluation
 

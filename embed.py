@@ -81,11 +81,10 @@ out = os.path.join(data_root, name)
 work = os.path.join(out, "work")  # finished chunks live here until the final files are assembled
 # what decides the output: a dataset folder and its partial work are tied to these, and reused only for them
 top = source if os.path.isdir(source) else os.path.dirname(source)
-settings = {"dataset": os.path.abspath(source) if source_files else source, "hf_config": hf_config, "hf_split": hf_split,
-            "files": [[os.path.relpath(f, top), os.path.getsize(f), os.stat(f).st_mtime_ns] for f in source_files],
-            "text_column": text_column, "max_docs": max_docs, "encoder": encoder, "sonar_hf_encoder": sonar_hf_encoder,
-            "lang": lang, "spacy_model": spacy_model, "max_chars": max_chars, "chunk_docs": chunk_docs, "dtype": dtype,
-            "seed": seed, "val_fraction": val_fraction, "norm_sample": norm_sample}
+settings = {k: globals()[k] for k in ("hf_config", "hf_split", "text_column", "max_docs", "encoder", "sonar_hf_encoder",
+                                      "lang", "spacy_model", "max_chars", "chunk_docs", "dtype", "seed", "val_fraction",
+                                      "norm_sample")} | {"dataset": os.path.abspath(source) if source_files else source,
+            "files": [[os.path.relpath(f, top), os.path.getsize(f), os.stat(f).st_mtime_ns] for f in source_files]}
 key = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 ddp = int(os.environ.get("RANK", -1)) != -1
 rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
@@ -96,13 +95,16 @@ if ddp:  # gloo only waits for the ranks to finish; each rank encodes on its own
     if device == "cuda":
         device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
 if os.path.exists(os.path.join(out, "meta.json")) and not overwrite:
-    built = load_meta(out)
-    if built.get("key") == key:
+    old = load_meta(out).get("settings")
+    if old == settings:
         print(f"{out} is already built with these settings; pass --overwrite=True to rebuild it")
         sys.exit(0)
-    old = built.get("settings", {})
-    what = f"from {old.get('dataset')}" if old.get("dataset") != settings["dataset"] else \
-        f"with other settings ({', '.join(k for k in settings if old.get(k) != settings[k])})"
+    if old is None:
+        what = "by an older baselcm, which did not record its settings"
+    elif old["dataset"] != settings["dataset"]:
+        what = f"from {old['dataset']}"
+    else:
+        what = f"with other settings ({', '.join(k for k in settings if old.get(k) != settings[k])})"
     die(f"{out} was built {what}: pass --name=NEW for a new dataset, or --overwrite=True to replace it")
 marker = os.path.join(work, f"settings-{key}.json")
 if rank == 0 and os.path.isdir(work) and (overwrite or not os.path.exists(marker)):
@@ -110,7 +112,7 @@ if rank == 0 and os.path.isdir(work) and (overwrite or not os.path.exists(marker
         print(f"{work} holds partial work from other settings: starting clean")
     shutil.rmtree(work)
 if rank == 0 and overwrite and os.path.exists(os.path.join(out, "meta.json")):
-    os.remove(os.path.join(out, "meta.json"))  # unfinished from here on; the new source_files replace the old
+    os.remove(os.path.join(out, "meta.json"))  # unfinished from here on; the new files replace the old
 if ddp:
     torch.distributed.barrier()
 

@@ -634,7 +634,11 @@ def test_another_source_or_other_settings_under_the_same_name_are_refused(sonar_
         p = run("embed.py", *args, "--encoder=sonar", cwd=tmp_path, env=env, check=False)
         assert p.returncode == 1 and message in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
     run("embed.py", f"--dataset={jsonl}", "--encoder=sonar", "--overwrite=True", cwd=tmp_path, env=env)
-    assert json.load(open(tmp_path / "data" / "docs" / "meta.json"))["settings"]["dataset"] == str(jsonl)
+    meta = json.load(open(tmp_path / "data" / "docs" / "meta.json"))
+    assert meta["settings"]["dataset"] == str(jsonl)
+    json.dump({k: v for k, v in meta.items() if k != "settings"}, open(tmp_path / "data" / "docs" / "meta.json", "w"))
+    p = run("embed.py", f"--dataset={jsonl}", "--encoder=sonar", cwd=tmp_path, env=env, check=False)  # made before
+    assert p.returncode == 1 and "was built by an older baselcm, which did not record its settings" in p.stderr
 
 def test_a_folder_of_txt_files_is_one_document_per_file(sonar_env, tmp_path):
     env, _ = sonar_env

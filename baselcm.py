@@ -347,10 +347,9 @@ class SonarEncoder:
     def __init__(self, device):
         try:
             from sonar.inference_pipelines import text
-        except Exception as e:  # not installed, or installed against another torch / without libsndfile1
-            cause = "not installed" if isinstance(e, ModuleNotFoundError) else f"broken ({type(e).__name__}: " \
-                f"{str(e).splitlines()[0][:160] if str(e) else ''})"
-            die(f"SONAR (sonar-space) is {cause}: install it as README 'The SONAR path' says")
+        except Exception as e:  # installed against another torch, or without libsndfile1 (load_encoder: not installed)
+            die(f"SONAR (sonar-space) is broken ({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}): "
+                "install it as README 'The SONAR path' says")
         self.text, self.device = text, torch.device(device)
         self.dtype = torch.float16 if self.device.type == "cuda" else torch.float32
         self.t2v = text.TextToEmbeddingModelPipeline(encoder="text_sonar_basic_encoder",

@@ -17,7 +17,7 @@ import torch
 from tqdm import tqdm
 
 from baselcm import (EOT_TEXT, check_lang, configure, die, fit_normalizer, get_device, load_encoder, load_meta,
-                     sentence_splitter, split_sentences, writable_dir)
+                     same_space, sentence_splitter, split_sentences, writable_dir)
 
 dataset = "lee"          # 'lee' (offline default), a .txt (a document per line) .jsonl .json .csv .parquet file,
                          # a folder of them (a .txt file there is one document), or a hub name
@@ -141,7 +141,7 @@ except Exception as e:  # datasets raises many kinds for a bad name, a broken fi
 if first is None:
     die(f"dataset '{dataset}' has no documents")
 official = "text_sentences" in first and "text_sentences_sonar_emb" in first
-if official and encoder not in ("sonar", "sonar_hf"):
+if official and not same_space(encoder, "sonar"):
     print("official LCM parquet: its embeddings are SONAR's, so the encoder is sonar")
     encoder = "sonar"
 text_column = text_column or "text"

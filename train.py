@@ -212,7 +212,7 @@ def evaluate(roundtrip=None):
 
 if eval_only:
     if master:
-        if meta["encoder"] in ("sonar", "sonar_hf"):  # decode with SONAR, re-encode
+        if same_space(meta["encoder"], "sonar"):  # decode with SONAR (either implementation), re-encode
             enc = load_encoder(meta["encoder"], device, (sonar_hf_encoder, sonar_hf_decoder))
             decoded_by = "SONAR's decoder"
             def roundtrip(p):

@@ -207,7 +207,7 @@ try:
             job = next(jobs, None)
             sents, emb, n_empty = embed_chunk(rows, split.result())
             n_sent += len(emb) - len(sents)  # sentences encoded, without the end-of-text rows
-            tmp = path[:-4] + f".tmp{rank}.npz"
+            tmp = os.path.join(work, f"tmp{rank}.npz")  # not chunk*.npz: a killed write is never assembled
             np.savez(tmp, emb=emb, lengths=np.array([len(s) for s in sents], dtype=np.int64),
                      text=np.array("\n".join("\n".join(s) for s in sents)), n_empty=n_empty)
             os.replace(tmp, path)  # atomic: a chunk is on disk whole or not at all

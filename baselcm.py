@@ -65,16 +65,17 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
         self.n_head, self.dropout = config.n_head, config.dropout
 
-    def forward(self, x, cos, sin, cache=None, pos=0):
+    def forward(self, x, cos, sin, cache=None, pos=None):
         B, T, C = x.size()
         q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
         q, k = rope(q, cos, sin), rope(k, cos, sin)  # (B, nh, T, hs)
-        if cache is not None:  # (2, B, nh, block_size, hs), preallocated: written in place at pos
-            assert T == 1 or pos == 0, "with a cache, prefill once, then feed one concept at a time"
-            cache[0, :, :, pos:pos + T], cache[1, :, :, pos:pos + T] = k, v
-            k, v = cache[0, :, :, :pos + T], cache[1, :, :, :pos + T]
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0,
-                                           is_causal=T > 1)
+        mask = None
+        if cache is not None:  # this layer's (2, B, nh, block_size, hs), preallocated; k, v written in place at pos
+            cache[0].index_copy_(2, pos, k.to(cache.dtype)), cache[1].index_copy_(2, pos, v.to(cache.dtype))
+            k, v = cache[0], cache[1]  # all block_size rows, masked: the same shapes at every step
+            mask = torch.arange(cache.size(3), device=x.device) <= pos[:, None]  # (T, block_size)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
+                                           is_causal=mask is None and T > 1)
         return self.resid_dropout(self.c_proj(y.transpose(1, 2).reshape(B, T, C)))
 
 class SwiGLU(nn.Module):
@@ -95,7 +96,7 @@ class Block(nn.Module):
         self.ln_1, self.attn = RMSNorm(config.n_embd), CausalSelfAttention(config)
         self.ln_2, self.mlp = RMSNorm(config.n_embd), SwiGLU(config)
 
-    def forward(self, x, cos, sin, cache=None, pos=0):
+    def forward(self, x, cos, sin, cache=None, pos=None):
         x = x + self.attn(self.ln_1(x), cos, sin, cache, pos)
         return x + self.mlp(self.ln_2(x))
 
@@ -125,14 +126,14 @@ class BaseLCM(nn.Module):
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
 
-    def forward(self, concepts, targets=None, mask=None, cache=None, pos=0):
+    def forward(self, concepts, targets=None, mask=None, cache=None, pos=None):
         """concepts (B, T, d_emb) in the encoder's space -> predictions (B, T, d_emb) in the normalized
         space, and the loss: squared error against the normalized next concept, summed over dims,
-        averaged over the targets where mask is True."""
+        averaged over the targets where mask is True. With a cache, pos (T,) holds the concepts' positions."""
         T = concepts.size(1)
-        assert pos + T <= self.config.block_size, f"{pos + T} concepts > block_size {self.config.block_size}"
+        assert T <= self.config.block_size, f"{T} concepts > block_size {self.config.block_size}"
         x = self.drop(self.prenet(self.normalizer.normalize(concepts)))  # (B, T, n_embd)
-        cos, sin = self.rope_cos[pos:pos + T], self.rope_sin[pos:pos + T]
+        cos, sin = (self.rope_cos[:T], self.rope_sin[:T]) if pos is None else (self.rope_cos[pos], self.rope_sin[pos])
         for i, block in enumerate(self.blocks):
             x = block(x, cos, sin, None if cache is None else cache[i], pos)
         pred = self.postnet(self.ln_f(x))  # (B, T, d_emb)
@@ -151,15 +152,17 @@ class BaseLCM(nn.Module):
         cache is rebuilt only every block_size // 2 steps; without the cache the same window is rerun."""
         seq, cosines, reason = prompt.float(), [], "max_new_concepts"
         c = self.config
-        cache = torch.empty(c.n_layer, 2, 1, c.n_head, c.block_size, c.n_embd // c.n_head, device=seq.device)
+        # one tensor per layer: a compiled step then updates each in place (slices of one tensor get copied whole)
+        cache = [torch.zeros(2, 1, c.n_head, c.block_size, c.n_embd // c.n_head, device=seq.device) for _ in self.blocks]
         start, cached = 0, 0  # window start; rows of the window already in the cache
         for _ in range(max_new_concepts):
             if seq.size(0) - start > c.block_size:
                 start, cached = seq.size(0) - c.block_size // 2, 0
             if not use_cache:
                 pred, _ = self(seq[None, start:])
-            else:
-                pred, _ = self(seq[None, start + cached:], cache=cache, pos=cached)
+            else:  # the new rows at their positions: one call shape per step, so a compiled model compiles once
+                pos = torch.arange(cached, seq.size(0) - start, device=seq.device)
+                pred, _ = self(seq[None, start + cached:], cache=cache, pos=pos)
                 cached = seq.size(0) - start
             z = pred[0, -1].float()
             if noise > 0:  # variety comes from noise in the normalized space; none by default
@@ -544,11 +547,10 @@ def concept_metrics(pred, x, y, mask, normalizer, doc, row):
     pred, x, y = pred.float(), x.float(), y.float()
     err = (normalizer.normalize(pred) - normalizer.normalize(y)).pow(2).sum(-1)[mask]
     d_true = (pred - y).norm(dim=-1)  # (B, T)
-    cdist = lambda a, b: torch.cdist(a, b, compute_mode="donot_use_mm_for_euclid_dist")  # exact zeros
-    d_all, t = cdist(pred[mask], y[mask]), y[mask]  # (N, N): prediction i against target j
-    further = d_all.diagonal()[:, None] < d_all
+    further = d_true[mask][:, None] < torch.cdist(pred[mask], y[mask])  # (N, N): the truth i is closer than target j
+    t = torch.unique(y[mask], dim=0, return_inverse=True)[1]  # equal targets (end of text) are no distractors
     d, r = doc[:, None].expand_as(mask)[mask], row[mask]
-    same_doc, distinct = d[:, None] == d[None, :], cdist(t, t) > 1e-6  # end of text is in every document: no distractor
+    same_doc, distinct = d[:, None] == d[None, :], t[:, None] != t[None, :]
     paper = distinct & ~(same_doc & ((r[:, None] - r[None, :]).abs() <= 1))
     official = distinct & ~same_doc
     causal = torch.ones(x.size(1), x.size(1), dtype=torch.bool, device=x.device).tril()

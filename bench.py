@@ -1,8 +1,9 @@
 """
 Measures baselcm on the current device and writes bench.json: the device's matmul peak in the training
-dtype (measured now), training concepts/s and MFU against it (compile off and on), the forward / backward
-/ optimizer split, the whole train.py loop against the bare model step, generation with and without the
-KV cache, and embed.py against the bare encoder (speed and peak memory for a corpus and for 4x).
+dtype (measured now), training concepts/s and MFU against it (compile off and on, and a 15-line reference
+step of the same shapes), the forward / backward / optimizer split, the whole train.py loop against the bare
+model step, generation with and without the KV cache (and compiled), and embed.py against the bare encoder
+(speed and peak memory for a corpus and for 4x).
 
 $ python bench.py                       # everything (CPU: about 10 minutes)
 $ python bench.py --embed=False --compile=False
@@ -11,8 +12,9 @@ import json, os, re, subprocess, sys, tempfile, time
 
 import numpy as np
 import torch
+from torch.nn import functional as F
 
-from baselcm import BaseLCM, LCMConfig, configure, get_device, measure_peak_flops, synchronize
+from baselcm import BaseLCM, LCMConfig, RMSNorm, configure, get_device, measure_peak_flops, synchronize
 
 device = ""              # '' = autodetect
 dtype = ""               # '' = bfloat16 on GPUs that have it; on a CPU both float32 and bfloat16
@@ -43,18 +45,42 @@ def timed(fn):
     return time.perf_counter() - t
 
 # -----------------------------------------------------------------------------
-# training: the bare model step, split, and MFU
+# training: the bare model step, split, and MFU; and a reference with the same shapes and FLOPs, written in
+# 15 lines without RoPE, normalizer or dropout: the MFU this device gives such a step, eager
 configs = {"default (d256 L4 T16 B32)": dict(n_embd=256, n_layer=4, n_head=4, block_size=16, batch_size=32),
            "d512 L8 T64 B16": dict(n_embd=512, n_layer=8, n_head=8, block_size=64, batch_size=16)}
 if device_type == "cuda":
     configs["d1024 L8 T128 B16 (laptop GPU config)"] = dict(n_embd=1024, n_layer=8, n_head=16, block_size=128, batch_size=16)
+
+class Reference(torch.nn.Module):
+    def __init__(self, c, hidden):
+        super().__init__()
+        L, d, self.nh = torch.nn.Linear, c["n_embd"], c["n_head"]
+        self.pre, self.post, self.norm = L(1024, d), L(d, 1024), RMSNorm(d)
+        self.layers = torch.nn.ModuleList(torch.nn.ModuleList([RMSNorm(d), L(d, 3 * d, bias=False),
+            L(d, d, bias=False), RMSNorm(d), L(d, 2 * hidden, bias=False), L(hidden, d, bias=False)])
+            for _ in range(c["n_layer"]))
+
+    def forward(self, x, y, mask):
+        x = self.pre(x)
+        for n1, qkv, o, n2, fc, proj in self.layers:
+            q, k, v = qkv(n1(x)).unflatten(-1, (3, self.nh, -1)).permute(2, 0, 3, 1, 4)
+            x = x + o(F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).flatten(2))
+            gate, value = fc(n2(x)).chunk(2, dim=-1)
+            x = x + proj(F.silu(gate) * value)
+        return None, (self.post(self.norm(x)) - y).pow(2).sum(-1).mean()
+
 results["train"] = []
-for (name, c), d, use_compile in [(nc, d, u) for nc in configs.items() for d in dtypes for u in (False, True)[:1 + compile]]:
+kinds = ["eager", "compiled", "reference"] if compile else ["eager", "reference"]
+for (name, c), d, kind in [(nc, d, k) for nc in configs.items() for d in dtypes for k in kinds]:
     torch.manual_seed(0)
     raw = BaseLCM(LCMConfig(d_emb=1024, block_size=c["block_size"], n_layer=c["n_layer"], n_head=c["n_head"],
                             n_embd=c["n_embd"], dropout=0.0)).to(device)
-    model = torch.compile(raw) if use_compile else raw
-    opt = raw.configure_optimizers(0.1, 4e-4, (0.9, 0.95), 1e-5, device_type)
+    flops = raw.flops_per_concept()
+    if kind == "reference":
+        raw = Reference(c, raw.blocks[0].mlp.c_proj.in_features).to(device)
+    model = torch.compile(raw) if kind == "compiled" else raw
+    opt = torch.optim.AdamW(raw.parameters(), lr=4e-4, fused=device_type in ("cuda", "cpu"))
     x, y = (torch.randn(c["batch_size"], c["block_size"], 1024, device=device) for _ in range(2))
     mask = torch.ones(c["batch_size"], c["block_size"], dtype=torch.bool, device=device)
     split = {"forward": 0.0, "backward": 0.0, "optimizer": 0.0}
@@ -74,12 +100,12 @@ for (name, c), d, use_compile in [(nc, d, u) for nc in configs.items() for d in 
                 split[k] += b - a
     step = sum(split.values()) / steps
     concepts = c["batch_size"] * c["block_size"] / step
-    mfu = raw.flops_per_concept() * concepts / (results["peak_tflops"][d] * 1e12)
-    r = {"config": name, "dtype": d, "compile": use_compile, "params_M": sum(p.numel() for p in raw.parameters()) / 1e6,
+    mfu = flops * concepts / (results["peak_tflops"][d] * 1e12)
+    r = {"config": name, "dtype": d, "kind": kind, "params_M": sum(p.numel() for p in raw.parameters()) / 1e6,
          "step_ms": 1000 * step, "concepts_per_s": concepts, "mfu": mfu,
          **{f"{k}_share": v / steps / step for k, v in split.items()}}
     results["train"].append(r)
-    print(f"train {name:28} {d:8} compile={str(use_compile):5} {r['step_ms']:8.1f} ms/step {concepts:9.0f} concepts/s "
+    print(f"train {name:28} {d:8} {kind:9} {r['step_ms']:8.1f} ms/step {concepts:9.0f} concepts/s "
           f"MFU {100 * mfu:5.1f}%  fwd/bwd/opt {100 * r['forward_share']:.0f}/{100 * r['backward_share']:.0f}/"
           f"{100 * r['optimizer_share']:.0f}%")
 
@@ -97,7 +123,7 @@ with tempfile.TemporaryDirectory() as tmp:
                "normalizer": {"center": [0.0] * 1024, "scale": [1.0] * 1024}, "mean": [0.0] * 1024,
                "eot": [0.0] * 1024}, open(f"{tmp}/syn/meta.json", "w"))
     c = configs["d512 L8 T64 B16"]
-    bare = next(r for r in results["train"] if r["config"] == "d512 L8 T64 B16" and r["dtype"] == dtype and not r["compile"])
+    bare = next(r for r in results["train"] if r["config"] == "d512 L8 T64 B16" and r["dtype"] == dtype and r["kind"] == "eager")
     n_iters = 100
     subprocess.run([sys.executable, "train.py", f"--data_root={tmp}", "--dataset=syn", f"--out_dir={tmp}/out",
                     f"--max_iters={n_iters}", "--eval_interval=50", "--eval_iters=4", "--log_interval=10",
@@ -110,20 +136,18 @@ print(f"train.py loop, d512 L8 T64 B16: {loop_ms:.1f} ms/iter with batches, logg
       f"checkpoints, against {bare['step_ms']:.1f} ms for the bare step: {100 * results['train_loop']['overhead']:+.1f}%")
 
 # -----------------------------------------------------------------------------
-# generation: 200 concepts with and without the KV cache
+# generation: 200 concepts with and without the KV cache, and compiled; in float32, as sample.py runs
 torch.manual_seed(0)
 model = BaseLCM(LCMConfig(d_emb=1024, block_size=256, n_layer=8, n_head=8, n_embd=512, dropout=0.0)).to(device).eval()
 prompt, eot = torch.randn(8, 1024, device=device), torch.randn(1024, device=device)
 results["generate"] = {}
-for use_cache in (True, False):
-    with ctx:
-        model.generate(prompt, 5, eot, stop_eot=2.0, use_cache=use_cache)  # warm-up
-        t = timed(lambda: model.generate(prompt, 200, eot, stop_eot=2.0, use_cache=use_cache))
-    results["generate"]["cache" if use_cache else "no_cache"] = 200 / t
-speedup = results["generate"]["cache"] / results["generate"]["no_cache"]
-results["generate"]["speedup"] = speedup
-print(f"generate 200 concepts, d512 L8: {results['generate']['cache']:.0f} concepts/s with the KV cache, "
-      f"{results['generate']['no_cache']:.0f} without: {speedup:.1f}x")
+for name, use_cache in [("no_cache", False), ("cache", True)] + [("cache_compiled", True)] * compile:
+    if name == "cache_compiled":
+        model.compile()
+    model.generate(prompt, 5, eot, stop_eot=2.0, use_cache=use_cache)  # warm-up (and compilation)
+    results["generate"][name] = 200 / timed(lambda: model.generate(prompt, 200, eot, stop_eot=2.0, use_cache=use_cache))
+    print(f"generate 200 concepts, d512 L8, float32, {name:14}: {results['generate'][name]:5.0f} concepts/s, "
+          f"{results['generate'][name] / results['generate']['no_cache']:.1f}x")
 
 # -----------------------------------------------------------------------------
 # embed.py against the bare encoder on the same sentences, and its peak memory on a corpus and on 4x

@@ -27,6 +27,7 @@ prompt_lang = ""         # FLORES-200 code of the prompt; '' = the training data
 lang = ""                # FLORES-200 code of the output (SONAR decoder); '' = prompt_lang
 data_dir = ""            # sentence bank for retrieval; '' = the dataset the checkpoint was trained on
 use_cache = True         # KV cache: each new concept costs one position
+compile = False          # torch.compile the model: the one-concept decode step compiles once (pays off on GPUs)
 sonar_hf_encoder = "cointegrated/SONAR_200_text_encoder"  # SONAR's transformers port, used without sonar-space
 sonar_hf_decoder = "raxtemur/SONAR_200_text_decoder"
 device = ""
@@ -36,6 +37,8 @@ configure(globals(), sys.argv[1:])
 device = get_device(device)
 model, ckpt = load_checkpoint(os.path.join(out_dir, "ckpt.pt"))
 model.to(device).eval()
+if compile:
+    model.compile()
 data = ckpt["data"]
 prompt_lang = prompt_lang or data["lang"]
 lang = lang or prompt_lang

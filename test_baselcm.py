@@ -257,14 +257,20 @@ def test_mi_is_the_gain_in_mean_log_likelihood_from_the_context(tiny_lm):
 # -----------------------------------------------------------------------------
 # generation
 
-def test_cached_generation_equals_uncached_across_the_context_crop():
+@pytest.mark.parametrize("compiled", [False, True])
+def test_cached_generation_equals_uncached_across_the_context_crop(compiled):
     torch.manual_seed(0)
     model = BaseLCM(tiny_config(block_size=8)).eval()
     prompt, eot = torch.randn(3, 16), torch.randn(16)
-    a, cos_a, _ = model.generate(prompt, 30, eot, stop_eot=2.0, use_cache=True)
     b, cos_b, _ = model.generate(prompt, 30, eot, stop_eot=2.0, use_cache=False)
+    if compiled:  # sample.py --compile=True
+        torch._dynamo.reset()
+        model.compile()
+    a, cos_a, _ = model.generate(prompt, 30, eot, stop_eot=2.0, use_cache=True)
     assert a.shape == (30, 16)  # 3 + 30 concepts: the 8-concept window was cut several times
     assert torch.allclose(a, b, atol=1e-4) and np.allclose(cos_a, cos_b, atol=1e-4)
+    if compiled:  # the prompt's prefill, the one-concept step, the prefill after a cut: not one graph per position
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 3
 
 def test_generation_stops_at_end_of_text_on_repeat_and_at_max():
     torch.manual_seed(0)

@@ -511,7 +511,7 @@ class SentenceBank:
     """Retrieval decoding for encoders without a decoder: the nearest sentence of a split by cosine."""
     def __init__(self, data_dir, meta, split="train"):
         self.rows, _ = load_split(data_dir, split, meta)
-        self.path = os.path.join(data_dir, f"{split}.txt")
+        self.path, self.ends = os.path.join(data_dir, f"{split}.txt"), None
 
     @torch.no_grad()
     def nearest(self, queries, chunk=65536):
@@ -526,12 +526,10 @@ class SentenceBank:
         return best[1].numpy(), best[0].numpy()
 
     def texts(self, idx):
-        want, found = set(int(i) for i in idx), {}
-        with open(self.path) as f:
-            for i, line in enumerate(f):
-                if i in want:
-                    found[i] = line.rstrip("\n")
-        return [found[int(i)] for i in idx]
+        if self.ends is None:  # where each line ends, found once; the text stays on disk
+            self.text = np.memmap(self.path, dtype=np.uint8, mode="r")
+            self.ends = np.flatnonzero(self.text == ord("\n"))
+        return [bytes(self.text[self.ends[i - 1] + 1 if i else 0:self.ends[i]]).decode() for i in idx]
 
 # -----------------------------------------------------------------------------
 # metrics (paper, section 2.4): on predictions in the encoder's space

@@ -12,8 +12,8 @@ import os, sys
 
 import torch
 
-from baselcm import (SentenceBank, check_lang, configure, die, get_device, load_checkpoint, load_encoder, load_meta,
-                     same_space, sentence_splitter, split_sentences)
+from baselcm import (EOT_TEXT, SentenceBank, check_lang, configure, die, get_device, load_checkpoint, load_encoder,
+                     load_meta, same_space, sentence_splitter, split_sentences)
 
 out_dir = "out"          # holds ckpt.pt
 start = "Hundreds of people have been forced to leave their homes as a bushfire moves towards the town."  # or FILE:path
@@ -59,7 +59,9 @@ if not prompt:
 enc = load_encoder(data["encoder"], device, (sonar_hf_encoder, sonar_hf_decoder))
 if enc.d_emb != model.config.d_emb:
     die(f"encoder {data['encoder']} gives d_emb {enc.d_emb}, the checkpoint wants {model.config.d_emb}")
-if enc.decode is None:  # retrieval needs the sentences the encoder saw
+if enc.decode:  # the output language, checked before generating: SONAR's decoder shares the encoder's tokenizer
+    enc.encode([EOT_TEXT], lang=lang)
+else:  # retrieval needs the sentences the encoder saw
     bank_dir = data_dir or data["dir"]
     bank_meta = load_meta(bank_dir)
     if not same_space(bank_meta["encoder"], data["encoder"]) or bank_meta["d_emb"] != data["d_emb"]:

@@ -301,10 +301,12 @@ def test_retrieval_returns_the_exact_sentence_of_a_bank_embedding(tmp_path):
     rng = np.random.default_rng(0)
     docs = [rng.normal(size=(5, 16)).astype(np.float32) for _ in range(6)]
     meta = write_dataset(tmp_path, "bank", docs[:4], docs[4:], docs[0][-1])
+    lines = [f"документ {i // 5}, 文 {i % 5}." for i in range(20)]  # multi-byte: lines are found by their bytes
+    (tmp_path / "bank" / "train.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
     bank = baselcm.SentenceBank(str(tmp_path / "bank"), meta)
     idx, cos = bank.nearest(np.stack([docs[2][3], docs[1][0]]), chunk=7)  # chunks smaller than the bank
     assert list(idx) == [13, 5] and np.all(cos > 0.999)
-    assert bank.texts(idx) == ["doc 2 sentence 3", "doc 1 sentence 0"]
+    assert bank.texts([*idx, 0, 19]) == [lines[13], lines[5], lines[0], lines[19]]
 
 # -----------------------------------------------------------------------------
 # checkpoints
@@ -698,7 +700,7 @@ def test_sample_decodes_with_sonar_in_the_requested_language(sonar_env, tmp_path
             "--device=cpu", cwd=tmp_path, env=env)
     assert p.stdout.splitlines()[:3] == ["One sentence.", "Two sentences.", "<fra_Latn> sentence 0"]
     enc, dec = [c for c in calls() if c["call"] == "encode"], [c for c in calls() if c["call"] == "decode"]
-    assert enc[0]["source_lang"] == "eng_Latn" and enc[0]["n"] == 2
+    assert enc[-1]["source_lang"] == "eng_Latn" and enc[-1]["n"] == 2  # the prompt, after the language check
     assert dec == [{"call": "decode", "n": 4, "target_lang": "fra_Latn", "max_seq_len": 256}]
 
 class RunsCode:  # a pickle that runs a command when loaded without weights_only
@@ -769,7 +771,7 @@ def test_sonar_runs_through_its_transformers_port_without_sonar_space(tiny_port,
             "--stop_eot=2", "--json=True", *tiny_port, cwd=tmp_path)
     steps = json.loads(p.stdout.strip().splitlines()[-1])["steps"]
     assert len(steps) == 2 and all(isinstance(s["text"], str) and "retrieved_cos" not in s for s in steps)
-    for args, message in ((["--lang=xyz_Latn", "--stop_eot=2", "--max_new_concepts=1", *tiny_port], "SONAR does not know the language 'xyz_Latn'"),
+    for args, message in ((["--lang=xyz_Latn", "--stop_eot=-1", *tiny_port], "SONAR does not know the language 'xyz_Latn'"),
                           ([f"--sonar_hf_encoder={tmp_path / 'nowhere'}"], "for the transformers port of SONAR")):
         p = run("sample.py", *args, cwd=tmp_path, check=False)
         assert p.returncode == 1 and message in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr

@@ -436,6 +436,7 @@ def test_ddp_on_two_gloo_processes_matches_one_process(rotation_data, tmp_path):
     (["--device=gpu"], "--device=gpu is not a device"),
     (["--device=cuda"], "--device=cuda, but this machine has no cuda"),
     (["--out_dir={tmp}/afile/o"], "cannot write to --out_dir"),
+    (["--mi_model=gpt2"], "--mi_model=gpt2 needs --eval_only=True"),
     (["--init_from=resume", "--out_dir={tmp}/truncated"], "is not a readable baselcm checkpoint"),
     (["--eval_only=True", "--out_dir={tmp}/empty"], "is not a readable baselcm checkpoint"),
 ])

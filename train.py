@@ -89,6 +89,8 @@ if not 0 <= dropout < 1:
     die(f"--dropout={dropout} must be in [0, 1)")
 if init_from not in ("scratch", "resume"):
     die(f"--init_from={init_from}: use scratch or resume")
+if mi_model and not eval_only:  # MI is measured on decoded text, which only the eval_only table makes
+    die(f"--mi_model={mi_model} needs --eval_only=True: MI is measured on a trained checkpoint's decoded text")
 
 # -----------------------------------------------------------------------------
 # devices and processes

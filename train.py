@@ -154,7 +154,6 @@ if resume:
             f"{trained_on['encoder']} (d_emb {trained_on['d_emb']}): pass a --dataset built with that encoder")
     if meta.get("key") != trained_on.get("key") and "dataset" not in given:
         die(f"{data_dir} was rebuilt after {ckpt_path} was trained on it: pass --dataset={dataset} to use it anyway")
-    model.to(device)
     iter_num, best_val_loss = checkpoint["iter_num"], checkpoint["best_val_loss"]
     evals_since_best = checkpoint.get("evals_since_best", 0)  # older checkpoints: counted from here
 else:
@@ -162,7 +161,7 @@ else:
                               n_embd=n_embd, dropout=dropout, bias=bias, rope_theta=rope_theta))
     model.normalizer.center.copy_(torch.tensor(meta["normalizer"]["center"]))
     model.normalizer.scale.copy_(torch.tensor(meta["normalizer"]["scale"]))
-    model.to(device)
+model.to(device)
 model_args = model.config.__dict__
 scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")
 optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), eps, device_type)
@@ -195,14 +194,15 @@ def evaluate(roundtrip=None):
         preds = {"model": raw_model.normalizer.denormalize(pred.float())}
         if roundtrip or not baselines:
             preds |= {"copy": x, "mean": mean_concept.expand_as(y)}
+        if mi_model:  # each target's context: the previous 10 sentences of its document (paper: k = 10)
+            starts = val_offsets[val_docs[i:i + batch_size]][:, None].repeat(block_size, 1)[mask.cpu().numpy()]
+            contexts = [val_text[max(lo, r - 10):r] for lo, r in zip(starts, row[mask].tolist())]
         for name, p in preds.items():
             m = concept_metrics(p, x, y, mask, raw_model.normalizer, doc, row)
             if roundtrip:
                 texts, back = roundtrip(p[mask].float().cpu().numpy())
                 m["rt_l2"] = (torch.as_tensor(back, device=device) - y[mask]).norm(dim=-1).sum().item()
-            if mi_model:  # the decoded next sentence, after the document's previous 10 (paper: k = 10)
-                starts = val_offsets[doc.cpu().numpy()][:, None].repeat(block_size, 1)[mask.cpu().numpy()]
-                contexts = [val_text[max(lo, r - 10):r] for lo, r in zip(starts, row[mask].tolist())]
+            if mi_model:  # the decoded next sentence, after its context
                 m["mi_gain"], m["mi_tokens"] = coherence_mi(mi_lm, mi_tokenizer, texts, contexts)
             sums[name] = {k: sums.get(name, {}).get(k, 0) + v for k, v in m.items()}
     raw_model.train()
@@ -336,12 +336,11 @@ while True:
     if master and iter_num % log_interval == 0:
         loss_val = loss_sum.item() / world  # .item() syncs: only when logging
         dt = (time.time() - t0) / (iter_num - t0_iter)
-        concepts = n_targets
         mfu = flops_per_concept * gradient_accumulation_steps * batch_size * block_size / dt / peak
-        print(f"iter {iter_num}: loss {loss_val:.2f}, lr {lr:.2e}, {dt * 1000:.1f}ms, {concepts / dt:.0f} concepts/s, "
-              f"mfu {100 * mfu:.1f}%")
+        print(f"iter {iter_num}: loss {loss_val:.2f}, lr {lr:.2e}, {dt * 1000:.1f}ms, {n_targets / dt:.0f} "
+              f"concepts/s, mfu {100 * mfu:.1f}%")
         log.write(json.dumps({"iter": iter_num, "loss": loss_val, "lr": lr, "ms": dt * 1000,
-                              "concepts_per_s": concepts / dt, "mfu": mfu}) + "\n")
+                              "concepts_per_s": n_targets / dt, "mfu": mfu}) + "\n")
         t0, t0_iter = time.time(), iter_num
 
 if master:

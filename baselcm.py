@@ -153,7 +153,8 @@ class BaseLCM(nn.Module):
         seq, cosines, reason = prompt.float(), [], "max_new_concepts"
         c = self.config
         # one tensor per layer: a compiled step then updates each in place (slices of one tensor get copied whole)
-        cache = [torch.zeros(2, 1, c.n_head, c.block_size, c.n_embd // c.n_head, device=seq.device) for _ in self.blocks]
+        cache = [torch.zeros(2, 1, c.n_head, c.block_size, c.n_embd // c.n_head, device=seq.device)
+                 for _ in self.blocks] if use_cache else None
         start, cached = 0, 0  # window start; rows of the window already in the cache
         for _ in range(max_new_concepts):
             if seq.size(0) - start > c.block_size:

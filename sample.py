@@ -1,22 +1,25 @@
 """
-Continues a text sentence by sentence with a trained Base-LCM. The prompt is split and encoded with the
-checkpoint's encoder; each predicted concept is decoded by SONAR, or, for encoders without a decoder
-(minilm), replaced by the nearest sentence of the training data and marked as retrieved.
+Continues a text sentence by sentence with a trained Base-LCM: the prompt is split and encoded with
+the checkpoint's encoder, the model generates concepts, and each is decoded by SONAR, or, for
+encoders without a decoder (minilm), replaced by the nearest sentence of the training data.
 
 $ python sample.py --start="The fire spread overnight. Residents were told to leave."
 $ python sample.py --start=FILE:prompt.txt --num_samples=3 --noise=0.3
-$ python sample.py --out_dir=out-sonar --start="The storm hit the coast." --lang=fra_Latn   # SONAR: in French
+$ python sample.py --out_dir=out-sonar --start="The storm hit the coast." --lang=fra_Latn  # in French
 """
 import json as jsonlib
 import os, sys
 
 import torch
 
-from baselcm import (EOT_TEXT, SentenceBank, check_lang, configure, die, get_device, load_checkpoint, load_encoder,
-                     load_meta, same_space, sentence_splitter, split_sentences)
+from common import configure, die, get_device, load_checkpoint
+from concepts import (EOT_TEXT, SentenceBank, check_encoder, check_lang, load_encoder, sentence_splitter,
+                      split_sentences)
+from datafiles import load_meta
 
 out_dir = "out"          # holds ckpt.pt
-start = "Hundreds of people have been forced to leave their homes as a bushfire moves towards the town."  # or FILE:path
+start = "Hundreds of people have been forced to leave their homes as a bushfire moves towards the town."
+                         # the prompt, or FILE:path
 max_new_concepts = 16
 stop_eot = 0.9           # stop when cos(prediction, end of text) reaches this
 stop_repeat = 0.0        # 0 = off; else stop when cos(prediction, previous concept) reaches this
@@ -27,11 +30,11 @@ prompt_lang = ""         # FLORES-200 code of the prompt; '' = the training data
 lang = ""                # FLORES-200 code of the output (SONAR decoder); '' = prompt_lang
 data_dir = ""            # sentence bank for retrieval; '' = the dataset the checkpoint was trained on
 use_cache = True         # KV cache: each new concept costs one position
-compile = False          # torch.compile the model: the one-concept decode step compiles once (pays off on GPUs)
-sonar_hf_encoder = "cointegrated/SONAR_200_text_encoder"  # SONAR's transformers port, used without sonar-space
-sonar_hf_decoder = "raxtemur/SONAR_200_text_decoder"
+compile = False          # torch.compile the model: the one-concept step compiles once (for GPUs)
+sonar_hf_encoder = "cointegrated/SONAR_200_text_encoder"  # SONAR's transformers port, used
+sonar_hf_decoder = "raxtemur/SONAR_200_text_decoder"      # without sonar-space
 device = ""
-json = False             # print one JSON object per sample: each step's text, cosine to end of text, stop reason
+json = False             # one JSON object per sample: each step's text, cosine to end of text, stop
 configure(globals(), sys.argv[1:])
 
 device = get_device(device)
@@ -45,13 +48,14 @@ lang = lang or prompt_lang
 check_lang(prompt_lang, "--prompt_lang")
 check_lang(lang)
 if start.startswith("FILE:"):
-    if not os.path.isfile(start[5:]):
-        die(f"prompt file {start[5:]} not found")
+    path = start[5:]
+    if not os.path.isfile(path):
+        die(f"prompt file {path} not found")
     try:
-        with open(start[5:], encoding="utf-8") as f:
+        with open(path, encoding="utf-8") as f:
             start = f.read()
     except UnicodeDecodeError as e:
-        die(f"prompt file {start[5:]} is not UTF-8 ({e.reason} at byte {e.start}): re-save it as UTF-8")
+        die(f"prompt file {path} is not UTF-8 ({e.reason} at byte {e.start}): re-save it as UTF-8")
 prompt = split_sentences(sentence_splitter(data["spacy_model"]), [start], data["max_chars"])[0]
 if not prompt:
     die("the prompt is empty: pass --start='Some sentences.' or --start=FILE:prompt.txt")
@@ -59,14 +63,14 @@ if not prompt:
 enc = load_encoder(data["encoder"], device, (sonar_hf_encoder, sonar_hf_decoder))
 if enc.d_emb != model.config.d_emb:
     die(f"encoder {data['encoder']} gives d_emb {enc.d_emb}, the checkpoint wants {model.config.d_emb}")
-if enc.decode:  # the output language, checked before generating: SONAR's decoder shares the encoder's tokenizer
+if enc.decode:
+    # the output language, checked before generating: SONAR's decoder shares the encoder's tokenizer
     enc.encode([EOT_TEXT], lang=lang)
-else:  # retrieval needs the sentences the encoder saw
+else:
+    # retrieval: the sentences the encoder saw
     bank_dir = data_dir or data["dir"]
     bank_meta = load_meta(bank_dir)
-    if not same_space(bank_meta["encoder"], data["encoder"]) or bank_meta["d_emb"] != data["d_emb"]:
-        die(f"{bank_dir} holds {bank_meta['encoder']} concepts (d_emb {bank_meta['d_emb']}), the checkpoint "
-            f"{data['encoder']} (d_emb {data['d_emb']}): pass --data_dir=DIR built with the same encoder")
+    check_encoder(bank_dir, bank_meta, data, "the checkpoint", "data_dir")
     bank = SentenceBank(bank_dir, bank_meta)
 concepts = torch.as_tensor(enc.encode(prompt, lang=prompt_lang), device=device)  # (T, d_emb)
 eot = torch.tensor(data["eot"], device=device)
@@ -75,17 +79,19 @@ generator = torch.Generator(device=device).manual_seed(seed)
 for k in range(num_samples):
     new, cosines, reason = model.generate(concepts, max_new_concepts, eot, stop_eot, stop_repeat, noise,
                                           use_cache, generator)
-    if reason == "eot":  # the end-of-text concept is a signal, not a sentence
+    if reason == "eot":
+        # the end-of-text concept is a signal, not a sentence
         new = new[:-1]
+    sims = [None] * len(new)
     if len(new) == 0:
-        texts, sims = [], []
+        texts = []
     elif enc.decode:
-        texts, sims = enc.decode(new.cpu(), lang=lang), [None] * len(new)
+        texts = enc.decode(new.cpu(), lang=lang)
     else:
         idx, sims = bank.nearest(new)
-        texts, sims = bank.texts(idx), [float(s) for s in sims]
+        texts = bank.texts(idx)
     if json:
-        steps = [{"text": t, "cos_eot": c} | ({"retrieved_cos": s} if s is not None else {})
+        steps = [{"text": t, "cos_eot": c} | ({"retrieved_cos": float(s)} if s is not None else {})
                  for t, c, s in zip(texts, cosines, sims)]
         print(jsonlib.dumps({"sample": k, "prompt": prompt, "steps": steps, "stop": reason}, ensure_ascii=False))
         continue

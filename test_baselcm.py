@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-import baselcm
-from baselcm import BaseLCM, LCMConfig, concept_metrics, finish_metrics, fit_normalizer, get_batch, sample_windows
+import baselcm, common, concepts, datafiles, metrics
+from baselcm import BaseLCM, LCMConfig
+from datafiles import fit_normalizer, get_batch, sample_windows
+from metrics import concept_metrics, finish_metrics
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
@@ -51,7 +53,7 @@ SONAR_DATA = {"encoder": "sonar", "lang": "eng_Latn", "d_emb": 1024, "eot": [0.0
 
 def save_checkpoint(out, model, data):
     os.makedirs(out, exist_ok=True)
-    baselcm.atomic_save({"model": model.state_dict(), "model_args": model.config.__dict__, "config": {}, "data": data},
+    common.atomic_save({"model": model.state_dict(), "model_args": model.config.__dict__, "config": {}, "data": data},
                         str(out / "ckpt.pt"))
 
 def rotation_docs(rng, n_docs, d=16, lo=6, hi=20):
@@ -127,7 +129,7 @@ def read_dataset(d):
     meta = json.load(open(d / "meta.json"))
     out = {"meta": meta}
     for s in ("train", "val"):
-        rows, offsets = baselcm.load_split(str(d), s, meta)
+        rows, offsets = datafiles.load_split(str(d), s, meta)
         out[s] = (np.array(rows), offsets, (d / f"{s}.txt").read_text().splitlines())
     return out
 
@@ -239,7 +241,7 @@ def tiny_lm():
 def test_mi_is_the_gain_in_mean_log_likelihood_from_the_context(tiny_lm):
     lm, tok = tiny_lm
     texts, contexts = ["The wind changed.", "Residents left."], [["The fire spread.", "Residents left."], []]
-    gain, n = baselcm.coherence_mi(lm, tok, texts, contexts)
+    gain, n = metrics.coherence_mi(lm, tok, texts, contexts)
     def mean_nll(prefix, text):  # transformers' own loss over the text's tokens only
         p, t = tok.encode(prefix), tok.encode(text + "\n")
         return lm(torch.tensor([p + t]), labels=torch.tensor([[-100] * len(p) + t])).loss.item(), len(t)
@@ -252,7 +254,7 @@ def test_mi_is_the_gain_in_mean_log_likelihood_from_the_context(tiny_lm):
         for block in lm.transformer.h:
             block.attn.c_proj.weight.zero_(), block.attn.c_proj.bias.zero_()
         lm.transformer.wpe.weight.zero_()
-    assert abs(baselcm.coherence_mi(lm, tok, texts, contexts)[0]) < 1e-4
+    assert abs(metrics.coherence_mi(lm, tok, texts, contexts)[0]) < 1e-4
 
 # -----------------------------------------------------------------------------
 # generation
@@ -303,7 +305,7 @@ def test_retrieval_returns_the_exact_sentence_of_a_bank_embedding(tmp_path):
     meta = write_dataset(tmp_path, "bank", docs[:4], docs[4:], docs[0][-1])
     lines = [f"документ {i // 5}, 文 {i % 5}." for i in range(20)]  # multi-byte: lines are found by their bytes
     (tmp_path / "bank" / "train.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    bank = baselcm.SentenceBank(str(tmp_path / "bank"), meta)
+    bank = concepts.SentenceBank(str(tmp_path / "bank"), meta)
     idx, cos = bank.nearest(np.stack([docs[2][3], docs[1][0]]), chunk=7)  # chunks smaller than the bank
     assert list(idx) == [13, 5] and np.all(cos > 0.999)
     assert bank.texts([*idx, 0, 19]) == [lines[13], lines[5], lines[0], lines[19]]
@@ -313,7 +315,7 @@ def test_retrieval_returns_the_exact_sentence_of_a_bank_embedding(tmp_path):
 
 def test_failed_checkpoint_write_leaves_the_previous_loadable(tmp_path, monkeypatch):
     path = str(tmp_path / "ckpt.pt")
-    baselcm.atomic_save({"iter_num": 1}, path)
+    common.atomic_save({"iter_num": 1}, path)
     real_save = torch.save
 
     def crash(obj, f):
@@ -321,16 +323,16 @@ def test_failed_checkpoint_write_leaves_the_previous_loadable(tmp_path, monkeypa
         raise OSError("disk full")
     monkeypatch.setattr(torch, "save", crash)
     with pytest.raises(OSError):
-        baselcm.atomic_save({"iter_num": 2}, path)
+        common.atomic_save({"iter_num": 2}, path)
     assert torch.load(path)["iter_num"] == 1 and os.listdir(tmp_path) == ["ckpt.pt"]
 
 def test_checkpoint_of_a_compiled_model_loads(tmp_path):
     model = BaseLCM(tiny_config())
     compiled = torch.compile(model)
     assert all(k.startswith("_orig_mod.") for k in compiled.state_dict())
-    baselcm.atomic_save({"model": compiled.state_dict(), "model_args": model.config.__dict__, "config": {}, "data": {}},
+    common.atomic_save({"model": compiled.state_dict(), "model_args": model.config.__dict__, "config": {}, "data": {}},
                         tmp_path / "c.pt")
-    loaded, _ = baselcm.load_checkpoint(str(tmp_path / "c.pt"))
+    loaded, _ = common.load_checkpoint(str(tmp_path / "c.pt"))
     x = torch.randn(1, 5, 16)
     assert torch.equal(loaded.eval()(x)[0], model.eval()(x)[0])
 
@@ -452,9 +454,9 @@ def test_bad_configuration_gives_one_clear_line(args, message, tmp_path):
 # embed.py
 
 def test_sentences_are_cut_on_word_boundaries_never_dropped():
-    nlp = baselcm.sentence_splitter()
+    nlp = concepts.sentence_splitter()
     long = " ".join(f"word{i}" for i in range(80))
-    docs = baselcm.split_sentences(nlp, [f"Short  one.\n\nThen {long}.", "   ", "Final."], max_chars=50)
+    docs = concepts.split_sentences(nlp, [f"Short  one.\n\nThen {long}.", "   ", "Final."], max_chars=50)
     assert docs[0][0] == "Short one."
     assert all(len(s) <= 50 for s in docs[0]) and " ".join(docs[0][1:]) == f"Then {long}."
     assert docs[1] == [] and docs[2] == ["Final."]
@@ -468,19 +470,19 @@ def test_sentences_are_cut_on_word_boundaries_never_dropped():
     ("Pi is 3.14. Really? Yes. Fine!", ["Pi is 3.14.", "Really?", "Yes.", "Fine!"]),
 ])
 def test_sentences_are_split_in_scripts_without_spaces(text, sentences):
-    assert baselcm.split_sentences(baselcm.sentence_splitter(), [text]) == [sentences]
+    assert concepts.split_sentences(concepts.sentence_splitter(), [text]) == [sentences]
 
 def test_a_document_longer_than_spacys_limit_is_split_whole():
     text = "".join(f"Sentence number {i} is here. " for i in range(40_000))  # 1.2M characters
     assert len(text) > 1_000_000
-    [sents] = baselcm.split_sentences(baselcm.sentence_splitter(), [text])
+    [sents] = concepts.split_sentences(concepts.sentence_splitter(), [text])
     assert sents == [f"Sentence number {i} is here." for i in range(40_000)]
 
 def test_a_string_option_takes_the_text_as_given():
     g = {"start": "x", "n_layer": 2, "compile": False}
-    assert baselcm.configure(g, ["--start=2024", "--n_layer=3", "--compile=True"]) == {"start", "n_layer", "compile"}
+    assert common.configure(g, ["--start=2024", "--n_layer=3", "--compile=True"]) == {"start", "n_layer", "compile"}
     assert g == {"start": "2024", "n_layer": 3, "compile": True}
-    baselcm.configure(g, ["--start='quoted' [1, 2]"])
+    common.configure(g, ["--start='quoted' [1, 2]"])
     assert g["start"] == "'quoted' [1, 2]"
 
 def test_embed_with_sonar_writes_the_data_format(sonar_env, tmp_path):
@@ -502,7 +504,7 @@ def test_embed_with_sonar_writes_the_data_format(sonar_env, tmp_path):
     for s in ("train", "val"):
         rows, offsets, texts = d[s]
         assert len(rows) == offsets[-1] == len(texts)
-        assert all(texts[o - 1] == baselcm.EOT_TEXT and np.array_equal(rows[o - 1], eot) for o in offsets[1:])
+        assert all(texts[o - 1] == concepts.EOT_TEXT and np.array_equal(rows[o - 1], eot) for o in offsets[1:])
         stand_in = torch.stack([torch.randn(1024, generator=torch.Generator().manual_seed(
             __import__("zlib").crc32(t.encode()))) for t in texts]).numpy().astype(np.float16)
         assert np.array_equal(rows, stand_in)  # each row is its own sentence's embedding
@@ -510,7 +512,7 @@ def test_embed_with_sonar_writes_the_data_format(sonar_env, tmp_path):
     center, scale = fit_normalizer(d["train"][0].astype(np.float32))
     assert np.allclose(meta["normalizer"]["center"], center) and np.allclose(meta["normalizer"]["scale"], scale)
     assert set(meta) >= set(write_dataset(tmp_path / "x", "y", [np.zeros((2, 3))], [np.zeros((2, 3))], np.zeros(3)))
-    assert not (tmp_path / "data" / "docs" / "work").exists()
+    assert not list((tmp_path / "data" / "docs").glob("work*"))
     again = run("embed.py", f"--dataset={src}", "--encoder=sonar", "--lang=deu_Latn", "--chunk_docs=5",
                 "--val_fraction=0.25", cwd=tmp_path, env=env)
     assert "already built" in again.stdout
@@ -553,7 +555,7 @@ def test_official_lcm_parquet_is_imported_without_reencoding(sonar_env, tmp_path
     texts = d["train"][2] + d["val"][2]
     for s, e in zip(sents, embs):
         at = texts.index(s[0])
-        assert texts[at:at + len(s) + 1] == s + [baselcm.EOT_TEXT]
+        assert texts[at:at + len(s) + 1] == s + [concepts.EOT_TEXT]
         assert np.array_equal(rows[at:at + len(s)], e.astype(np.float16))
 
 @pytest.mark.parametrize("case, message", [
@@ -603,13 +605,13 @@ def kill_after_chunks(args, env, cwd, n):
     """Starts embed.py with a slow encoder and kills it (-9) once n chunks are on disk."""
     p = subprocess.Popen([sys.executable, os.path.join(HERE, "embed.py"), *args], cwd=cwd,
                          env=dict(env, FAKE_SONAR_DELAY="0.3"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    work, deadline = cwd / "data" / "docs" / "work", time.time() + 120
-    while time.time() < deadline and len(list(work.glob("chunk*.npz")) if work.exists() else []) < n:
+    work, deadline = cwd / "data" / "docs", time.time() + 120
+    while time.time() < deadline and len(list(work.glob("work-*/chunk*.npz"))) < n:
         time.sleep(0.05)
     os.kill(p.pid, signal.SIGKILL)
     p.wait()
     assert not (cwd / "data" / "docs" / "meta.json").exists()
-    return len(list(work.glob("chunk*.npz")))
+    return len(list(work.glob("work-*/chunk*.npz")))
 
 def test_partial_work_from_other_settings_is_never_reused(sonar_env, tmp_path):
     env, _ = sonar_env
@@ -763,7 +765,7 @@ def test_sonar_runs_through_its_transformers_port_without_sonar_space(tiny_port,
     assert "SONAR through its transformers port" in p.stdout
     d = read_dataset(tmp_path / "data" / "fr")
     assert d["meta"]["encoder"] == "sonar" and d["meta"]["impl"] == "transformers" and d["meta"]["d_emb"] == 1024
-    port = baselcm.SonarPort("cpu", *(a.split("=", 1)[1] for a in tiny_port))
+    port = concepts.SonarPort("cpu", *(a.split("=", 1)[1] for a in tiny_port))
     rows, _, texts = d["train"]
     assert np.allclose(rows[:6].astype(np.float32), port.encode(texts[:6], lang="fra_Latn"), atol=2e-2)
     run("train.py", "--dataset=fr", "--max_iters=2", "--eval_interval=2", *TRAIN[:-1], cwd=tmp_path)

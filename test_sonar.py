@@ -18,7 +18,7 @@ except Exception as e:  # not installed, or broken: the main suite still runs
     pytest.skip(f"sonar-space does not import ({type(e).__name__}): see README, 'The SONAR path'",
                 allow_module_level=True)
 
-import baselcm
+import concepts, datafiles
 from test_baselcm import ENV, HERE, run
 
 CARDS = """name: text_sonar_basic_encoder@user
@@ -62,7 +62,7 @@ def sonar_env(tmp_path_factory):
     return dict(ENV, FAIRSEQ2_USER_ASSET_DIR=str(root), FAIRSEQ2_NO_PROGRESS="1", SONAR_ROOT=str(root))
 
 def test_the_real_pipelines_get_the_device_and_dtype_and_decode_one_string_per_concept(sonar_env):
-    enc = baselcm.load_encoder("sonar", "cpu")
+    enc = concepts.load_encoder("sonar", "cpu")
     emb = enc.encode(["The fire spread.", "A much longer second sentence about the fire and the town."])
     assert emb.shape == (2, 1024) and enc.d_emb == 1024
     param = next(enc.t2v.model.parameters())
@@ -81,11 +81,11 @@ def test_embed_train_sample_and_eval_with_the_real_sonar(sonar_env, tmp_path):
             f"--lang={lang}", "--val_fraction=0.2", "--device=cpu", cwd=tmp_path, env=sonar_env)
         meta = json.load(open(tmp_path / "data" / name / "meta.json"))
         assert meta["encoder"] == "sonar" and meta["d_emb"] == 1024 and meta["lang"] == lang
-        rows, offsets = baselcm.load_split(str(tmp_path / "data" / name), "train", meta)
+        rows, offsets = datafiles.load_split(str(tmp_path / "data" / name), "train", meta)
         texts = (tmp_path / "data" / name / "train.txt").read_text().splitlines()
         assert len(rows) == len(texts) == offsets[-1]  # one row per sentence, plus end of text per document
-        assert all(texts[o - 1] == baselcm.EOT_TEXT for o in offsets[1:])
-        again = baselcm.load_encoder("sonar", "cpu").encode(texts[:5], lang=lang)  # the row stored for each
+        assert all(texts[o - 1] == concepts.EOT_TEXT for o in offsets[1:])
+        again = concepts.load_encoder("sonar", "cpu").encode(texts[:5], lang=lang)  # the row stored for each
         assert np.allclose(np.asarray(rows[:5], dtype=np.float32), again, rtol=1e-2, atol=1e-2 * np.abs(again).max())
     run("train.py", "--dataset=en", "--max_iters=4", "--eval_interval=4", "--n_layer=1", "--n_embd=32", "--n_head=2",
         "--block_size=8", "--batch_size=4", "--eval_iters=2", cwd=tmp_path, env=sonar_env)
@@ -167,7 +167,7 @@ SENTENCES = {"eng_Latn": ["The fire spread.", "Residents were told to leave thei
 
 def test_the_transformers_port_equals_sonar_space(sonar_env, tmp_path):
     encoder, decoder = to_transformers(pathlib.Path(sonar_env["SONAR_ROOT"]), tmp_path)
-    real, port = baselcm.load_encoder("sonar", "cpu"), baselcm.SonarPort("cpu", str(encoder), str(decoder))
+    real, port = concepts.load_encoder("sonar", "cpu"), concepts.SonarPort("cpu", str(encoder), str(decoder))
     for lang, sentences in SENTENCES.items():  # lengths differ within a batch: padding must not leak into the mean
         a, b = real.encode(sentences, lang=lang), port.encode(sentences, lang=lang)
         assert np.allclose(a, b, atol=1e-4, rtol=1e-4), np.abs(a - b).max()

@@ -1,0 +1,161 @@
+"""
+The plumbing the scripts share: their configuration (module globals, a config file, then --key=value),
+one-line errors, devices, the measured matmul peak, atomic saves and loading a checkpoint.
+"""
+import ast, os, sys, tempfile, time
+
+import torch
+from torch.nn import functional as F
+
+from baselcm import BaseLCM, LCMConfig
+
+def die(msg):
+    """An expected mistake: one line on stderr, a non-zero exit, no traceback."""
+    print(f"error: {msg}", file=sys.stderr)
+    # objects torn down after this line (a dataset reader) add nothing
+    sys.unraisablehook = lambda *a: None
+    sys.exit(1)
+
+def knobs(g):
+    """A script's knobs, in the order they are defined: its module globals of a simple type."""
+    simple = (int, float, bool, str)
+    return [k for k, v in g.items() if not k.startswith("_") and isinstance(v, simple)]
+
+def configure(g, argv):
+    """Overrides a script's knobs in g from config files and --key=value pairs, in order. A str knob
+    takes the text as given. Returns the keys that were set."""
+    keys = knobs(g)
+    given = set()
+    for arg in argv:
+        if not arg.startswith("--"):
+            # a config file: plain python assignments
+            if not os.path.isfile(arg):
+                die(f"config file {arg} not found (expected a file like config/train_lee.py or --key=value)")
+            cfg = {}
+            exec(open(arg).read(), {}, cfg)
+            pairs = [(k, v, arg) for k, v in cfg.items() if not k.startswith("_")]
+        else:
+            key, eq, val = arg[2:].partition("=")
+            if not eq:
+                die(f"{arg} has no value: write --{key}=VALUE")
+            if key in keys and not isinstance(g[key], str):
+                try:
+                    val = ast.literal_eval(val)
+                except (SyntaxError, ValueError):
+                    pass  # reported below as the wrong type
+            pairs = [(key, val, arg)]
+        for key, val, where in pairs:
+            if key not in keys:
+                die(f"unknown option '{key}' (from {where}); known: {', '.join(sorted(keys))}")
+            want = type(g[key])
+            if want is float and type(val) is int:
+                val = float(val)
+            if type(val) is not want:
+                die(f"--{key} wants a {want.__name__}, got {val!r} (from {where})")
+            g[key] = val
+            given.add(key)
+    return given
+
+def require_positive(g, keys):
+    for k in keys:
+        if g[k] < 1:
+            die(f"--{k}={g[k]} must be at least 1")
+
+def get_device(device):
+    """'' -> cuda, mps or cpu, whichever is here; a named device is checked, so a typo is one line."""
+    if not device:
+        if torch.cuda.is_available():
+            return "cuda"
+        return "mps" if torch.backends.mps.is_available() else "cpu"
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        kind = None
+    if kind not in ("cuda", "mps", "cpu"):
+        die(f"--device={device} is not a device: use cuda, cuda:N, mps or cpu (or leave it empty)")
+    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
+    if not available[kind]:
+        die(f"--device={device}, but this machine has no {kind}: use --device=cpu or leave it empty")
+    return device
+
+def writable_dir(path, flag):
+    """Creates path and checks that files can be written there, before any work is done."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        tempfile.TemporaryFile(dir=path).close()
+    except OSError as e:
+        die(f"cannot write to --{flag}={path} ({e.strerror}): pick a folder you can write to")
+
+def synchronize(device):
+    device_type = torch.device(device).type
+    if device_type == "cuda":
+        torch.cuda.synchronize()
+    elif device_type == "mps":
+        torch.mps.synchronize()
+
+def measure_peak_flops(device, dtype, sizes=(), seconds=0.3):
+    """FLOP/s of F.linear (the model's kernel) in dtype, measured here and now: the MFU denominator,
+    instead of a datasheet number for some other chip. The best of a few square sizes."""
+    if not sizes:
+        sizes = (4096, 8192) if torch.device(device).type == "cuda" else (512, 1024, 2048)
+    best = 0.0
+    for n in sizes:
+        # ones, not random numbers: training's RNG stays untouched
+        a = torch.ones(n, n, device=device, dtype=dtype)
+        F.linear(a, a)
+        synchronize(device)
+        reps = 0
+        t = time.perf_counter()
+        while reps < 3 or time.perf_counter() - t < seconds:
+            F.linear(a, a)
+            reps += 1
+            synchronize(device)
+        best = max(best, 2 * n ** 3 * reps / (time.perf_counter() - t))
+    return best
+
+def autocast_dtype(device, n_embd):
+    """The training dtype for '' (auto): bf16 on GPUs that have it, fp16 on older ones. CPUs differ
+    (bf16 matmuls from 0.2x to 10x fp32's speed), so on a CPU it is measured at the model's sizes
+    and bf16 is taken when 1.5x faster; with several processes, rank 0's choice holds for all."""
+    device_type = torch.device(device).type
+    if device_type == "cuda":
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    if device_type != "cpu":
+        return "float32"
+    rate = {d: measure_peak_flops(device, getattr(torch, d), (n_embd, 4 * n_embd), 0.1)
+            for d in ("float32", "bfloat16")}
+    faster = torch.tensor(float(rate["bfloat16"] > 1.5 * rate["float32"]))
+    if torch.distributed.is_initialized():
+        torch.distributed.broadcast(faster, 0)
+    dtype = "bfloat16" if faster else "float32"
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(f"dtype: {dtype} (F.linear at this model's sizes: float32 {rate['float32'] / 1e9:.0f}, "
+              f"bfloat16 {rate['bfloat16'] / 1e9:.0f} GFLOP/s; bf16 is used when 1.5x faster)")
+    return dtype
+
+def atomic_save(obj, path):
+    """torch.save to a temporary file, then rename: a crash never leaves a broken checkpoint."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+def load_checkpoint(path):
+    """-> (model on the CPU, checkpoint dict). Weights only, so a shared checkpoint cannot run code;
+    memory-mapped, so what a caller does not use (sample.py: the optimizer) is never read. Strips
+    torch.compile's '_orig_mod.' prefix."""
+    if not os.path.isfile(path):
+        die(f"no checkpoint at {path}: train one with `python train.py` or pass --out_dir=DIR")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        # a foreign checkpoint has no such keys
+        ckpt["config"], ckpt["data"]
+        model = BaseLCM(LCMConfig(**ckpt["model_args"]))
+        model.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()})
+    except Exception as e:
+        die(f"{path} is not a readable baselcm checkpoint ({type(e).__name__}): retrain it, "
+            "or pass the --out_dir of another run")
+    return model, ckpt

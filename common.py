@@ -3,6 +3,7 @@ The plumbing the scripts share: their configuration (module globals, a config fi
 one-line errors, devices, the measured matmul peak, atomic saves and loading a checkpoint.
 """
 import ast, os, sys, tempfile, time
+from datetime import timedelta
 
 import torch
 from torch.nn import functional as F
@@ -77,6 +78,19 @@ def get_device(device):
     if not available[kind]:
         die(f"--device={device}, but this machine has no {kind}: use --device=cpu or leave it empty")
     return device
+
+def init_distributed(device, backend="", timeout_hours=0):
+    """For a process of torchrun: joins the group and takes its own GPU. -> (rank, world, device);
+    (0, 1, device) without torchrun. The backend: nccl on GPUs, gloo otherwise, unless named."""
+    if int(os.environ.get("RANK", -1)) == -1:
+        return 0, 1, device
+    if device.startswith("cuda"):
+        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+        torch.cuda.set_device(device)
+    backend = backend or ("nccl" if device.startswith("cuda") else "gloo")
+    timeout = timedelta(hours=timeout_hours) if timeout_hours else None
+    torch.distributed.init_process_group(backend=backend, timeout=timeout)
+    return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), device
 
 def writable_dir(path, flag):
     """Creates path and checks that files can be written there, before any work is done."""
@@ -159,3 +173,18 @@ def load_checkpoint(path):
         die(f"{path} is not a readable baselcm checkpoint ({type(e).__name__}): retrain it, "
             "or pass the --out_dir of another run")
     return model, ckpt
+
+def take_checkpoint_settings(g, keys, given, ckpt, ckpt_path):
+    """Resuming or evaluating a run takes its checkpoint's settings (ckpt["config"]) into the script's
+    globals g, but for those given on the command line and those of the machine; what was given
+    and differs is printed, and a change of the model's settings is refused."""
+    here = ("out_dir", "init_from", "eval_only", "device", "backend")
+    old = ckpt["config"]
+    g.update({k: old[k] for k in keys if k in old and k not in given and k not in here})
+    changed = [k for k in keys if k in given and k in old and old[k] != g[k] and k not in here]
+    for k in changed:
+        if k in ckpt["model_args"]:
+            die(f"--{k}={g[k]}, but {ckpt_path} was made with {k}={old[k]}: the model's settings "
+                "cannot change; train a new model in another --out_dir")
+    if changed:
+        print("changed from the checkpoint: " + ", ".join(f"{k} {old[k]} -> {g[k]}" for k in changed))

@@ -222,10 +222,6 @@ def load_encoder(name, device="cpu", sonar_hf=SONAR_HF):
         return SonarPort(device, *sonar_hf)
     return SentenceTransformerEncoder(name, device)
 
-def same_space(a, b):
-    """Two encoder names that give the same concepts: SONAR's two implementations are one space."""
-    return a == b or {a, b} <= {"sonar", "sonar_hf"}
-
 class SentenceBank:
     """Retrieval decoding for encoders without a decoder: the nearest sentence of a split by cosine."""
 
@@ -247,6 +243,11 @@ class SentenceBank:
             best = torch.where(better, val, best)
             best_idx = torch.where(better, idx + at, best_idx)
         return best_idx.numpy(), best.numpy()
+
+    def decode(self, concepts):
+        """-> (the nearest sentence of each concept, its cosine)"""
+        idx, cos = self.nearest(concepts)
+        return self.texts(idx), [float(s) for s in cos]
 
     def texts(self, idx):
         if self.ends is None:
@@ -285,9 +286,33 @@ def source_files(source):
 def not_utf8(what, e):
     die(f"{what} is not valid UTF-8 ({e.reason} at byte {e.start}): re-save it as UTF-8")
 
-def read_documents(dataset, source, files, hf_config, hf_split):
-    """-> the first row and an iterator over all rows. A .txt file is a document a line, or, in a
-    folder, a document a file; other formats hold rows. Nothing is loaded whole."""
+def prompt_text(start):
+    """sample.py's --start: the text itself, or FILE:path for a UTF-8 file's text."""
+    if not start.startswith("FILE:"):
+        return start
+    path = start[5:]
+    if not os.path.isfile(path):
+        die(f"prompt file {path} not found")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except UnicodeDecodeError as e:
+        die(f"prompt file {path} is not UTF-8 ({e.reason} at byte {e.start}): re-save it as UTF-8")
+
+def find_source(dataset):
+    """--dataset -> (the source: a path or a hub name, its files, the dataset's default name)."""
+    source = dataset
+    if dataset == "lee":
+        # ships inside gensim's wheel: 300 news documents, one per line
+        from gensim.test.utils import datapath
+        source = datapath("lee_background.cor")
+    name = os.path.splitext(os.path.basename(os.path.normpath(dataset)))[0].replace("/", "_")
+    return source, source_files(source), name
+
+def read_documents(dataset, source, files, hf_config, hf_split, text_column):
+    """-> (an iterator over the rows, whether they hold the official LCM parquet schema: sentences
+    and their SONAR embeddings). A .txt file is a document a line, or, in a folder, a document a
+    file; other formats hold rows with a text_column. Nothing is loaded whole."""
     import datasets
     # its errors reach the user as our one line
     datasets.logging.set_verbosity(datasets.logging.CRITICAL)
@@ -309,12 +334,7 @@ def read_documents(dataset, source, files, hf_config, hf_split):
             f"{first_line(e, 1000)}{hint}")
     if first is None:
         die(f"dataset '{dataset}' has no documents")
-    return first, itertools.chain([first], rows)
-
-def check_encoder(data_dir, meta, trained_on, model, flag):
-    """One line and an exit if the dataset in data_dir holds concepts of another space than the ones
-    the model was trained on (trained_on: a checkpoint's "data")."""
-    if not same_space(meta["encoder"], trained_on["encoder"]) or meta["d_emb"] != trained_on["d_emb"]:
-        die(f"{data_dir} holds {meta['encoder']} concepts (d_emb {meta['d_emb']}), but {model} was "
-            f"trained on {trained_on['encoder']} (d_emb {trained_on['d_emb']}): pass a --{flag} built "
-            "with that encoder")
+    official = "text_sentences" in first and "text_sentences_sonar_emb" in first
+    if not official and text_column not in first:
+        die(f"no column '{text_column}' in {dataset} (columns: {', '.join(first)}): pass --text_column=NAME")
+    return itertools.chain([first], rows), official

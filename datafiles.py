@@ -103,11 +103,23 @@ def write_splits(work, seed, val_fraction):
         np.save(os.path.join(work, f"{s}_offsets.npy"), np.array(f["offsets"], dtype=np.int64))
     counts = {f"{s}_docs": len(f["offsets"]) - 1 for s, f in files.items()}
     counts |= {f"{s}_rows": f["offsets"][-1] for s, f in files.items()}
+    for s in ("train", "val"):
+        if counts[f"{s}_rows"] == 0:
+            die(f"{n_docs} documents with text give an empty {s} split: use more documents or another "
+                "--val_fraction")
     return counts | {"empty_docs_skipped": n_empty}
 
-def finish_dataset(work, out, meta):
-    """Moves the split files from work to out, then writes meta.json: last, as it marks the dataset
-    finished."""
+def finish_dataset(work, out, meta, norm_sample, seed):
+    """Fits the normalizer on (a sample of) the training concepts, moves the split files from work
+    to out, then writes meta.json: last, as it marks the dataset finished."""
+    rows, _ = load_split(work, "train", meta)
+    n = min(len(rows), norm_sample)
+    sample = np.asarray(rows[np.sort(np.random.default_rng(seed).choice(len(rows), n, replace=False))],
+                        dtype=np.float32)
+    center, scale = fit_normalizer(sample)
+    meta["normalizer"] = {"center": center.tolist(), "scale": scale.tolist()}
+    # the training mean: a baseline of the evaluations
+    meta["mean"] = sample.mean(0).tolist()
     for s in ("train", "val"):
         for f in (f"{s}.bin", f"{s}.txt", f"{s}_offsets.npy"):
             os.replace(os.path.join(work, f), os.path.join(out, f))
@@ -115,6 +127,21 @@ def finish_dataset(work, out, meta):
         json.dump(meta, f)
     os.replace(os.path.join(out, "meta.json.tmp"), os.path.join(out, "meta.json"))
     shutil.rmtree(work)
+
+def same_space(a, b):
+    """Two encoder names that give the same concepts: SONAR's two implementations are one space."""
+    return a == b or {a, b} <= {"sonar", "sonar_hf"}
+
+def check_trained_on(data_dir, meta, trained_on, model, flag, named=True):
+    """One line and an exit if the dataset in data_dir holds concepts of another space than the ones
+    the model was trained on (trained_on: a checkpoint's "data"), or was rebuilt since, unless named."""
+    if not same_space(meta["encoder"], trained_on["encoder"]) or meta["d_emb"] != trained_on["d_emb"]:
+        die(f"{data_dir} holds {meta['encoder']} concepts (d_emb {meta['d_emb']}), but {model} was "
+            f"trained on {trained_on['encoder']} (d_emb {trained_on['d_emb']}): pass a --{flag} built "
+            "with that encoder")
+    if meta.get("key") != trained_on.get("key") and not named:
+        die(f"{data_dir} was rebuilt after {model} was trained on it: pass --{flag}="
+            f"{os.path.basename(data_dir)} to use it anyway")
 
 def sample_windows(rng, offsets, n, block_size):
     """n random windows of up to block_size + 1 rows, each inside one document. A document is drawn

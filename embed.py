@@ -9,29 +9,26 @@ $ torchrun --nproc_per_node=8 embed.py --dataset=my_docs.jsonl --encoder=sonar  
 """
 import itertools, os, sys, time
 from concurrent.futures import ThreadPoolExecutor
-from datetime import timedelta
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from common import configure, die, get_device, knobs, require_positive, writable_dir
-from concepts import (EOT_TEXT, check_lang, load_encoder, not_utf8, read_documents, same_space,
-                      sentence_splitter, source_files, split_sentences)
-from datafiles import finish_dataset, fit_normalizer, load_split, start_work, write_chunk, write_splits
+from common import configure, die, get_device, init_distributed, knobs, require_positive, writable_dir
+from concepts import (EOT_TEXT, check_lang, find_source, load_encoder, not_utf8, read_documents,
+                      sentence_splitter, split_sentences)
+from datafiles import finish_dataset, same_space, start_work, write_chunk, write_splits
 
-dataset = "lee"          # 'lee' (offline default), a .txt (a document a line) .jsonl .json .csv
-                         # .parquet file, a folder of them (a .txt file there is one document), or a
-                         # hub name
+dataset = "lee"          # 'lee' (the offline default), a .txt .jsonl .json .csv .parquet file, a folder
+                         # of them (a .txt file there is one document), or a hub dataset's name
 hf_config = ""           # hub dataset config name, e.g. wikitext-103-raw-v1
 hf_split = "train"       # hub dataset split
-text_column = ""         # '' = 'text'; official LCM parquet (text_sentences, text_sentences_sonar_emb)
-                         # is detected
+text_column = ""         # '' = 'text'; the official LCM parquet schema is detected
 max_docs = 0             # 0 = all documents
 name = ""                # output goes to data_root/name; '' = derived from dataset
 data_root = "data"
-encoder = "minilm"       # 'minilm' (offline), 'sonar' (sonar-space, else its transformers port),
-                         # 'sonar_hf' (the port), or a sentence-transformers model name
+encoder = "minilm"       # 'minilm' (offline), 'sonar', 'sonar_hf' (its transformers port), or a
+                         # sentence-transformers model name
 sonar_hf_encoder = "cointegrated/SONAR_200_text_encoder"  # the port's encoder (hub name or folder)
 lang = "eng_Latn"        # FLORES-200 code of the text (SONAR uses it)
 spacy_model = ""         # '' = rule-based sentencizer; or an installed pipeline (en_core_web_sm)
@@ -57,15 +54,8 @@ if not 0 < val_fraction < 1:
 require_positive(globals(), ("batch_size", "chunk_docs", "max_chars", "norm_sample"))
 if max_docs < 0:
     die(f"--max_docs={max_docs} must be 0 (all documents) or more")
-source = dataset
-if dataset == "lee":
-    # ships inside gensim's wheel: 300 news documents, one per line
-    from gensim.test.utils import datapath
-    source = datapath("lee_background.cor")
-    name = name or "lee"
-files = source_files(source)
-name = name or os.path.splitext(os.path.basename(os.path.normpath(dataset)))[0].replace("/", "_")
-out = os.path.join(data_root, name)
+source, files, default_name = find_source(dataset)
+out = os.path.join(data_root, name or default_name)
 # what decides the output: every knob but these five. A dataset folder and its partial work are
 # used again only for the same settings.
 settings = {k: globals()[k] for k in defaults
@@ -73,16 +63,11 @@ settings = {k: globals()[k] for k in defaults
 top = source if os.path.isdir(source) else os.path.dirname(source)
 settings["dataset"] = os.path.abspath(source) if files else source
 settings["files"] = [[os.path.relpath(f, top), os.path.getsize(f), os.stat(f).st_mtime_ns] for f in files]
-ddp = int(os.environ.get("RANK", -1)) != -1
-rank = int(os.environ.get("RANK", 0))
-world = int(os.environ.get("WORLD_SIZE", 1))
 device = get_device(device)
 writable_dir(data_root, "data_root")
-if ddp:
-    # gloo only waits for the ranks to finish; each rank encodes on its own GPU
-    torch.distributed.init_process_group("gloo", timeout=timedelta(hours=12))
-    if device == "cuda":
-        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+# with torchrun, each rank encodes on its own GPU; gloo only waits for the ranks to finish
+rank, world, device = init_distributed(device, "gloo", timeout_hours=12)
+ddp = torch.distributed.is_initialized()
 key, work = start_work(out, settings, defaults, overwrite, rank)
 if work is None:
     print(f"{out} is already built with these settings; pass --overwrite=True to rebuild it")
@@ -92,14 +77,11 @@ if ddp:
 
 # -----------------------------------------------------------------------------
 # documents -> sentences -> concepts
-first, docs = read_documents(dataset, source, files, hf_config, hf_split)
-official = "text_sentences" in first and "text_sentences_sonar_emb" in first
+text_column = text_column or "text"
+docs, official = read_documents(dataset, source, files, hf_config, hf_split, text_column)
 if official and not same_space(encoder, "sonar"):
     print("official LCM parquet: its embeddings are SONAR's, so the encoder is sonar")
     encoder = "sonar"
-text_column = text_column or "text"
-if not official and text_column not in first:
-    die(f"no column '{text_column}' in {dataset} (columns: {', '.join(first)}): pass --text_column=NAME")
 if max_docs:
     docs = itertools.islice(docs, max_docs)
 enc = load_encoder(encoder, device, (sonar_hf_encoder, ""))
@@ -115,29 +97,24 @@ def sentences(rows):
     return split_sentences(nlp, texts, max_chars)
 
 def embed_chunk(rows, sents):
-    """-> (sentences of each document, their concepts (n, d_emb), documents skipped as empty);
-    end of text closes each document"""
+    """-> (the sentences of each document and end of text, their concepts, the documents skipped
+    as empty)"""
     if official:
         emb = [np.asarray(r["text_sentences_sonar_emb"], np.float32).reshape(-1, enc.d_emb) for r in rows]
     else:
         flat = [s for doc in sents for s in doc]
         emb = [enc.encode(flat, lang=lang, batch_size=batch_size)] if flat else []
-    emb = np.concatenate(emb) if emb else np.zeros((0, enc.d_emb), np.float32)
-    parts = []
-    at = 0
-    for s in sents:
-        if s:
-            parts += [emb[at:at + len(s)], eot[None]]
-        at += len(s)
-    emb = np.concatenate(parts) if parts else np.zeros((0, enc.d_emb), np.float32)
-    kept = [s + [EOT_TEXT] for s in sents if s]
-    return kept, emb.astype(dtype), len(sents) - len(kept)
+    emb = np.concatenate(emb + [np.zeros((0, enc.d_emb), np.float32)])
+    kept = [s for s in sents if s]
+    # end of text closes each document
+    emb = np.insert(emb, np.cumsum([len(s) for s in kept], dtype=np.int64), eot, axis=0)
+    return [s + [EOT_TEXT] for s in kept], emb.astype(dtype), len(sents) - len(kept)
 
 # chunk k belongs to rank k % world; a chunk already on disk is not encoded again
 os.makedirs(work, exist_ok=True)
 t0 = time.time()
 n_sent = 0
-bar = tqdm(total=max_docs or None, unit="doc", disable=rank != 0, desc=f"embed {name}")
+bar = tqdm(total=max_docs or None, unit="doc", disable=rank != 0, desc=f"embed {os.path.basename(out)}")
 
 def todo():
     """this rank's chunks that are not on disk yet, with their rows; the others count as done"""
@@ -175,23 +152,12 @@ if ddp:
         sys.exit(0)
 
 # -----------------------------------------------------------------------------
-# chunks -> train and val files (rank 0); the normalizer is fitted on the training concepts
+# chunks -> train and val files (rank 0), then the normalizer, fitted on the training concepts
 meta = write_splits(work, seed, val_fraction)
-if meta["train_rows"] == 0 or meta["val_rows"] == 0:
-    n_docs = meta["train_docs"] + meta["val_docs"]
-    die(f"{n_docs} documents with text give an empty {'train' if meta['train_rows'] == 0 else 'val'} "
-        "split: use more documents or another --val_fraction")
-train_rows, _ = load_split(work, "train", {"dtype": dtype, "d_emb": enc.d_emb})
-n_fit = min(len(train_rows), norm_sample)
-pick = np.sort(np.random.default_rng(seed).choice(len(train_rows), n_fit, replace=False))
-sample = np.asarray(train_rows[pick], dtype=np.float32)
-center, scale = fit_normalizer(sample)
 meta |= {"encoder": encoder, "impl": enc.impl, "d_emb": enc.d_emb, "lang": lang, "dtype": dtype,
-         "dataset": dataset, "key": key, "settings": settings,
-         "spacy_model": spacy_model, "max_chars": max_chars,
-         "normalizer": {"center": center.tolist(), "scale": scale.tolist()},
-         "mean": sample.mean(0).tolist(), "eot": eot.astype(np.float32).tolist()}
-finish_dataset(work, out, meta)
+         "dataset": dataset, "key": key, "settings": settings, "spacy_model": spacy_model,
+         "max_chars": max_chars, "eot": eot.astype(np.float32).tolist()}
+finish_dataset(work, out, meta, norm_sample, seed)
 print(f"{out}: {meta['train_docs']} train / {meta['val_docs']} val documents, {meta['train_rows']} / "
       f"{meta['val_rows']} concepts (d_emb {enc.d_emb}, {encoder}); {meta['empty_docs_skipped']} empty "
       f"documents skipped; {time.time() - t0:.1f}s, {n_sent * world / (time.time() - t0):.0f} sentences/s")

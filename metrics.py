@@ -10,7 +10,8 @@ import torch
 from torch.nn import functional as F
 
 from common import die
-from concepts import SentenceBank, load_encoder, same_space
+from concepts import SentenceBank, load_encoder
+from datafiles import same_space
 
 @torch.no_grad()
 def concept_metrics(pred, x, y, mask, normalizer, doc, row):
@@ -77,6 +78,16 @@ def coherence_mi(lm, tokenizer, texts, contexts):
             gain += sign * logp.gather(-1, ids[0, len(prefix):, None]).sum().item()
         n_tokens += len(target)
     return gain, n_tokens
+
+def predictors(model, ctx, mean):
+    """The model and the paper's two baselines as predictors of the next concept, in the encoder's
+    space: name -> function (B, T, d_emb) -> (B, T, d_emb). copy: the last concept; mean: the
+    training mean. ctx: the autocast context of the model's forward."""
+    def predict(x):
+        with ctx:
+            pred, _ = model(x)
+        return model.normalizer.denormalize(pred.float())
+    return {"model": predict, "copy": lambda x: x, "mean": lambda x: mean.expand_as(x)}
 
 @torch.no_grad()
 def evaluate(predictors, batches, normalizer, roundtrip=None, mi=None):

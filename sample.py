@@ -13,9 +13,9 @@ import os, sys
 import torch
 
 from common import configure, die, get_device, load_checkpoint
-from concepts import (EOT_TEXT, SentenceBank, check_encoder, check_lang, load_encoder, sentence_splitter,
+from concepts import (EOT_TEXT, SentenceBank, check_lang, load_encoder, prompt_text, sentence_splitter,
                       split_sentences)
-from datafiles import load_meta
+from datafiles import check_trained_on, load_meta
 
 out_dir = "out"          # holds ckpt.pt
 start = "Hundreds of people have been forced to leave their homes as a bushfire moves towards the town."
@@ -47,15 +47,7 @@ prompt_lang = prompt_lang or data["lang"]
 lang = lang or prompt_lang
 check_lang(prompt_lang, "--prompt_lang")
 check_lang(lang)
-if start.startswith("FILE:"):
-    path = start[5:]
-    if not os.path.isfile(path):
-        die(f"prompt file {path} not found")
-    try:
-        with open(path, encoding="utf-8") as f:
-            start = f.read()
-    except UnicodeDecodeError as e:
-        die(f"prompt file {path} is not UTF-8 ({e.reason} at byte {e.start}): re-save it as UTF-8")
+start = prompt_text(start)
 prompt = split_sentences(sentence_splitter(data["spacy_model"]), [start], data["max_chars"])[0]
 if not prompt:
     die("the prompt is empty: pass --start='Some sentences.' or --start=FILE:prompt.txt")
@@ -70,7 +62,7 @@ else:
     # retrieval: the sentences the encoder saw
     bank_dir = data_dir or data["dir"]
     bank_meta = load_meta(bank_dir)
-    check_encoder(bank_dir, bank_meta, data, "the checkpoint", "data_dir")
+    check_trained_on(bank_dir, bank_meta, data, "the checkpoint", "data_dir")
     bank = SentenceBank(bank_dir, bank_meta)
 concepts = torch.as_tensor(enc.encode(prompt, lang=prompt_lang), device=device)  # (T, d_emb)
 eot = torch.tensor(data["eot"], device=device)
@@ -82,16 +74,14 @@ for k in range(num_samples):
     if reason == "eot":
         # the end-of-text concept is a signal, not a sentence
         new = new[:-1]
+    texts = []
     sims = [None] * len(new)
-    if len(new) == 0:
-        texts = []
-    elif enc.decode:
+    if len(new) and enc.decode:
         texts = enc.decode(new.cpu(), lang=lang)
-    else:
-        idx, sims = bank.nearest(new)
-        texts = bank.texts(idx)
+    elif len(new):
+        texts, sims = bank.decode(new)
     if json:
-        steps = [{"text": t, "cos_eot": c} | ({"retrieved_cos": float(s)} if s is not None else {})
+        steps = [{"text": t, "cos_eot": c} | ({"retrieved_cos": s} if s is not None else {})
                  for t, c, s in zip(texts, cosines, sims)]
         print(jsonlib.dumps({"sample": k, "prompt": prompt, "steps": steps, "stop": reason}, ensure_ascii=False))
         continue

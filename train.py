@@ -12,15 +12,15 @@ from contextlib import nullcontext
 
 import numpy as np
 import torch
-from torch.distributed import destroy_process_group, init_process_group
+from torch.distributed import destroy_process_group
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from baselcm import BaseLCM, LCMConfig
-from common import (atomic_save, autocast_dtype, configure, die, get_device, knobs, load_checkpoint,
-                    measure_peak_flops, require_positive, writable_dir)
-from concepts import check_encoder
-from datafiles import eval_batches, get_batch, load_meta, load_split, sample_windows
-from metrics import eval_report, evaluate
+from common import (atomic_save, autocast_dtype, configure, die, get_device, init_distributed, knobs,
+                    load_checkpoint, measure_peak_flops, require_positive, take_checkpoint_settings,
+                    writable_dir)
+from datafiles import check_trained_on, eval_batches, get_batch, load_meta, load_split, sample_windows
+from metrics import eval_report, evaluate, predictors
 
 # I/O
 out_dir = "out"
@@ -71,20 +71,9 @@ config_keys = knobs(globals())
 given = configure(globals(), sys.argv[1:])
 ckpt_path = os.path.join(out_dir, "ckpt.pt")
 resume = init_from == "resume" or eval_only
-# where the checkpoint is and how it is run: never taken from the checkpoint
-here = ("out_dir", "init_from", "eval_only", "device", "backend")
 if resume:
-    # the checkpoint's run: its settings, but for the ones given here
     model, checkpoint = load_checkpoint(ckpt_path)
-    old = checkpoint["config"]
-    globals().update({k: old[k] for k in config_keys if k in old and k not in given and k not in here})
-    changed = [k for k in sorted(given) if k in old and old[k] != globals()[k] and k not in here]
-    for k in changed:
-        if k in model.config.__dict__:  # block_size, n_layer, dropout, ...
-            die(f"--{k}={globals()[k]}, but {ckpt_path} was made with {k}={old[k]}: the model's "
-                "settings cannot change; train a new model in another --out_dir")
-    if changed:
-        print("changed from the checkpoint: " + ", ".join(f"{k} {old[k]} -> {globals()[k]}" for k in changed))
+    take_checkpoint_settings(globals(), config_keys, given, checkpoint, ckpt_path)
 config = {k: globals()[k] for k in config_keys}
 require_positive(globals(), ("batch_size", "block_size", "n_layer", "n_head", "n_embd",
                             "gradient_accumulation_steps", "eval_iters"))
@@ -99,21 +88,12 @@ if mi_model and not eval_only:
 
 # -----------------------------------------------------------------------------
 # devices and processes
-ddp = int(os.environ.get("RANK", -1)) != -1
 device = get_device(device)
-rank = 0
-world = 1
-if ddp:
-    rank = int(os.environ["RANK"])
-    local_rank = int(os.environ["LOCAL_RANK"])
-    world = int(os.environ["WORLD_SIZE"])
-    if world > gradient_accumulation_steps * batch_size:
-        die(f"{world} processes share a global batch of {gradient_accumulation_steps * batch_size} "
-            "windows: raise --batch_size or --gradient_accumulation_steps, or use fewer processes")
-    if device.startswith("cuda"):
-        device = f"cuda:{local_rank}"
-        torch.cuda.set_device(device)
-    init_process_group(backend=backend or ("nccl" if device.startswith("cuda") else "gloo"))
+rank, world, device = init_distributed(device, backend)
+ddp = torch.distributed.is_initialized()
+if world > gradient_accumulation_steps * batch_size:
+    die(f"{world} processes share a global batch of {gradient_accumulation_steps * batch_size} "
+        "windows: raise --batch_size or --gradient_accumulation_steps, or use fewer processes")
 master = rank == 0
 device_type = torch.device(device).type
 dtype = dtype or autocast_dtype(device, n_embd)
@@ -146,19 +126,13 @@ def val_batches():
 
 # -----------------------------------------------------------------------------
 # model
-iter_num = 0
-best_val_loss = float("inf")
-evals_since_best = 0
+# a resumed run goes on from its checkpoint's counts (older checkpoints did not count evaluations)
+iter_num = checkpoint["iter_num"] if resume else 0
+best_val_loss = checkpoint["best_val_loss"] if resume else float("inf")
+evals_since_best = checkpoint.get("evals_since_best", 0) if resume else 0
 if resume:
     trained_on = checkpoint["data"]
-    check_encoder(data_dir, meta, trained_on, ckpt_path, "dataset")
-    if meta.get("key") != trained_on.get("key") and "dataset" not in given:
-        die(f"{data_dir} was rebuilt after {ckpt_path} was trained on it: pass --dataset={dataset} "
-            "to use it anyway")
-    iter_num = checkpoint["iter_num"]
-    best_val_loss = checkpoint["best_val_loss"]
-    # older checkpoints did not count: from here on
-    evals_since_best = checkpoint.get("evals_since_best", 0)
+    check_trained_on(data_dir, meta, trained_on, ckpt_path, "dataset", named="dataset" in given)
 else:
     model = BaseLCM(LCMConfig(d_emb=meta["d_emb"], block_size=block_size, n_layer=n_layer,
                               n_head=n_head, n_embd=n_embd, dropout=dropout, bias=bias,
@@ -180,21 +154,15 @@ raw_model = model
 if compile:
     model = torch.compile(model)
 if ddp:
-    model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
+    model = DDP(model, device_ids=[torch.device(device)] if device_type == "cuda" else None)
 
-def predict(x):
-    """The model as a predictor of the next concept in the encoder's space."""
-    with ctx:
-        pred, _ = raw_model(x)
-    return raw_model.normalizer.denormalize(pred.float())
-
-# the baselines of the evaluations: copy the last concept, and predict the training mean
-mean_concept = torch.tensor(meta["mean"], device=device)
-baselines = {"copy": lambda x: x, "mean": lambda x: mean_concept.expand_as(x)}
+# the model and the baselines of every evaluation: copy the last concept, predict the training mean
+predict = predictors(raw_model, ctx, torch.tensor(meta["mean"], device=device))
+baselines = {k: predict[k] for k in ("copy", "mean")}
 if eval_only:
     if master:
         raw_model.eval()
-        eval_report({"model": predict} | baselines, val_batches(), raw_model.normalizer, data_dir, meta,
+        eval_report(predict, val_batches(), raw_model.normalizer, data_dir, meta,
                     iter_num, trained_on["dir"], out_dir, device, (sonar_hf_encoder, sonar_hf_decoder),
                     mi_model)
     if ddp:
@@ -226,8 +194,8 @@ if master:
           f"{device} {dtype}, peak {peak / 1e9:.1f} GFLOP/s")
 flops_per_concept = raw_model.flops_per_concept()
 # what sample.py and resume need to know of the data
-data_facts = {k: meta.get(k) for k in ("encoder", "lang", "d_emb", "eot", "spacy_model", "max_chars", "key")}
-data_facts["dir"] = os.path.abspath(data_dir)
+facts = ("encoder", "lang", "d_emb", "eot", "spacy_model", "max_chars", "key")
+data_facts = {k: meta.get(k) for k in facts} | {"dir": os.path.abspath(data_dir)}
 t0 = loop_start = time.time()
 t0_iter = first_iter = iter_num
 while True:
@@ -238,7 +206,7 @@ while True:
         stop = torch.zeros((), device=device)
         if master:
             raw_model.eval()
-            r = evaluate({"model": predict}, val_batches(), raw_model.normalizer) | baseline_metrics
+            r = evaluate({"model": predict["model"]}, val_batches(), raw_model.normalizer) | baseline_metrics
             raw_model.train()
             print(f"step {iter_num}: val loss {r['model']['loss']:.2f} (copy {r['copy']['loss']:.2f}, "
                   f"mean {r['mean']['loss']:.2f}), l2 {r['model']['l2']:.4f}, CA {100 * r['model']['ca']:.1f}%")
@@ -314,8 +282,7 @@ while True:
 
 if master:
     loop_ms = 1000 * (time.time() - loop_start) / max(1, iter_num - first_iter)
-    print(f"{iter_num - first_iter} iterations, {loop_ms:.1f} ms each with batches, logging, "
-          "evaluation and checkpoints")
+    print(f"{iter_num - first_iter} iterations, {loop_ms:.1f} ms each with everything")
     log.write(json.dumps({"iter": iter_num, "loop_ms": loop_ms}) + "\n")
     log.close()
 if ddp:

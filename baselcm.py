@@ -1,6 +1,6 @@
 """
-The Base Large Concept Model (Meta, "Large Concept Models", 2024): a causal transformer over sentence
-embeddings (concepts). The pre-net normalizes each concept and projects it to the model width, the
+The Base Large Concept Model (Meta, "Large Concept Models", 2024): a causal transformer over
+sentence embeddings (concepts). The pre-net normalizes each concept and projects it to the model width, the
 transformer mixes them causally, and the post-net projects back; the model is trained to predict the
 next concept with mean squared error, and generates by appending its own predictions.
 """
@@ -65,16 +65,15 @@ class CausalSelfAttention(nn.Module):
         k = rope(k, cos, sin)
         mask = None
         if cache is not None:
-            # this layer's preallocated (2, B, nh, block_size, hs): the new rows are written in place
-            # at pos, and attention runs over all block_size rows with a mask of the filled ones, so
-            # every decode step has the same shapes (a compiled step compiles once)
+            # this layer's (2, B, nh, block_size, hs): new rows go in place at pos, attention runs
+            # over all rows, masked to the filled ones: every step has one shape (compiles once)
             cache[0].index_copy_(2, pos, k.to(cache.dtype))
             cache[1].index_copy_(2, pos, v.to(cache.dtype))
             k, v = cache
             mask = torch.arange(cache.size(3), device=x.device) <= pos[:, None]  # (T, block_size)
         dropout = self.dropout if self.training else 0.0
         causal = mask is None and T > 1
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal)
+        y = F.scaled_dot_product_attention(q, k, v, mask, dropout, is_causal=causal)
         return self.resid_dropout(self.c_proj(y.transpose(1, 2).reshape(B, T, C)))
 
 class SwiGLU(nn.Module):
@@ -114,20 +113,17 @@ class BaseLCM(nn.Module):
         self.postnet = nn.Linear(config.n_embd, config.d_emb)
         hs = config.n_embd // config.n_head
         inv_freq = config.rope_theta ** (-torch.arange(0, hs, 2).float() / hs)
-        angles = torch.outer(torch.arange(config.block_size).float(), inv_freq)  # (block_size, hs/2)
+        angles = torch.outer(torch.arange(config.block_size).float(), inv_freq)  # (T_max, hs/2)
         self.register_buffer("rope_cos", angles.cos(), persistent=False)
         self.register_buffer("rope_sin", angles.sin(), persistent=False)
-        self.apply(self._init_weights)
-        # scaled init of the residual projections (GPT-2)
+        # GPT-2's init: matrices N(0, 0.02), residual projections scaled down by depth, biases 0
+        # (the norms' weights stay 1)
         for name, p in self.named_parameters():
-            if name.endswith("c_proj.weight"):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
-
-    def _init_weights(self, module):
-        if isinstance(module, nn.Linear):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
+            if name.endswith(".bias"):
+                nn.init.zeros_(p)
+            elif p.dim() == 2:
+                scaled = name.endswith("c_proj.weight")
+                nn.init.normal_(p, std=0.02 / math.sqrt(2 * config.n_layer) if scaled else 0.02)
 
     def forward(self, concepts, targets=None, mask=None, cache=None, pos=None):
         """concepts (B, T, d_emb) in the encoder's space -> predictions (B, T, d_emb) in the normalized
@@ -162,8 +158,7 @@ class BaseLCM(nn.Module):
         cosines = []
         cache = None
         if use_cache:
-            # one tensor per layer: a compiled step updates each in place (a slice of one big
-            # tensor would be copied whole)
+            # a tensor per layer, updated in place (compiled, a slice of a big one is copied whole)
             shape = (2, 1, c.n_head, c.block_size, c.n_embd // c.n_head)
             cache = [torch.zeros(shape, device=seq.device) for _ in self.blocks]
         start = 0  # where the window starts in seq
@@ -199,8 +194,10 @@ class BaseLCM(nn.Module):
         fused = device_type in ("cuda", "cpu")
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps, fused=fused)
 
+    def n_params(self):
+        return sum(p.numel() for p in self.parameters())
+
     def flops_per_concept(self):
-        """Training FLOPs per concept: 6N for the weights plus attention (nanoGPT, PaLM appendix B)."""
+        """Training FLOPs per concept: 6N for the weights, plus attention (PaLM, appendix B)."""
         c = self.config
-        n = sum(p.numel() for p in self.parameters())
-        return 6 * n + 12 * c.n_layer * c.n_embd * c.block_size
+        return 6 * self.n_params() + 12 * c.n_layer * c.n_embd * c.block_size

@@ -3,6 +3,7 @@ The plumbing the scripts share: their configuration (module globals, a config fi
 one-line errors, devices, the measured matmul peak, atomic saves and loading a checkpoint.
 """
 import ast, os, sys, tempfile, time
+from contextlib import nullcontext
 from datetime import timedelta
 
 import torch
@@ -92,6 +93,12 @@ def init_distributed(device, backend="", timeout_hours=0):
     torch.distributed.init_process_group(backend=backend, timeout=timeout)
     return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), device
 
+def end_distributed():
+    """Leaves the process group, if any, once every process is done with it."""
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
 def writable_dir(path, flag):
     """Creates path and checks that files can be written there, before any work is done."""
     try:
@@ -127,10 +134,18 @@ def measure_peak_flops(device, dtype, sizes=(), seconds=0.3):
         best = max(best, 2 * n ** 3 * reps / (time.perf_counter() - t))
     return best
 
-def autocast_dtype(device, n_embd):
-    """The training dtype for '' (auto): bf16 on GPUs that have it, fp16 on older ones. CPUs differ
-    (bf16 matmuls from 0.2x to 10x fp32's speed), so on a CPU it is measured at the model's sizes
-    and bf16 is taken when 1.5x faster; with several processes, rank 0's choice holds for all."""
+def autocast(dtype, device, n_embd):
+    """-> (the autocast context of a training dtype, the dtype). '' (auto): bf16 on GPUs that have it,
+    fp16 on older ones. CPUs differ (bf16 matmuls from 0.2x to 10x fp32's speed), so on a CPU it is
+    measured at the model's sizes and bf16 is taken when 1.5x faster; rank 0's choice holds for all."""
+    dtype = dtype or auto_dtype(device, n_embd)
+    if dtype not in ("float32", "bfloat16", "float16"):
+        die(f"--dtype={dtype}: use float32, bfloat16 or float16")
+    if dtype == "float32":
+        return nullcontext(), dtype
+    return torch.autocast(device_type=torch.device(device).type, dtype=getattr(torch, dtype)), dtype
+
+def auto_dtype(device, n_embd):
     device_type = torch.device(device).type
     if device_type == "cuda":
         return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
@@ -169,6 +184,9 @@ def load_checkpoint(path):
         ckpt["config"], ckpt["data"]
         model = BaseLCM(LCMConfig(**ckpt["model_args"]))
         model.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()})
+        # checkpoints up to d41f47d keep the RNG state in a one-element list
+        if isinstance(ckpt.get("torch_rng"), list):
+            ckpt["torch_rng"] = ckpt["torch_rng"][0]
     except Exception as e:
         die(f"{path} is not a readable baselcm checkpoint ({type(e).__name__}): retrain it, "
             "or pass the --out_dir of another run")

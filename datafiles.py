@@ -64,6 +64,7 @@ def start_work(out, settings, defaults, overwrite, rank):
         if overwrite and os.path.exists(os.path.join(out, "meta.json")):
             # unfinished from here on; the new files replace the old
             os.remove(os.path.join(out, "meta.json"))
+    os.makedirs(work, exist_ok=True)
     return key, work
 
 def write_chunk(work, rank, k, emb, sents, n_empty):
@@ -127,6 +128,18 @@ def finish_dataset(work, out, meta, norm_sample, seed):
         json.dump(meta, f)
     os.replace(os.path.join(out, "meta.json.tmp"), os.path.join(out, "meta.json"))
     shutil.rmtree(work)
+
+def data_facts(data_dir, meta):
+    """What a checkpoint keeps of its dataset, for sample.py and resume."""
+    facts = ("encoder", "lang", "d_emb", "eot", "spacy_model", "max_chars", "key")
+    return {k: meta.get(k) for k in facts} | {"dir": os.path.abspath(data_dir)}
+
+def settings_of(knobs, source, files):
+    """What decides a dataset (embed.py): its knobs, the source, and each file's name, size and time."""
+    top = source if os.path.isdir(source) else os.path.dirname(source)
+    settings = dict(knobs, dataset=os.path.abspath(source) if files else source)
+    settings["files"] = [[os.path.relpath(f, top), os.path.getsize(f), os.stat(f).st_mtime_ns] for f in files]
+    return settings
 
 def same_space(a, b):
     """Two encoder names that give the same concepts: SONAR's two implementations are one space."""

@@ -1,9 +1,9 @@
 """
 Turns a text dataset into concepts in the format train.py reads (datafiles.py): documents ->
 sentences (spaCy) -> one embedding each (MiniLM, SONAR or any sentence-transformers model) ->
-chunks on disk -> train and val files. Memory stays flat, and a killed run continues where it stopped.
+chunks on disk -> train and val files. Memory stays flat; a killed run continues where it stopped.
 
-$ python embed.py                                  # offline default: gensim's Lee news corpus, MiniLM
+$ python embed.py                          # offline default: gensim's Lee news corpus, MiniLM
 $ python embed.py --dataset=wikitext --hf_config=wikitext-103-raw-v1 --encoder=sonar --device=cuda
 $ torchrun --nproc_per_node=8 embed.py --dataset=my_docs.jsonl --encoder=sonar   # a share per GPU
 """
@@ -14,12 +14,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from common import configure, die, get_device, init_distributed, knobs, require_positive, writable_dir
+from common import (configure, die, end_distributed, get_device, init_distributed, knobs,
+                    require_positive, writable_dir)
 from concepts import (EOT_TEXT, check_lang, find_source, load_encoder, not_utf8, read_documents,
                       sentence_splitter, split_sentences)
-from datafiles import finish_dataset, same_space, start_work, write_chunk, write_splits
+from datafiles import finish_dataset, same_space, settings_of, start_work, write_chunk, write_splits
 
-dataset = "lee"          # 'lee' (the offline default), a .txt .jsonl .json .csv .parquet file, a folder
+dataset = "lee"          # 'lee' (offline default), a .txt .jsonl .json .csv .parquet file, a folder
                          # of them (a .txt file there is one document), or a hub dataset's name
 hf_config = ""           # hub dataset config name, e.g. wikitext-103-raw-v1
 hf_split = "train"       # hub dataset split
@@ -36,7 +37,7 @@ max_chars = 256          # longer sentences are cut on word boundaries
 val_fraction = 0.1       # share of documents held out for validation
 seed = 1337              # the train/val split
 dtype = "float16"        # storage of the embeddings: float16 or float32
-chunk_docs = 256         # documents per chunk: the unit of streaming, resuming and sharing among ranks
+chunk_docs = 256         # documents per chunk: the unit of streaming, resuming, sharing among ranks
 batch_size = 128         # sentences per encoder call
 device = ""              # '' = autodetect
 norm_sample = 1_000_000  # at most this many train rows fit the normalizer
@@ -58,11 +59,8 @@ source, files, default_name = find_source(dataset)
 out = os.path.join(data_root, name or default_name)
 # what decides the output: every knob but these five. A dataset folder and its partial work are
 # used again only for the same settings.
-settings = {k: globals()[k] for k in defaults
-            if k not in ("name", "data_root", "device", "batch_size", "overwrite")}
-top = source if os.path.isdir(source) else os.path.dirname(source)
-settings["dataset"] = os.path.abspath(source) if files else source
-settings["files"] = [[os.path.relpath(f, top), os.path.getsize(f), os.stat(f).st_mtime_ns] for f in files]
+not_output = ("name", "data_root", "device", "batch_size", "overwrite")
+settings = settings_of({k: globals()[k] for k in defaults if k not in not_output}, source, files)
 device = get_device(device)
 writable_dir(data_root, "data_root")
 # with torchrun, each rank encodes on its own GPU; gloo only waits for the ranks to finish
@@ -97,8 +95,7 @@ def sentences(rows):
     return split_sentences(nlp, texts, max_chars)
 
 def embed_chunk(rows, sents):
-    """-> (the sentences of each document and end of text, their concepts, the documents skipped
-    as empty)"""
+    """-> (each document's sentences and end of text, their concepts, empty documents skipped)"""
     if official:
         emb = [np.asarray(r["text_sentences_sonar_emb"], np.float32).reshape(-1, enc.d_emb) for r in rows]
     else:
@@ -111,10 +108,9 @@ def embed_chunk(rows, sents):
     return [s + [EOT_TEXT] for s in kept], emb.astype(dtype), len(sents) - len(kept)
 
 # chunk k belongs to rank k % world; a chunk already on disk is not encoded again
-os.makedirs(work, exist_ok=True)
 t0 = time.time()
 n_sent = 0
-bar = tqdm(total=max_docs or None, unit="doc", disable=rank != 0, desc=f"embed {os.path.basename(out)}")
+bar = tqdm(total=max_docs or None, unit="doc", disable=rank != 0, desc=f"embed {out}")
 
 def todo():
     """this rank's chunks that are not on disk yet, with their rows; the others count as done"""
@@ -148,7 +144,7 @@ bar.close()
 if ddp:
     torch.distributed.barrier()
     if rank != 0:
-        torch.distributed.destroy_process_group()
+        end_distributed()
         sys.exit(0)
 
 # -----------------------------------------------------------------------------
@@ -158,8 +154,8 @@ meta |= {"encoder": encoder, "impl": enc.impl, "d_emb": enc.d_emb, "lang": lang,
          "dataset": dataset, "key": key, "settings": settings, "spacy_model": spacy_model,
          "max_chars": max_chars, "eot": eot.astype(np.float32).tolist()}
 finish_dataset(work, out, meta, norm_sample, seed)
-print(f"{out}: {meta['train_docs']} train / {meta['val_docs']} val documents, {meta['train_rows']} / "
-      f"{meta['val_rows']} concepts (d_emb {enc.d_emb}, {encoder}); {meta['empty_docs_skipped']} empty "
-      f"documents skipped; {time.time() - t0:.1f}s, {n_sent * world / (time.time() - t0):.0f} sentences/s")
-if ddp:
-    torch.distributed.destroy_process_group()
+print(f"{out}: {meta['train_docs']} train / {meta['val_docs']} val documents, "
+      f"{meta['train_rows']} / {meta['val_rows']} concepts (d_emb {enc.d_emb}, {encoder}); "
+      f"{meta['empty_docs_skipped']} empty documents skipped; {time.time() - t0:.1f}s, "
+      f"{n_sent * world / (time.time() - t0):.0f} sentences/s")
+end_distributed()

@@ -5,7 +5,7 @@ encoders without a decoder (minilm), replaced by the nearest sentence of the tra
 
 $ python sample.py --start="The fire spread overnight. Residents were told to leave."
 $ python sample.py --start=FILE:prompt.txt --num_samples=3 --noise=0.3
-$ python sample.py --out_dir=out-sonar --start="The storm hit the coast." --lang=fra_Latn  # in French
+$ python sample.py --out_dir=out-sonar --start="The storm hit the coast." --lang=fra_Latn  # French
 """
 import json as jsonlib
 import os, sys
@@ -13,8 +13,8 @@ import os, sys
 import torch
 
 from common import configure, die, get_device, load_checkpoint
-from concepts import (EOT_TEXT, SentenceBank, check_lang, load_encoder, prompt_text, sentence_splitter,
-                      split_sentences)
+from concepts import (EOT_TEXT, SentenceBank, check_lang, load_encoder, prompt_text,
+                      sentence_splitter, split_sentences)
 from datafiles import check_trained_on, load_meta
 
 out_dir = "out"          # holds ckpt.pt
@@ -28,7 +28,7 @@ num_samples = 1
 seed = 1337
 prompt_lang = ""         # FLORES-200 code of the prompt; '' = the training data's
 lang = ""                # FLORES-200 code of the output (SONAR decoder); '' = prompt_lang
-data_dir = ""            # sentence bank for retrieval; '' = the dataset the checkpoint was trained on
+data_dir = ""            # sentence bank for retrieval; '' = the dataset the model was trained on
 use_cache = True         # KV cache: each new concept costs one position
 compile = False          # torch.compile the model: the one-concept step compiles once (for GPUs)
 sonar_hf_encoder = "cointegrated/SONAR_200_text_encoder"  # SONAR's transformers port, used
@@ -54,16 +54,17 @@ if not prompt:
 
 enc = load_encoder(data["encoder"], device, (sonar_hf_encoder, sonar_hf_decoder))
 if enc.d_emb != model.config.d_emb:
-    die(f"encoder {data['encoder']} gives d_emb {enc.d_emb}, the checkpoint wants {model.config.d_emb}")
+    die(f"encoder {data['encoder']} gives d_emb {enc.d_emb}, the model wants {model.config.d_emb}")
 if enc.decode:
     # the output language, checked before generating: SONAR's decoder shares the encoder's tokenizer
     enc.encode([EOT_TEXT], lang=lang)
+    decode = lambda new: (enc.decode(new.cpu(), lang=lang), [None] * len(new))
 else:
-    # retrieval: the sentences the encoder saw
+    # retrieval of the nearest sentence the encoder saw, with its cosine
     bank_dir = data_dir or data["dir"]
     bank_meta = load_meta(bank_dir)
     check_trained_on(bank_dir, bank_meta, data, "the checkpoint", "data_dir")
-    bank = SentenceBank(bank_dir, bank_meta)
+    decode = SentenceBank(bank_dir, bank_meta).decode
 concepts = torch.as_tensor(enc.encode(prompt, lang=prompt_lang), device=device)  # (T, d_emb)
 eot = torch.tensor(data["eot"], device=device)
 generator = torch.Generator(device=device).manual_seed(seed)
@@ -74,12 +75,7 @@ for k in range(num_samples):
     if reason == "eot":
         # the end-of-text concept is a signal, not a sentence
         new = new[:-1]
-    texts = []
-    sims = [None] * len(new)
-    if len(new) and enc.decode:
-        texts = enc.decode(new.cpu(), lang=lang)
-    elif len(new):
-        texts, sims = bank.decode(new)
+    texts, sims = decode(new) if len(new) else ([], [])
     if json:
         steps = [{"text": t, "cos_eot": c} | ({"retrieved_cos": s} if s is not None else {})
                  for t, c, s in zip(texts, cosines, sims)]

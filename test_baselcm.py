@@ -777,3 +777,33 @@ def test_sonar_runs_through_its_transformers_port_without_sonar_space(tiny_port,
                           ([f"--sonar_hf_encoder={tmp_path / 'nowhere'}"], "for the transformers port of SONAR")):
         p = run("sample.py", *args, cwd=tmp_path, check=False)
         assert p.returncode == 1 and message in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+
+# -----------------------------------------------------------------------------
+# what older baselcm wrote keeps working (fixtures/d41f47d: a dataset and a checkpoint from before the
+# reading-path rewrite)
+
+def test_a_dataset_and_checkpoint_written_by_d41f47d_still_work(tmp_path):
+    import shutil
+    fixture = os.path.join(HERE, "fixtures", "d41f47d")
+    shutil.copytree(os.path.join(fixture, "data"), tmp_path / "data")
+    shutil.copytree(os.path.join(fixture, "out"), tmp_path / "out")
+    meta = json.load(open(tmp_path / "data" / "tiny" / "meta.json"))
+    # the source where it was embedded, with the size and time it had: embed.py sees the same settings
+    source = meta["settings"]["dataset"]
+    os.makedirs(os.path.dirname(source), exist_ok=True)
+    shutil.copy(os.path.join(fixture, "docs.txt"), source)
+    _, size, mtime_ns = meta["settings"]["files"][0]
+    assert os.path.getsize(source) == size
+    os.utime(source, ns=(mtime_ns, mtime_ns))
+    p = run("embed.py", f"--dataset={source}", "--name=tiny", "--val_fraction=0.2", cwd=tmp_path)
+    assert "already built with these settings" in p.stdout
+    p = run("sample.py", "--start=The fire spread. Residents left.", "--json=True", "--max_new_concepts=2",
+            "--data_dir=data/tiny", cwd=tmp_path)
+    steps = json.loads(p.stdout.strip().splitlines()[-1])["steps"]
+    bank = set((tmp_path / "data" / "tiny" / "train.txt").read_text().splitlines())
+    assert 1 <= len(steps) <= 2 and all(s["text"] in bank for s in steps)
+    run("train.py", "--eval_only=True", cwd=tmp_path)
+    assert json.load(open(tmp_path / "out" / "eval.json"))["iter"] == 6
+    p = run("train.py", "--init_from=resume", "--max_iters=9", cwd=tmp_path)
+    assert "changed from the checkpoint: max_iters 6 -> 9" in p.stdout
+    assert max(r["iter"] for r in log_of(tmp_path / "out")) == 9

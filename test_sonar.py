@@ -3,7 +3,7 @@ The SONAR path against the real sonar-space and fairseq2, offline. A tiny, rando
 encoder of model_dim 1024 like the real one, a small decoder, a SentencePiece tokenizer trained here) is
 registered under the standard card names with fairseq2's `@user` cards, so the real card lookup, model factory,
 checkpoint loader, NLLB tokenizer and beam search run; then the project runs on it as a user would.
-Skipped where sonar-space does not import (CI builds an environment for it: README, "The SONAR path").
+Skipped where sonar-space does not import (CI builds an environment for it: README, "SONAR").
 $ .venv-sonar/bin/python -m pytest -q test_sonar.py
 """
 import json, os, pathlib
@@ -15,7 +15,7 @@ import torch
 try:
     from sonar.inference_pipelines import text as sonar_text
 except Exception as e:  # not installed, or broken: the main suite still runs
-    pytest.skip(f"sonar-space does not import ({type(e).__name__}): see README, 'The SONAR path'",
+    pytest.skip(f"sonar-space does not import ({type(e).__name__}): see README, 'SONAR'",
                 allow_module_level=True)
 
 import concepts, datafiles

@@ -1,5 +1,5 @@
 """
-Trains a Base-LCM: a causal transformer that predicts the next concept (sentence embedding) with MSE.
+Trains a Base-LCM, a causal transformer that predicts the next concept (sentence embedding) by MSE.
 Runs on one CPU, one GPU, or several processes with DDP (nccl on GPUs, gloo on CPUs).
 
 $ python train.py                                  # small model on the offline default (data/lee)
@@ -8,18 +8,18 @@ $ torchrun --standalone --nproc_per_node=4 train.py config/train_laptop_gpu.py
 $ python train.py --eval_only=True                 # the paper's metrics and two baselines
 """
 import json, math, os, sys, time
-from contextlib import nullcontext
+from functools import partial
 
 import numpy as np
 import torch
-from torch.distributed import destroy_process_group
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from baselcm import BaseLCM, LCMConfig
-from common import (atomic_save, autocast_dtype, configure, die, get_device, init_distributed, knobs,
-                    load_checkpoint, measure_peak_flops, require_positive, take_checkpoint_settings,
-                    writable_dir)
-from datafiles import check_trained_on, eval_batches, get_batch, load_meta, load_split, sample_windows
+from common import (atomic_save, autocast, configure, die, end_distributed, get_device,
+                    init_distributed, knobs, load_checkpoint, measure_peak_flops, require_positive,
+                    take_checkpoint_settings, writable_dir)
+from datafiles import (check_trained_on, data_facts, eval_batches, get_batch, load_meta, load_split,
+                       sample_windows)
 from metrics import eval_report, evaluate, predictors
 
 # I/O
@@ -31,13 +31,13 @@ eval_only = False        # evaluate (model, copy and mean baselines, round-trip 
 mi_model = ""            # eval_only: a Hugging Face causal LM (gpt2 in the paper) for the MI metric
 sonar_hf_encoder = "cointegrated/SONAR_200_text_encoder"  # eval_only: SONAR's transformers port
 sonar_hf_decoder = "raxtemur/SONAR_200_text_decoder"
-always_save_checkpoint = False  # False: keep the best val loss (small data overfits); True: the latest
-init_from = "scratch"    # 'scratch' or 'resume' (out_dir/ckpt.pt, with its settings unless given here)
+always_save_checkpoint = False  # False: keep the best val loss (small data overfits); True: latest
+init_from = "scratch"    # 'scratch' or 'resume' (out_dir/ckpt.pt, its settings unless given here)
 # data
 dataset = "lee"          # reads data_root/dataset, built by embed.py
 data_root = "data"
 batch_size = 32          # windows per micro-batch
-gradient_accumulation_steps = 1  # the global batch is this many micro-batches, shared by all processes
+gradient_accumulation_steps = 1  # micro-batches in the global batch, shared by all processes
 block_size = 16          # context in concepts (Lee documents: 10 sentences on average)
 # model
 n_layer = 4
@@ -51,7 +51,7 @@ learning_rate = 4e-4
 max_iters = 0            # 0 = follow the data: `epochs` passes over the training concepts
 epochs = 20.0
 patience = 4             # stop after this many evaluations without a better val loss; 0 = never
-noise = 0.0              # std of Gaussian noise on the input concepts in training (normalized space)
+noise = 0.0              # std of Gaussian noise on the training inputs, in the normalized space
 weight_decay = 0.1
 beta1 = 0.9
 beta2 = 0.95
@@ -63,7 +63,7 @@ lr_decay_iters = 0       # 0 = max_iters
 min_lr = 4e-5
 # system
 device = ""              # '' = autodetect: cuda, mps, cpu
-dtype = ""               # '' = bf16 on GPUs that have it, else fp16; on a CPU bf16 if measured faster
+dtype = ""               # '' = bf16 on GPUs that have it, else fp16; CPU: bf16 if measured faster
 compile = False          # torch.compile the model
 backend = ""             # DDP: '' = nccl on cuda, gloo otherwise
 seed = 1337
@@ -84,7 +84,7 @@ if not 0 <= dropout < 1:
 if init_from not in ("scratch", "resume"):
     die(f"--init_from={init_from}: use scratch or resume")
 if mi_model and not eval_only:
-    die(f"--mi_model={mi_model} needs --eval_only=True: MI is measured on a trained checkpoint's decoded text")
+    die(f"--mi_model={mi_model} needs --eval_only=True: MI is measured on a checkpoint's decoded text")
 
 # -----------------------------------------------------------------------------
 # devices and processes
@@ -96,14 +96,9 @@ if world > gradient_accumulation_steps * batch_size:
         "windows: raise --batch_size or --gradient_accumulation_steps, or use fewer processes")
 master = rank == 0
 device_type = torch.device(device).type
-dtype = dtype or autocast_dtype(device, n_embd)
-if dtype not in ("float32", "bfloat16", "float16"):
-    die(f"--dtype={dtype}: use float32, bfloat16 or float16")
-ptdtype = getattr(torch, dtype)
-ctx = nullcontext() if dtype == "float32" else torch.autocast(device_type=device_type, dtype=ptdtype)
+ctx, dtype = autocast(dtype, device, n_embd)
 torch.manual_seed(seed + rank)
 torch.backends.cuda.matmul.allow_tf32 = True
-torch.backends.cudnn.allow_tf32 = True
 if master:
     writable_dir(out_dir, "out_dir")
 
@@ -113,16 +108,16 @@ data_dir = os.path.join(data_root, dataset)
 meta = load_meta(data_dir)
 train_rows, train_offsets = load_split(data_dir, "train", meta)
 val_rows, val_offsets = load_split(data_dir, "val", meta)
+concepts_per_iter = gradient_accumulation_steps * batch_size * block_size
 if not max_iters:
     # the same number of passes over the data, whatever its size
-    concepts_per_iter = gradient_accumulation_steps * batch_size * block_size
     max_iters = math.ceil(epochs * meta["train_rows"] / concepts_per_iter)
 lr_decay_iters = lr_decay_iters or max_iters
 # the same on every rank: together they draw one global batch
 data_rng = np.random.default_rng(seed)
 
-def val_batches():
-    return eval_batches(val_rows, val_offsets, block_size, batch_size, eval_iters * batch_size, device)
+n_val_windows = eval_iters * batch_size
+val_batches = partial(eval_batches, val_rows, val_offsets, block_size, batch_size, n_val_windows, device)
 
 # -----------------------------------------------------------------------------
 # model
@@ -131,8 +126,7 @@ iter_num = checkpoint["iter_num"] if resume else 0
 best_val_loss = checkpoint["best_val_loss"] if resume else float("inf")
 evals_since_best = checkpoint.get("evals_since_best", 0) if resume else 0
 if resume:
-    trained_on = checkpoint["data"]
-    check_trained_on(data_dir, meta, trained_on, ckpt_path, "dataset", named="dataset" in given)
+    check_trained_on(data_dir, meta, checkpoint["data"], ckpt_path, "dataset", "dataset" in given)
 else:
     model = BaseLCM(LCMConfig(d_emb=meta["d_emb"], block_size=block_size, n_layer=n_layer,
                               n_head=n_head, n_embd=n_embd, dropout=dropout, bias=bias,
@@ -146,10 +140,7 @@ if resume and not eval_only:
     optimizer.load_state_dict(checkpoint["optimizer"])
     scaler.load_state_dict(checkpoint["scaler"])
     data_rng.bit_generator.state = checkpoint["data_rng"]
-    torch_rng = checkpoint["torch_rng"]
-    # checkpoints up to d41f47d hold it in a one-element list
-    torch.set_rng_state(torch_rng[0] if isinstance(torch_rng, list) else torch_rng)
-    checkpoint = None
+    torch.set_rng_state(checkpoint["torch_rng"])
 raw_model = model
 if compile:
     model = torch.compile(model)
@@ -162,17 +153,13 @@ baselines = {k: predict[k] for k in ("copy", "mean")}
 if eval_only:
     if master:
         raw_model.eval()
-        eval_report(predict, val_batches(), raw_model.normalizer, data_dir, meta,
-                    iter_num, trained_on["dir"], out_dir, device, (sonar_hf_encoder, sonar_hf_decoder),
-                    mi_model)
-    if ddp:
-        destroy_process_group()
+        eval_report(predict, val_batches(), raw_model.normalizer, data_dir, meta, iter_num,
+                    checkpoint["data"]["dir"], out_dir, device, (sonar_hf_encoder, sonar_hf_decoder), mi_model)
+    end_distributed()
     sys.exit(0)
 
 def get_lr(it):
     # linear warm-up, then cosine decay to min_lr
-    if not decay_lr:
-        return learning_rate
     if it < warmup_iters:
         return learning_rate * (it + 1) / (warmup_iters + 1)
     if it > lr_decay_iters:
@@ -184,22 +171,17 @@ def get_lr(it):
 # training loop
 if master:
     log = open(os.path.join(out_dir, "log.jsonl"), "a" if init_from == "resume" else "w")
-    peak = measure_peak_flops(device, ptdtype)
+    peak = measure_peak_flops(device, getattr(torch, dtype))
     # the baselines do not change: measured once
     baseline_metrics = evaluate(baselines, val_batches(), raw_model.normalizer)
-    n_params = sum(p.numel() for p in raw_model.parameters())
-    n_epochs = max_iters * gradient_accumulation_steps * batch_size * block_size / meta["train_rows"]
-    print(f"{n_params / 1e6:.2f}M parameters, {meta['train_rows']} train concepts of d_emb "
-          f"{meta['d_emb']} ({meta['encoder']}), {max_iters} iterations ({n_epochs:.1f} epochs), "
+    n_epochs = max_iters * concepts_per_iter / meta["train_rows"]
+    print(f"{raw_model.n_params() / 1e6:.2f}M parameters, {meta['train_rows']} train concepts "
+          f"({meta['encoder']}, d_emb {meta['d_emb']}), {max_iters} iterations ({n_epochs:.1f} epochs), "
           f"{device} {dtype}, peak {peak / 1e9:.1f} GFLOP/s")
-flops_per_concept = raw_model.flops_per_concept()
-# what sample.py and resume need to know of the data
-facts = ("encoder", "lang", "d_emb", "eot", "spacy_model", "max_chars", "key")
-data_facts = {k: meta.get(k) for k in facts} | {"dir": os.path.abspath(data_dir)}
 t0 = loop_start = time.time()
 t0_iter = first_iter = iter_num
 while True:
-    lr = get_lr(iter_num)
+    lr = get_lr(iter_num) if decay_lr else learning_rate
     for group in optimizer.param_groups:
         group["lr"] = lr
     if iter_num % eval_interval == 0 or iter_num == max_iters:
@@ -223,7 +205,7 @@ while True:
                                  "iter_num": iter_num, "best_val_loss": best_val_loss,
                                  "evals_since_best": evals_since_best, "config": config,
                                  "data_rng": data_rng.bit_generator.state, "torch_rng": torch.get_rng_state(),
-                                 "data": data_facts}, ckpt_path)
+                                 "data": data_facts(data_dir, meta)}, ckpt_path)
             stop.fill_(patience > 0 and evals_since_best >= patience)
         if ddp:
             # the processes stop together
@@ -238,9 +220,8 @@ while True:
         t0_iter = iter_num
     if iter_num >= max_iters:
         break
-    # One global batch, drawn identically on every rank; each rank takes a share of it in micro-
-    # batches. The loss is averaged over the global batch's targets, so the gradient does not
-    # depend on how it is shared.
+    # one global batch, drawn alike on every rank, each taking a share in micro-batches; the loss is
+    # averaged over the global batch's targets, so the gradient does not depend on the sharing
     starts, ends = sample_windows(data_rng, train_offsets, gradient_accumulation_steps * batch_size,
                                   block_size)
     n_targets = int((np.minimum(ends - starts, block_size + 1) - 1).sum())
@@ -272,7 +253,7 @@ while True:
         # .item() syncs with the device: only when logging
         loss_val = loss_sum.item() / world
         dt = (time.time() - t0) / (iter_num - t0_iter)
-        mfu = flops_per_concept * gradient_accumulation_steps * batch_size * block_size / dt / peak
+        mfu = raw_model.flops_per_concept() * concepts_per_iter / dt / peak
         print(f"iter {iter_num}: loss {loss_val:.2f}, lr {lr:.2e}, {dt * 1000:.1f}ms, "
               f"{n_targets / dt:.0f} concepts/s, mfu {100 * mfu:.1f}%")
         log.write(json.dumps({"iter": iter_num, "loss": loss_val, "lr": lr, "ms": dt * 1000,
@@ -285,5 +266,4 @@ if master:
     print(f"{iter_num - first_iter} iterations, {loop_ms:.1f} ms each with everything")
     log.write(json.dumps({"iter": iter_num, "loop_ms": loop_ms}) + "\n")
     log.close()
-if ddp:
-    destroy_process_group()
+end_distributed()

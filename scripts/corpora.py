@@ -1,10 +1,10 @@
 """
-Writes the two corpora beside Lee on which the defaults were checked (README, "Results"), from text on this machine:
+Writes the two corpora beside Lee on which the defaults were checked (docs/results.md), from text on this machine:
 - corpora/pydocs.jsonl: the docstrings of Python's standard library of 300+ characters, one document each (read with
   ast: nothing is imported; docstrings with doctests are left out);
 - corpora/nodedocs.jsonl: the sections of Node.js's API reference (Debian's nodejs package puts its markdown in
   /usr/share/doc/nodejs/api), one document per section of 300+ characters, code blocks and tables left out.
-$ python config/corpora.py && python embed.py --dataset=corpora/pydocs.jsonl && python embed.py --dataset=corpora/nodedocs.jsonl
+$ python scripts/corpora.py && python embed.py --dataset=corpora/pydocs.jsonl && python embed.py --dataset=corpora/nodedocs.jsonl
 """
 import ast, glob, json, os, re, sysconfig
 

@@ -14,7 +14,8 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from baselcm import BaseLCM, LCMConfig, RMSNorm, configure, get_device, measure_peak_flops, synchronize
+from baselcm import BaseLCM, LCMConfig, RMSNorm
+from common import configure, get_device, measure_peak_flops, synchronize
 
 device = ""              # '' = autodetect
 dtype = ""               # '' = bfloat16 on GPUs that have it; on a CPU both float32 and bfloat16
@@ -152,7 +153,7 @@ for name, use_cache in [("no_cache", False), ("cache", True)] + [("cache_compile
 # embed.py against the bare encoder on the same sentences, and its peak memory on a corpus and on 4x
 if embed:
     from gensim.test.utils import datapath
-    from baselcm import load_encoder, sentence_splitter, split_sentences
+    from concepts import load_encoder, sentence_splitter, split_sentences
     docs = open(datapath("lee_background.cor")).read().splitlines()
     sentences = [s for d in split_sentences(sentence_splitter(), docs) for s in d]
     enc = load_encoder("minilm", device)

@@ -20,13 +20,15 @@ ENV = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_P
 
 def run(script, *args, cwd, env=None, check=True):
     cmd = script if isinstance(script, list) else [sys.executable, os.path.join(HERE, script)]
-    p = subprocess.run(cmd + list(args), cwd=cwd, env=env or ENV, capture_output=True, text=True, timeout=600)
+    p = subprocess.run(cmd + list(args), cwd=cwd, env=env or ENV, capture_output=True, text=True,
+                       timeout=600)
     if check and p.returncode != 0:
         raise AssertionError(f"{cmd} {args} failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
     return p
 
 def tiny_config(**kw):
-    return LCMConfig(**{"d_emb": 16, "block_size": 12, "n_layer": 2, "n_head": 2, "n_embd": 32, "dropout": 0.0} | kw)
+    return LCMConfig(**{"d_emb": 16, "block_size": 12, "n_layer": 2, "n_head": 2, "n_embd": 32,
+                        "dropout": 0.0} | kw)
 
 def write_dataset(root, name, train_docs, val_docs, eot, encoder="stand-in"):
     """Writes documents (lists of (n_i, d) arrays, each ending with eot) in embed.py's format."""
@@ -39,21 +41,24 @@ def write_dataset(root, name, train_docs, val_docs, eot, encoder="stand-in"):
             f.writelines(f"doc {i} sentence {j}\n" for i, d in enumerate(docs) for j in range(len(d)))
     rows = np.concatenate(train_docs).astype(np.float16).astype(np.float32)
     center, scale = fit_normalizer(rows)
-    meta = {"encoder": encoder, "d_emb": rows.shape[1], "lang": "eng_Latn", "dtype": "float16", "dataset": name, "key": name,
-            "spacy_model": "", "max_chars": 256, "train_docs": len(train_docs), "val_docs": len(val_docs),
+    meta = {"encoder": encoder, "d_emb": rows.shape[1], "lang": "eng_Latn", "dtype": "float16",
+            "dataset": name, "key": name, "spacy_model": "", "max_chars": 256,
+            "train_docs": len(train_docs), "val_docs": len(val_docs),
             "train_rows": len(rows), "val_rows": sum(map(len, val_docs)), "empty_docs_skipped": 0,
-            "normalizer": {"center": center.tolist(), "scale": scale.tolist()}, "mean": rows.mean(0).tolist(),
+            "normalizer": {"center": center.tolist(), "scale": scale.tolist()},
+            "mean": rows.mean(0).tolist(),
             "eot": eot.tolist()}
     with open(os.path.join(out, "meta.json"), "w") as f:
         json.dump(meta, f)
     return meta
 
-SONAR_DATA = {"encoder": "sonar", "lang": "eng_Latn", "d_emb": 1024, "eot": [0.0] * 1024, "spacy_model": "",
-              "max_chars": 256, "dir": ""}
+SONAR_DATA = {"encoder": "sonar", "lang": "eng_Latn", "d_emb": 1024, "eot": [0.0] * 1024,
+              "spacy_model": "", "max_chars": 256, "dir": ""}
 
 def save_checkpoint(out, model, data):
     os.makedirs(out, exist_ok=True)
-    common.atomic_save({"model": model.state_dict(), "model_args": model.config.__dict__, "config": {}, "data": data},
+    common.atomic_save({"model": model.state_dict(), "model_args": model.config.__dict__,
+                        "config": {}, "data": data},
                         str(out / "ckpt.pt"))
 
 def rotation_docs(rng, n_docs, d=16, lo=6, hi=20):
@@ -169,7 +174,8 @@ def test_padding_does_not_change_the_loss():
 
 def test_batches_never_cross_documents():
     offsets = np.cumsum([0, 3, 1 + 1, 40, 7, 2, 25])
-    rows = np.repeat(np.arange(len(offsets) - 1), np.diff(offsets)).astype(np.float32)[:, None]  # row = its doc id
+    # row = its doc id
+    rows = np.repeat(np.arange(len(offsets) - 1), np.diff(offsets)).astype(np.float32)[:, None]
     rng = np.random.default_rng(0)
     starts, ends = sample_windows(rng, offsets, 500, 8)
     x, y, mask = get_batch(rows, starts, ends, 8)
@@ -177,14 +183,16 @@ def test_batches_never_cross_documents():
     for i in range(500):
         real = mask[i]
         assert real.any()
-        assert (x[i, :, 0][real] == doc_of_start[i]).all() and (y[i, :, 0][real] == doc_of_start[i]).all()
+        assert (x[i, :, 0][real] == doc_of_start[i]).all()
+        assert (y[i, :, 0][real] == doc_of_start[i]).all()
     assert mask.sum(1).max() == 8  # long documents fill the window
 
 def test_normalizer_uses_true_median_and_quartiles():
     x = np.random.default_rng(0).normal(3.0, 2.0, size=(20000, 4)).astype(np.float32)
     center, scale = fit_normalizer(x)
     assert np.allclose(center, np.median(x, 0), atol=1e-5)
-    assert np.allclose(scale, (np.quantile(x, 0.75, 0) - np.quantile(x, 0.25, 0)) / 1.349, atol=1e-5)
+    assert np.allclose(scale,
+                       (np.quantile(x, 0.75, 0) - np.quantile(x, 0.25, 0)) / 1.349, atol=1e-5)
     assert np.allclose(scale, 2.0, atol=0.1)  # the IQR of a normal / 1.349 is its std
     norm = baselcm.Normalizer(4)
     norm.center.copy_(torch.from_numpy(center)), norm.scale.copy_(torch.from_numpy(scale))
@@ -201,16 +209,22 @@ def test_metrics_on_perfect_copy_and_mean_predictors():
     x, y, mask = seq[:, :-1], seq[:, 1:], torch.ones(4, 8, dtype=torch.bool)
     perfect = finish_metrics(concept_metrics(y, x, y, mask, norm, *window_ids(4, 8)))
     copy = finish_metrics(concept_metrics(x, x, y, mask, norm, *window_ids(4, 8)))
-    assert perfect["l2"] < 1e-6 and perfect["ca"] == perfect["ca_doc"] == 1.0 and perfect["loss"] < 1e-9
-    assert abs(perfect["par"] - 1) < 1e-6 and copy["par"] > 1  # a copy is as close to its context as can be
+    assert perfect["l2"] < 1e-6 and perfect["loss"] < 1e-9
+    assert perfect["ca"] == perfect["ca_doc"] == 1.0
+    # a copy is as close to its context as can be
+    assert abs(perfect["par"] - 1) < 1e-6 and copy["par"] > 1
     mean = finish_metrics(concept_metrics(torch.zeros_like(y), x, y, mask, norm, *window_ids(4, 8)))
-    assert mean["ca_doc"] == 0.5  # one prediction for all: of each pair of targets, it is closer to exactly one
+    # one prediction for all: of each pair of targets, it is closer to exactly one
+    assert mean["ca_doc"] == 0.5
 
 def test_contrastive_accuracy_leaves_out_the_truth_and_its_neighbours_in_the_document():
     line = lambda *v: torch.tensor([[[a, 1.0] for a in v]])  # points on a line: distances by hand
-    y = torch.cat([line(1, 2, 3), line(10, 20, 30)])  # window 0: document 0, rows 1-3; window 1: document 1, rows 0-2
+    # window 0: document 0, rows 1-3; window 1: document 1, rows 0-2
+    y = torch.cat([line(1, 2, 3), line(10, 20, 30)])
     pred = torch.cat([line(1.4, 2.9, 1.2), line(10, 20, 30)])
-    mask, doc, row = torch.ones(2, 3, dtype=torch.bool), torch.tensor([0, 1]), torch.tensor([[1, 2, 3], [0, 1, 2]])
+    mask = torch.ones(2, 3, dtype=torch.bool)
+    doc = torch.tensor([0, 1])
+    row = torch.tensor([[1, 2, 3], [0, 1, 2]])
     r = finish_metrics(concept_metrics(pred, y, y, mask, baselcm.Normalizer(2), doc, row))
     # 1.4 vs 1: all 4 distractors (3, 10, 20, 30) further; 2.9 vs 2: its neighbours 1 and 3 are left out, 3 of 3;
     # 1.2 vs 3: 1 (not a neighbour) is closer, 3 of 4; window 1 is exact: 4 + 3 + 4 hits. The official variant
@@ -221,8 +235,8 @@ def test_par_is_the_max_cosine_to_the_context_of_prediction_over_truth():
     x = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])  # the context grows: [x0], then [x0, x1]
     y = torch.tensor([[[1.0, 1.0], [1.0, 1.0]]])  # max cos to the context: 1/sqrt(2) both times
     pred = torch.tensor([[[1.0, 0.0], [3.0, 1.0]]])  # max cos: 1, then 3/sqrt(10)
-    r = finish_metrics(concept_metrics(pred, x, y, torch.ones(1, 2, dtype=torch.bool), baselcm.Normalizer(2),
-                                       *window_ids(1, 2)))
+    r = finish_metrics(concept_metrics(pred, x, y, torch.ones(1, 2, dtype=torch.bool),
+                                       baselcm.Normalizer(2), *window_ids(1, 2)))
     assert abs(r["par"] - (1 + 3 / 10 ** 0.5) / (2 / 2 ** 0.5)) < 1e-6
 
 @pytest.fixture(scope="module")
@@ -233,22 +247,28 @@ def tiny_lm():
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
     tok.train_from_iterator(["The fire spread. Residents left.\nThe wind changed.\n"] * 20,
-                            trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+                            trainers.BpeTrainer(vocab_size=300,
+                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     torch.manual_seed(0)
-    lm = GPT2LMHeadModel(GPT2Config(vocab_size=tok.get_vocab_size(), n_positions=1024, n_embd=32, n_layer=2, n_head=2))
+    lm = GPT2LMHeadModel(GPT2Config(vocab_size=tok.get_vocab_size(), n_positions=1024, n_embd=32,
+                                    n_layer=2, n_head=2))
     return lm.eval(), PreTrainedTokenizerFast(tokenizer_object=tok)
 
 def test_mi_is_the_gain_in_mean_log_likelihood_from_the_context(tiny_lm):
     lm, tok = tiny_lm
-    texts, contexts = ["The wind changed.", "Residents left."], [["The fire spread.", "Residents left."], []]
+    texts = ["The wind changed.", "Residents left."]
+    contexts = [["The fire spread.", "Residents left."], []]
     gain, n = metrics.coherence_mi(lm, tok, texts, contexts)
     def mean_nll(prefix, text):  # transformers' own loss over the text's tokens only
         p, t = tok.encode(prefix), tok.encode(text + "\n")
-        return lm(torch.tensor([p + t]), labels=torch.tensor([[-100] * len(p) + t])).loss.item(), len(t)
-    by_hand = [(mean_nll("\n", s)[0] - mean_nll("\n" + "".join(c + "\n" for c in ctx), s)[0], mean_nll("\n", s)[1])
+        return lm(torch.tensor([p + t]),
+                  labels=torch.tensor([[-100] * len(p) + t])).loss.item(), len(t)
+    by_hand = [(mean_nll("\n", s)[0] - mean_nll("\n" + "".join(c + "\n" for c in ctx), s)[0],
+                mean_nll("\n", s)[1])
                for s, ctx in zip(texts, contexts)]
     assert n == sum(k for _, k in by_hand) and abs(gain - sum(d * k for d, k in by_hand)) < 1e-4
-    assert abs(by_hand[1][0]) < 1e-6 and abs(gain) > 1e-3  # no context, no gain; a context changes the likelihood
+    # no context, no gain; a context changes the likelihood
+    assert abs(by_hand[1][0]) < 1e-6 and abs(gain) > 1e-3
     lm = copy.deepcopy(lm)  # the fixture is shared
     with torch.no_grad():  # a model that sees only the current token: a context can change nothing
         for block in lm.transformer.h:
@@ -271,7 +291,8 @@ def test_cached_generation_equals_uncached_across_the_context_crop(compiled):
     a, cos_a, _ = model.generate(prompt, 30, eot, stop_eot=2.0, use_cache=True)
     assert a.shape == (30, 16)  # 3 + 30 concepts: the 8-concept window was cut several times
     assert torch.allclose(a, b, atol=1e-4) and np.allclose(cos_a, cos_b, atol=1e-4)
-    if compiled:  # the prompt's prefill, the one-concept step, the prefill after a cut: not one graph per position
+    # the prompt's prefill, the one-concept step, the prefill after a cut: not one graph per position
+    if compiled:
         assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 3
 
 def test_generation_stops_at_end_of_text_on_repeat_and_at_max():
@@ -279,7 +300,8 @@ def test_generation_stops_at_end_of_text_on_repeat_and_at_max():
     model = BaseLCM(tiny_config()).eval()
     prompt = torch.randn(2, 16)
     first = model.generate(prompt, 1, torch.randn(16), stop_eot=2.0)[0][0]
-    new, cos, reason = model.generate(prompt, 10, first.clone(), stop_eot=0.9)  # eot == the first prediction
+    # eot == the first prediction
+    new, cos, reason = model.generate(prompt, 10, first.clone(), stop_eot=0.9)
     assert reason == "eot" and len(new) == 1 and cos[0] > 0.999
     with torch.no_grad():  # a model that always predicts its input's normalized value: a repeat
         for p in model.parameters():
@@ -295,7 +317,8 @@ def test_noise_gives_varied_samples_and_none_is_deterministic():
     model = BaseLCM(tiny_config()).eval()
     prompt, eot = torch.randn(2, 16), torch.randn(16)
     g = torch.Generator().manual_seed(1)
-    a, b = (model.generate(prompt, 4, eot, stop_eot=2.0, noise=0.5, generator=g)[0] for _ in range(2))
+    a, b = (model.generate(prompt, 4, eot, stop_eot=2.0, noise=0.5,
+                           generator=g)[0] for _ in range(2))
     c, d = (model.generate(prompt, 4, eot, stop_eot=2.0)[0] for _ in range(2))
     assert not torch.allclose(a, b) and torch.equal(c, d)
 
@@ -303,10 +326,12 @@ def test_retrieval_returns_the_exact_sentence_of_a_bank_embedding(tmp_path):
     rng = np.random.default_rng(0)
     docs = [rng.normal(size=(5, 16)).astype(np.float32) for _ in range(6)]
     meta = write_dataset(tmp_path, "bank", docs[:4], docs[4:], docs[0][-1])
-    lines = [f"документ {i // 5}, 文 {i % 5}." for i in range(20)]  # multi-byte: lines are found by their bytes
+    # multi-byte: lines are found by their bytes
+    lines = [f"документ {i // 5}, 文 {i % 5}." for i in range(20)]
     (tmp_path / "bank" / "train.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
     bank = concepts.SentenceBank(str(tmp_path / "bank"), meta)
-    idx, cos = bank.nearest(np.stack([docs[2][3], docs[1][0]]), chunk=7)  # chunks smaller than the bank
+    # chunks smaller than the bank
+    idx, cos = bank.nearest(np.stack([docs[2][3], docs[1][0]]), chunk=7)
     assert list(idx) == [13, 5] and np.all(cos > 0.999)
     assert bank.texts([*idx, 0, 19]) == [lines[13], lines[5], lines[0], lines[19]]
 
@@ -330,7 +355,8 @@ def test_checkpoint_of_a_compiled_model_loads(tmp_path):
     model = BaseLCM(tiny_config())
     compiled = torch.compile(model)
     assert all(k.startswith("_orig_mod.") for k in compiled.state_dict())
-    common.atomic_save({"model": compiled.state_dict(), "model_args": model.config.__dict__, "config": {}, "data": {}},
+    common.atomic_save({"model": compiled.state_dict(), "model_args": model.config.__dict__,
+                        "config": {}, "data": {}},
                         tmp_path / "c.pt")
     loaded, _ = common.load_checkpoint(str(tmp_path / "c.pt"))
     x = torch.randn(1, 5, 16)
@@ -339,34 +365,39 @@ def test_checkpoint_of_a_compiled_model_loads(tmp_path):
 # -----------------------------------------------------------------------------
 # training (train.py as a user runs it)
 
-TRAIN = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=12", "--batch_size=8", "--eval_iters=4",
-         "--log_interval=1", "--dtype=float32", "--dataset=rot"]  # fp32: the same numbers on every CPU
+# fp32: the same numbers on every CPU
+TRAIN = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=12", "--batch_size=8",
+         "--eval_iters=4", "--log_interval=1", "--dtype=float32", "--dataset=rot"]
 
 def log_of(out):
     return [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
 
 def test_training_learns_a_next_concept_rule_far_better_than_copying(rotation_data, tmp_path):
     out = tmp_path / "out"
-    run("train.py", f"--data_root={rotation_data}", f"--out_dir={out}", "--max_iters=150", "--eval_interval=150",
-        "--n_embd=64", "--batch_size=16", "--learning_rate=2e-3", "--dropout=0.0", *TRAIN[5:], cwd=tmp_path)
+    run("train.py", f"--data_root={rotation_data}", f"--out_dir={out}", "--max_iters=150",
+        "--eval_interval=150", "--n_embd=64", "--batch_size=16", "--learning_rate=2e-3",
+        "--dropout=0.0", *TRAIN[5:], cwd=tmp_path)
     first, last = [r["val"] for r in log_of(out) if "val" in r]
     assert last["model"]["loss"] < 0.3 * last["copy"]["loss"]
     assert last["model"]["loss"] < 0.3 * last["mean"]["loss"]
     assert last["model"]["loss"] < 0.3 * first["model"]["loss"]
 
 def test_a_killed_run_resumed_with_only_init_from_and_out_dir_continues_exactly(rotation_data, tmp_path):
-    common = [*TRAIN, f"--data_root={rotation_data}", "--eval_interval=10", "--max_iters=400", "--dropout=0.1",
-              "--always_save_checkpoint=True", "--learning_rate=1e-3", "--patience=0"]
+    common = [*TRAIN, f"--data_root={rotation_data}", "--eval_interval=10", "--max_iters=400",
+              "--dropout=0.1", "--always_save_checkpoint=True", "--learning_rate=1e-3", "--patience=0"]
     run("train.py", *common, "--out_dir=a", cwd=tmp_path)
-    p = subprocess.Popen([sys.executable, os.path.join(HERE, "train.py"), *common, "--out_dir=b"], cwd=tmp_path, env=ENV,
+    p = subprocess.Popen([sys.executable, os.path.join(HERE, "train.py"), *common, "--out_dir=b"],
+                         cwd=tmp_path, env=ENV,
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     log, deadline = tmp_path / "b" / "log.jsonl", time.time() + 120
-    while time.time() < deadline and not (log.exists() and any("val" in r and r["iter"] >= 30 for r in log_of(log.parent))):
+    evaluated = lambda: log.exists() and any("val" in r and r["iter"] >= 30 for r in log_of(log.parent))
+    while time.time() < deadline and not evaluated():
         time.sleep(0.01)
     os.kill(p.pid, signal.SIGKILL)
     p.wait()
     assert max(r["iter"] for r in log_of(log.parent)) < 400  # really interrupted
-    run("train.py", "--init_from=resume", "--out_dir=b", cwd=tmp_path)  # data_root, lr, max_iters: the checkpoint's
+    # data_root, lr, max_iters: the checkpoint's
+    run("train.py", "--init_from=resume", "--out_dir=b", cwd=tmp_path)
     losses = lambda out: {r["iter"]: r["loss"] for r in log_of(tmp_path / out) if "loss" in r}
     a, b = losses("a"), losses("b")
     assert sorted(b) == list(range(1, 401))
@@ -374,11 +405,15 @@ def test_a_killed_run_resumed_with_only_init_from_and_out_dir_continues_exactly(
 
 def test_training_length_follows_the_data_and_stops_when_val_loss_stops_improving(rotation_data, tmp_path):
     rows = json.load(open(rotation_data / "rot" / "meta.json"))["train_rows"]
-    p = run("train.py", *TRAIN, f"--data_root={rotation_data}", "--out_dir=e", "--epochs=0.5", cwd=tmp_path)
-    n = -(-rows // (2 * 8 * 12))  # half a pass over the training concepts, in batches of 8 windows of 12
-    assert f"{n} iterations (0.5 epochs)" in p.stdout and max(r["iter"] for r in log_of(tmp_path / "e")) == n
-    p = run("train.py", *TRAIN, f"--data_root={rotation_data}", "--out_dir=s", "--learning_rate=0", "--eval_interval=5",
-            "--patience=2", cwd=tmp_path)  # nothing learns: the evaluations at 10 and 15 are no better than at 5
+    p = run("train.py", *TRAIN, f"--data_root={rotation_data}", "--out_dir=e", "--epochs=0.5",
+            cwd=tmp_path)
+    # half a pass over the training concepts, in batches of 8 windows of 12
+    n = -(-rows // (2 * 8 * 12))
+    assert f"{n} iterations (0.5 epochs)" in p.stdout
+    assert max(r["iter"] for r in log_of(tmp_path / "e")) == n
+    # nothing learns: the evaluations at 10 and 15 are no better than at 5
+    p = run("train.py", *TRAIN, f"--data_root={rotation_data}", "--out_dir=s", "--learning_rate=0",
+            "--eval_interval=5", "--patience=2", cwd=tmp_path)
     assert "no better val loss in 2 evaluations: stopping" in p.stdout
     assert max(r["iter"] for r in log_of(tmp_path / "s")) == 15
 
@@ -390,35 +425,43 @@ def trained(tmp_path):
         train, eot = rotation_docs(rng, 30, d=d)
         val, _ = rotation_docs(rng, 6, d=d)
         write_dataset(tmp_path / "data", name, train, val, eot)
-    run("train.py", *TRAIN, "--out_dir=o", "--max_iters=10", "--eval_interval=5", "--learning_rate=1e-3", cwd=tmp_path)
+    run("train.py", *TRAIN, "--out_dir=o", "--max_iters=10", "--eval_interval=5",
+        "--learning_rate=1e-3", cwd=tmp_path)
     return tmp_path
 
 def test_resume_and_eval_only_follow_the_checkpoint_and_print_what_changed(trained):
-    p = run("train.py", "--init_from=resume", "--out_dir=o", "--max_iters=20", cwd=trained)  # data/lee does not exist here
+    # data/lee does not exist here
+    p = run("train.py", "--init_from=resume", "--out_dir=o", "--max_iters=20", cwd=trained)
     assert "changed from the checkpoint: max_iters 10 -> 20" in p.stdout
-    assert max(r["iter"] for r in log_of(trained / "o")) == 20 and max(r.get("lr", 0) for r in log_of(trained / "o")) > 4e-4
+    assert max(r["iter"] for r in log_of(trained / "o")) == 20
+    assert max(r.get("lr", 0) for r in log_of(trained / "o")) > 4e-4
     run("train.py", "--eval_only=True", "--out_dir=o", cwd=trained)
     assert json.load(open(trained / "o" / "eval.json"))["dataset"] == os.path.join("data", "rot")
-    p = run("train.py", "--eval_only=True", "--out_dir=o", "--dataset=rot2", cwd=trained)  # same encoder: allowed if asked
+    # same encoder: allowed if asked
+    p = run("train.py", "--eval_only=True", "--out_dir=o", "--dataset=rot2", cwd=trained)
     assert f"trained on {trained / 'data' / 'rot'}" in p.stdout
     assert json.load(open(trained / "o" / "eval.json"))["dataset"] == os.path.join("data", "rot2")
 
 @pytest.mark.parametrize("args, message", [
     (["--init_from=resume", "--n_layer=3"], "the model's settings cannot change"),
     (["--init_from=resume", "--dropout=0.2"], "the model's settings cannot change"),
-    (["--eval_only=True", "--dataset=wide"], "holds stand-in concepts (d_emb 24), but o/ckpt.pt was trained on"),
-    (["--init_from=resume", "rebuilt"], "was rebuilt after o/ckpt.pt was trained on it: pass --dataset=rot"),
+    (["--eval_only=True", "--dataset=wide"],
+     "holds stand-in concepts (d_emb 24), but o/ckpt.pt was trained on"),
+    (["--init_from=resume", "rebuilt"],
+     "was rebuilt after o/ckpt.pt was trained on it: pass --dataset=rot"),
 ])
 def test_resume_refuses_what_would_make_the_result_meaningless(args, message, trained):
     if "rebuilt" in args:
         meta = json.load(open(trained / "data" / "rot" / "meta.json"))
         json.dump(meta | {"key": "another"}, open(trained / "data" / "rot" / "meta.json", "w"))
-    p = run("train.py", *[a for a in args if a != "rebuilt"], "--out_dir=o", cwd=trained, check=False)
-    assert p.returncode == 1 and message in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    p = run("train.py", *[a for a in args if a != "rebuilt"], "--out_dir=o", cwd=trained,
+            check=False)
+    assert p.returncode == 1 and message in p.stderr, p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1, p.stderr
 
 def test_ddp_on_two_gloo_processes_matches_one_process(rotation_data, tmp_path):
-    common = [*TRAIN, f"--data_root={rotation_data}", "--eval_interval=15", "--max_iters=15", "--dropout=0.0",
-              "--device=cpu"]  # the default: one micro-batch, shared by the two processes
+    common = [*TRAIN, f"--data_root={rotation_data}", "--eval_interval=15", "--max_iters=15",
+              "--dropout=0.0", "--device=cpu"]  # the default: one micro-batch, shared by the two processes
     run("train.py", *common, "--out_dir=single", cwd=tmp_path)
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                 os.path.join(HERE, "train.py")]
@@ -426,7 +469,8 @@ def test_ddp_on_two_gloo_processes_matches_one_process(rotation_data, tmp_path):
     val = lambda out: [r["val"]["model"]["loss"] for r in log_of(tmp_path / out) if "val" in r][-1]
     assert abs(val("ddp") - val("single")) <= 1e-3 * val("single")
     first_loss = lambda out: [r["loss"] for r in log_of(tmp_path / out) if "loss" in r][0]
-    assert first_loss("ddp") != first_loss("single")  # rank 0 logs its own half: the runs really were split
+    # rank 0 logs its own half: the runs really were split
+    assert first_loss("ddp") != first_loss("single")
 
 @pytest.mark.parametrize("args, message", [
     (["--n_layerz=3"], "unknown option 'n_layerz'"),
@@ -447,8 +491,10 @@ def test_bad_configuration_gives_one_clear_line(args, message, tmp_path):
     for name, content in (("truncated", b"PK\x03\x04 cut short"), ("empty", b"")):
         os.makedirs(tmp_path / name)
         (tmp_path / name / "ckpt.pt").write_bytes(content)
-    p = run("train.py", f"--out_dir={tmp_path}/o", *[a.format(tmp=tmp_path) for a in args], cwd=HERE, check=False)
-    assert p.returncode == 1 and message in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    p = run("train.py", f"--out_dir={tmp_path}/o", *[a.format(tmp=tmp_path) for a in args],
+            cwd=HERE, check=False)
+    assert p.returncode == 1 and message in p.stderr, p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1, p.stderr
 
 # -----------------------------------------------------------------------------
 # embed.py
@@ -456,7 +502,8 @@ def test_bad_configuration_gives_one_clear_line(args, message, tmp_path):
 def test_sentences_are_cut_on_word_boundaries_never_dropped():
     nlp = concepts.sentence_splitter()
     long = " ".join(f"word{i}" for i in range(80))
-    docs = concepts.split_sentences(nlp, [f"Short  one.\n\nThen {long}.", "   ", "Final."], max_chars=50)
+    docs = concepts.split_sentences(nlp, [f"Short  one.\n\nThen {long}.", "   ", "Final."],
+                                    max_chars=50)
     assert docs[0][0] == "Short one."
     assert all(len(s) <= 50 for s in docs[0]) and " ".join(docs[0][1:]) == f"Then {long}."
     assert docs[1] == [] and docs[2] == ["Final."]
@@ -480,7 +527,8 @@ def test_a_document_longer_than_spacys_limit_is_split_whole():
 
 def test_a_string_option_takes_the_text_as_given():
     g = {"start": "x", "n_layer": 2, "compile": False}
-    assert common.configure(g, ["--start=2024", "--n_layer=3", "--compile=True"]) == {"start", "n_layer", "compile"}
+    given = common.configure(g, ["--start=2024", "--n_layer=3", "--compile=True"])
+    assert given == {"start", "n_layer", "compile"}
     assert g == {"start": "2024", "n_layer": 3, "compile": True}
     common.configure(g, ["--start='quoted' [1, 2]"])
     assert g["start"] == "'quoted' [1, 2]"
@@ -490,8 +538,8 @@ def test_embed_with_sonar_writes_the_data_format(sonar_env, tmp_path):
     src = corpus(tmp_path / "docs.txt")
     with open(src, "a") as f:
         f.write("   \n")  # an empty document: skipped and counted
-    run("embed.py", f"--dataset={src}", "--encoder=sonar", "--lang=deu_Latn", "--batch_size=7", "--chunk_docs=5",
-        "--val_fraction=0.25", "--device=cpu", cwd=tmp_path, env=env)
+    run("embed.py", f"--dataset={src}", "--encoder=sonar", "--lang=deu_Latn", "--batch_size=7",
+        "--chunk_docs=5", "--val_fraction=0.25", "--device=cpu", cwd=tmp_path, env=env)
     d = read_dataset(tmp_path / "data" / "docs")
     meta = d["meta"]
     assert meta["encoder"] == "sonar" and meta["d_emb"] == 1024 and meta["empty_docs_skipped"] == 1
@@ -504,17 +552,21 @@ def test_embed_with_sonar_writes_the_data_format(sonar_env, tmp_path):
     for s in ("train", "val"):
         rows, offsets, texts = d[s]
         assert len(rows) == offsets[-1] == len(texts)
-        assert all(texts[o - 1] == concepts.EOT_TEXT and np.array_equal(rows[o - 1], eot) for o in offsets[1:])
+        assert all(texts[o - 1] == concepts.EOT_TEXT and np.array_equal(rows[o - 1],
+                                                                        eot) for o in offsets[1:])
         stand_in = torch.stack([torch.randn(1024, generator=torch.Generator().manual_seed(
             __import__("zlib").crc32(t.encode()))) for t in texts]).numpy().astype(np.float16)
         assert np.array_equal(rows, stand_in)  # each row is its own sentence's embedding
-    assert "Document 3 says thing 0 about topic 0." in d["train"][2] + d["val"][2]  # whitespace normalized
+    # whitespace normalized
+    assert "Document 3 says thing 0 about topic 0." in d["train"][2] + d["val"][2]
     center, scale = fit_normalizer(d["train"][0].astype(np.float32))
-    assert np.allclose(meta["normalizer"]["center"], center) and np.allclose(meta["normalizer"]["scale"], scale)
-    assert set(meta) >= set(write_dataset(tmp_path / "x", "y", [np.zeros((2, 3))], [np.zeros((2, 3))], np.zeros(3)))
+    assert np.allclose(meta["normalizer"]["center"],
+                       center) and np.allclose(meta["normalizer"]["scale"], scale)
+    assert set(meta) >= set(write_dataset(tmp_path / "x", "y", [np.zeros((2, 3))],
+                                          [np.zeros((2, 3))], np.zeros(3)))
     assert not list((tmp_path / "data" / "docs").glob("work*"))
-    again = run("embed.py", f"--dataset={src}", "--encoder=sonar", "--lang=deu_Latn", "--chunk_docs=5",
-                "--val_fraction=0.25", cwd=tmp_path, env=env)
+    again = run("embed.py", f"--dataset={src}", "--encoder=sonar", "--lang=deu_Latn",
+                "--chunk_docs=5", "--val_fraction=0.25", cwd=tmp_path, env=env)
     assert "already built" in again.stdout
 
 def test_embed_resumes_after_kill_9_with_identical_files(sonar_env, tmp_path):
@@ -526,8 +578,10 @@ def test_embed_resumes_after_kill_9_with_identical_files(sonar_env, tmp_path):
     assert 3 <= n_done < 15
     n_before = len([c for c in calls() if c["call"] == "encode"])
     run("embed.py", *args, cwd=tmp_path, env=env)
-    assert len([c for c in calls() if c["call"] == "encode"]) - n_before == 1 + 15 - n_done  # eot + the rest
-    for f in ("train.bin", "val.bin", "train.txt", "val.txt", "train_offsets.npy", "val_offsets.npy", "meta.json"):
+    # eot + the rest
+    assert len([c for c in calls() if c["call"] == "encode"]) - n_before == 1 + 15 - n_done
+    for f in ("train.bin", "val.bin", "train.txt", "val.txt", "train_offsets.npy",
+              "val_offsets.npy", "meta.json"):
         assert (tmp_path / "data" / "whole" / f).read_bytes() == (tmp_path / "data" / "docs" / f).read_bytes()
 
 def test_embed_on_two_processes_equals_one(sonar_env, tmp_path):
@@ -546,10 +600,13 @@ def test_official_lcm_parquet_is_imported_without_reencoding(sonar_env, tmp_path
     rng = np.random.default_rng(0)
     sents = [[f"Doc {i}, sentence {j}." for j in range(3 + i % 3)] for i in range(10)]
     embs = [rng.normal(size=(len(s), 1024)).astype(np.float32) for s in sents]
-    pq.write_table(pa.table({"text_sentences": sents, "text_sentences_sonar_emb": [list(e) for e in embs]}),
+    pq.write_table(pa.table({"text_sentences": sents,
+                             "text_sentences_sonar_emb": [list(e) for e in embs]}),
                    tmp_path / "lcm.parquet")
-    run("embed.py", f"--dataset={tmp_path / 'lcm.parquet'}", "--val_fraction=0.3", "--device=cpu", cwd=tmp_path, env=env)
-    assert [c["n"] for c in calls() if c["call"] == "encode"] == [128]  # one call: end of text, a full batch of it (a warm-up)
+    run("embed.py", f"--dataset={tmp_path / 'lcm.parquet'}", "--val_fraction=0.3", "--device=cpu",
+        cwd=tmp_path, env=env)
+    # one call: end of text, a full batch of it (a warm-up)
+    assert [c["n"] for c in calls() if c["call"] == "encode"] == [128]
     d = read_dataset(tmp_path / "data" / "lcm")
     rows = np.concatenate([d["train"][0], d["val"][0]])
     texts = d["train"][2] + d["val"][2]
@@ -565,8 +622,10 @@ def test_official_lcm_parquet_is_imported_without_reencoding(sonar_env, tmp_path
     ("bytes", "not valid UTF-8"),
     ("parquet", "cannot read"),
     ("lang", "unknown language code 'english'"),
-    ("nosonar", "cannot load 'cointegrated/SONAR_200_text_encoder' for the transformers port of SONAR"),
-    ("broken sonar", "SONAR (sonar-space) is broken (OSError: /x/_torchaudio.abi3.so: undefined symbol"),
+    ("nosonar",
+     "cannot load 'cointegrated/SONAR_200_text_encoder' for the transformers port of SONAR"),
+    ("broken sonar",
+     "SONAR (sonar-space) is broken (OSError: /x/_torchaudio.abi3.so: undefined symbol"),
     ("hub", "cannot load dataset 'nobody-here/no-such-dataset'"),
     ("--val_fraction=1.0", "--val_fraction=1.0 must be between 0 and 1"),
     ("--batch_size=0", "--batch_size=0 must be at least 1"),
@@ -596,15 +655,18 @@ def test_embed_bad_input_gives_one_line_and_leaves_no_dataset(case, message, son
     if case == "broken sonar":  # imports, then fails as a torchaudio built for another torch does
         (tmp_path / "fake" / "sonar" / "inference_pipelines" / "text.py").write_text(
             "raise OSError('/x/_torchaudio.abi3.so: undefined symbol: _ZN3c10')")
-    p = run("embed.py", "--encoder=sonar", "--device=cpu", *[a for a in args if a not in ("nosonar", "broken sonar")],
+    p = run("embed.py", "--encoder=sonar", "--device=cpu",
+            *[a for a in args if a not in ("nosonar", "broken sonar")],
             cwd=tmp_path, env=env, check=False)
-    assert p.returncode == 1 and message in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert p.returncode == 1 and message in p.stderr, p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1, p.stderr
     assert not list(tmp_path.glob("data/*/meta.json")) and ("network" in p.stderr) == (case == "hub")
 
 def kill_after_chunks(args, env, cwd, n):
     """Starts embed.py with a slow encoder and kills it (-9) once n chunks are on disk."""
     p = subprocess.Popen([sys.executable, os.path.join(HERE, "embed.py"), *args], cwd=cwd,
-                         env=dict(env, FAKE_SONAR_DELAY="0.3"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                         env=dict(env, FAKE_SONAR_DELAY="0.3"), stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL)
     work, deadline = cwd / "data" / "docs", time.time() + 120
     while time.time() < deadline and len(list(work.glob("work-*/chunk*.npz"))) < n:
         time.sleep(0.05)
@@ -628,7 +690,8 @@ def test_a_failed_run_does_not_block_the_fixed_rerun(sonar_env, tmp_path):
     env, _ = sonar_env
     src = tmp_path / "docs.txt"
     src.write_text("Only one document. It has two sentences.\n")
-    p = run("embed.py", f"--dataset={src}", "--encoder=sonar", "--device=cpu", cwd=tmp_path, env=env, check=False)
+    p = run("embed.py", f"--dataset={src}", "--encoder=sonar", "--device=cpu", cwd=tmp_path,
+            env=env, check=False)
     assert p.returncode == 1 and "empty" in p.stderr
     corpus(src, n_docs=30)  # the fix: more documents in the same file
     run("embed.py", f"--dataset={src}", "--encoder=sonar", "--device=cpu", cwd=tmp_path, env=env)
@@ -640,28 +703,38 @@ def test_another_source_or_other_settings_under_the_same_name_are_refused(sonar_
     txt, jsonl = corpus(tmp_path / "docs.txt", n_docs=30), tmp_path / "docs.jsonl"
     jsonl.write_text("".join(json.dumps({"text": line}) + "\n" for line in txt.read_text().splitlines()[::-1]))
     run("embed.py", f"--dataset={txt}", "--encoder=sonar", cwd=tmp_path, env=env)
-    for args, message in (([f"--dataset={jsonl}"], f"data/docs was built from {txt}: pass --name=NEW"),
-                          ([f"--dataset={txt}", "--max_chars=100"], "was built with other settings (max_chars)")):
+    for args, message in (([f"--dataset={jsonl}"],
+                           f"data/docs was built from {txt}: pass --name=NEW"),
+                          ([f"--dataset={txt}", "--max_chars=100"],
+                           "was built with other settings (max_chars)")):
         p = run("embed.py", *args, "--encoder=sonar", cwd=tmp_path, env=env, check=False)
-        assert p.returncode == 1 and message in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
-    run("embed.py", f"--dataset={jsonl}", "--encoder=sonar", "--overwrite=True", cwd=tmp_path, env=env)
+        assert p.returncode == 1 and message in p.stderr, p.stderr
+        assert len(p.stderr.strip().splitlines()) == 1, p.stderr
+    run("embed.py", f"--dataset={jsonl}", "--encoder=sonar", "--overwrite=True",
+        cwd=tmp_path, env=env)
     meta = json.load(open(tmp_path / "data" / "docs" / "meta.json"))
     assert meta["settings"]["dataset"] == str(jsonl)
-    json.dump({k: v for k, v in meta.items() if k != "settings"}, open(tmp_path / "data" / "docs" / "meta.json", "w"))
-    p = run("embed.py", f"--dataset={jsonl}", "--encoder=sonar", cwd=tmp_path, env=env, check=False)  # made before
+    json.dump({k: v for k, v in meta.items() if k != "settings"},
+              open(tmp_path / "data" / "docs" / "meta.json", "w"))
+    # made before
+    p = run("embed.py", f"--dataset={jsonl}", "--encoder=sonar", cwd=tmp_path, env=env, check=False)
     assert p.returncode == 1 and "was built by an older baselcm, which did not record its settings" in p.stderr
 
 def test_a_folder_of_txt_files_is_one_document_per_file(sonar_env, tmp_path):
     env, _ = sonar_env
-    names = ["training-notes.txt", "doc001.txt", "doc002.txt", "sub/validation.txt", "test.txt", "zz.txt"]
+    names = ["training-notes.txt", "doc001.txt", "doc002.txt", "sub/validation.txt",
+             "test.txt", "zz.txt"]
     for i, name in enumerate(names):
         (tmp_path / "docs" / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / "docs" / name).write_text(f"File {i} line one.\nFile {i} line two.\n\nFile {i} line three.\n")
-    run("embed.py", f"--dataset={tmp_path / 'docs'}", "--encoder=sonar", "--val_fraction=0.3", cwd=tmp_path, env=env)
+    run("embed.py", f"--dataset={tmp_path / 'docs'}", "--encoder=sonar", "--val_fraction=0.3",
+        cwd=tmp_path, env=env)
     d = read_dataset(tmp_path / "data" / "docs")
     lengths = np.concatenate([np.diff(d["train"][1]), np.diff(d["val"][1])])
-    assert len(lengths) == 6 and (lengths == 4).all()  # three sentences and end of text, from each file
-    assert {t.split()[1] for t in d["train"][2] + d["val"][2] if t.startswith("File")} == {str(i) for i in range(6)}
+    # three sentences and end of text, from each file
+    assert len(lengths) == 6 and (lengths == 4).all()
+    files = {t.split()[1] for t in d["train"][2] + d["val"][2] if t.startswith("File")}
+    assert files == {str(i) for i in range(6)}
 
 # -----------------------------------------------------------------------------
 # end to end with the real offline encoder, and the SONAR decode glue
@@ -674,22 +747,27 @@ def test_minilm_end_to_end_embed_train_sample(tmp_path, tiny_lm):
     run("embed.py", f"--dataset={src}", "--val_fraction=0.2", cwd=tmp_path)
     meta = json.load(open(tmp_path / "data" / "news" / "meta.json"))
     assert meta["encoder"] == "minilm" and meta["d_emb"] == 384
-    run("train.py", "--dataset=news", "--max_iters=4", "--eval_interval=4", *TRAIN[:-1], cwd=tmp_path)  # data/news
-    p = run("sample.py", "--start=Firefighters battled the blaze overnight. The wind changed.", "--json=True",
+    # data/news
+    run("train.py", "--dataset=news", "--max_iters=4", "--eval_interval=4", *TRAIN[:-1],
+        cwd=tmp_path)
+    p = run("sample.py", "--start=Firefighters battled the blaze overnight. The wind changed.",
+            "--json=True",
             "--max_new_concepts=3", cwd=tmp_path)
     result = json.loads(p.stdout.strip().splitlines()[-1])
     assert result["prompt"] == ["Firefighters battled the blaze overnight.", "The wind changed."]
     bank = set((tmp_path / "data" / "news" / "train.txt").read_text().splitlines())
     assert 1 <= len(result["steps"]) <= 3 and all(s["text"] in bank for s in result["steps"]), result
     assert all(-1 <= s["retrieved_cos"] <= 1 for s in result["steps"])
-    text = run("sample.py", "--start=The wind changed.", "--max_new_concepts=2", cwd=tmp_path).stdout
+    text = run("sample.py", "--start=The wind changed.", "--max_new_concepts=2",
+               cwd=tmp_path).stdout
     assert "[retrieved, cos " in text
     for part in tiny_lm:
         part.save_pretrained(tmp_path / "lm")
     p = run("train.py", "--eval_only=True", f"--mi_model={tmp_path / 'lm'}", cwd=tmp_path)
     assert "decoded text: retrieval of the nearest training sentence" in p.stdout
     results = json.load(open(tmp_path / "out" / "eval.json"))
-    assert all(np.isfinite(results[k]["mi"]) and results[k]["mi"] != 0 for k in ("model", "copy", "mean")), results
+    assert all(np.isfinite(results[k]["mi"]) and results[k]["mi"] != 0 for k in ("model", "copy",
+                                                                                 "mean")), results
 
 def test_sample_decodes_with_sonar_in_the_requested_language(sonar_env, tmp_path):
     env, calls = sonar_env
@@ -698,11 +776,14 @@ def test_sample_decodes_with_sonar_in_the_requested_language(sonar_env, tmp_path
     eot = torch.randn(1024)
     data = SONAR_DATA | {"eot": eot.tolist(), "dir": str(tmp_path / "nowhere")}
     save_checkpoint(tmp_path / "out", model, data)
-    p = run("sample.py", "--start=One sentence. Two sentences.", "--lang=fra_Latn", "--max_new_concepts=4",
+    p = run("sample.py", "--start=One sentence. Two sentences.", "--lang=fra_Latn",
+            "--max_new_concepts=4",
             "--device=cpu", cwd=tmp_path, env=env)
     assert p.stdout.splitlines()[:3] == ["One sentence.", "Two sentences.", "<fra_Latn> sentence 0"]
-    enc, dec = [c for c in calls() if c["call"] == "encode"], [c for c in calls() if c["call"] == "decode"]
-    assert enc[-1]["source_lang"] == "eng_Latn" and enc[-1]["n"] == 2  # the prompt, after the language check
+    enc = [c for c in calls() if c["call"] == "encode"]
+    dec = [c for c in calls() if c["call"] == "decode"]
+    # the prompt, after the language check
+    assert enc[-1]["source_lang"] == "eng_Latn" and enc[-1]["n"] == 2
     assert dec == [{"call": "decode", "n": 4, "target_lang": "fra_Latn", "max_seq_len": 256}]
 
 class RunsCode:  # a pickle that runs a command when loaded without weights_only
@@ -718,7 +799,8 @@ class RunsCode:  # a pickle that runs a command when loaded without weights_only
     ("truncated", "is not a readable baselcm checkpoint"),
     ("foreign", "is not a readable baselcm checkpoint"),
     ("runs code", "is not a readable baselcm checkpoint (UnpicklingError)"),
-    ("no sonar", "cannot load 'cointegrated/SONAR_200_text_encoder' for the transformers port of SONAR"),
+    ("no sonar",
+     "cannot load 'cointegrated/SONAR_200_text_encoder' for the transformers port of SONAR"),
 ])
 def test_sample_bad_input_gives_one_clear_line(case, message, tmp_path):
     save_checkpoint(tmp_path / "out", BaseLCM(tiny_config(d_emb=1024)), SONAR_DATA)
@@ -731,8 +813,10 @@ def test_sample_bad_input_gives_one_clear_line(case, message, tmp_path):
         torch.save({"model": RunsCode()}, ckpt)
     (tmp_path / "latin1.txt").write_bytes("Caf\xe9 ouvert.".encode("latin-1"))
     p = run("sample.py", *[case] if case.startswith("--") else [], cwd=tmp_path, check=False)
-    assert p.returncode == 1 and message in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
-    assert "--encoder" not in p.stderr and not (tmp_path / "pwned").exists()  # hints name sample.py's own options
+    assert p.returncode == 1 and message in p.stderr, p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1, p.stderr
+    # hints name sample.py's own options
+    assert "--encoder" not in p.stderr and not (tmp_path / "pwned").exists()
 
 # -----------------------------------------------------------------------------
 # SONAR without fairseq2: the transformers port's glue (test_sonar.py proves it equal to sonar-space)
@@ -744,39 +828,53 @@ def tiny_port(tmp_path_factory):
     from transformers import M2M100Config, M2M100ForConditionalGeneration, NllbTokenizer
     from transformers.models.m2m_100.modeling_m2m_100 import M2M100Encoder
     root, chars = tmp_path_factory.mktemp("port"), sorted(set("abcdefghijklmnopqrstuvwxyzLRé.,'"))
-    tok = NllbTokenizer(vocab={t: i for i, t in enumerate(["<s>", "<pad>", "</s>", "<unk>", "\u2581", *chars,
+    tok = NllbTokenizer(vocab={t: i for i, t in enumerate(["<s>", "<pad>", "</s>", "<unk>",
+                                                           "\u2581", *chars,
                                                               *("\u2581" + c for c in chars)])},
                         merges=[], extra_special_tokens=["eng_Latn", "fra_Latn", "deu_Latn"])
-    config = M2M100Config(vocab_size=len(tok), d_model=1024, encoder_layers=1, decoder_layers=1, encoder_ffn_dim=64,
-                          decoder_ffn_dim=64, encoder_attention_heads=16, decoder_attention_heads=16, scale_embedding=True,
-                          max_position_embeddings=512, pad_token_id=1, bos_token_id=0, eos_token_id=2,
+    config = M2M100Config(vocab_size=len(tok), d_model=1024, encoder_layers=1, decoder_layers=1,
+                          encoder_ffn_dim=64,
+                          decoder_ffn_dim=64, encoder_attention_heads=16,
+                          decoder_attention_heads=16, scale_embedding=True,
+                          max_position_embeddings=512, pad_token_id=1, bos_token_id=0,
+                          eos_token_id=2,
                           decoder_start_token_id=2, tie_word_embeddings=False)
     torch.manual_seed(0)
-    for name, model in (("encoder", M2M100Encoder(config)), ("decoder", M2M100ForConditionalGeneration(config))):
+    for name, model in (("encoder", M2M100Encoder(config)),
+                        ("decoder", M2M100ForConditionalGeneration(config))):
         model.save_pretrained(root / name)
         tok.save_pretrained(root / name)
     return [f"--sonar_hf_encoder={root / 'encoder'}", f"--sonar_hf_decoder={root / 'decoder'}"]
 
 def test_sonar_runs_through_its_transformers_port_without_sonar_space(tiny_port, tmp_path):
-    french = ["Le feu a pris la nuit.", "La route est fermée.", "Les habitants sont partis.", "Il pleut enfin."]
+    french = ["Le feu a pris la nuit.", "La route est fermée.", "Les habitants sont partis.",
+              "Il pleut enfin."]
     (tmp_path / "fr.txt").write_text("".join(" ".join(french[i % 4:] + french[:i % 4]) + "\n" for i in range(20)))
-    p = run("embed.py", f"--dataset={tmp_path / 'fr.txt'}", "--encoder=sonar", "--lang=fra_Latn", "--val_fraction=0.2",
+    p = run("embed.py", f"--dataset={tmp_path / 'fr.txt'}", "--encoder=sonar", "--lang=fra_Latn",
+            "--val_fraction=0.2",
             tiny_port[0], cwd=tmp_path)  # no sonar-space here: the port
     assert "SONAR through its transformers port" in p.stdout
     d = read_dataset(tmp_path / "data" / "fr")
-    assert d["meta"]["encoder"] == "sonar" and d["meta"]["impl"] == "transformers" and d["meta"]["d_emb"] == 1024
+    assert d["meta"]["encoder"] == "sonar" and d["meta"]["impl"] == "transformers"
+    assert d["meta"]["d_emb"] == 1024
     port = concepts.SonarPort("cpu", *(a.split("=", 1)[1] for a in tiny_port))
     rows, _, texts = d["train"]
-    assert np.allclose(rows[:6].astype(np.float32), port.encode(texts[:6], lang="fra_Latn"), atol=2e-2)
+    assert np.allclose(rows[:6].astype(np.float32),
+                       port.encode(texts[:6], lang="fra_Latn"), atol=2e-2)
     run("train.py", "--dataset=fr", "--max_iters=2", "--eval_interval=2", *TRAIN[:-1], cwd=tmp_path)
-    p = run("sample.py", "--start=Le feu a pris. La route est fermée.", "--lang=deu_Latn", "--max_new_concepts=2",
+    p = run("sample.py", "--start=Le feu a pris. La route est fermée.", "--lang=deu_Latn",
+            "--max_new_concepts=2",
             "--stop_eot=2", "--json=True", *tiny_port, cwd=tmp_path)
     steps = json.loads(p.stdout.strip().splitlines()[-1])["steps"]
-    assert len(steps) == 2 and all(isinstance(s["text"], str) and "retrieved_cos" not in s for s in steps)
-    for args, message in ((["--lang=xyz_Latn", "--stop_eot=-1", *tiny_port], "SONAR does not know the language 'xyz_Latn'"),
-                          ([f"--sonar_hf_encoder={tmp_path / 'nowhere'}"], "for the transformers port of SONAR")):
+    assert len(steps) == 2 and all(isinstance(s["text"],
+                                              str) and "retrieved_cos" not in s for s in steps)
+    for args, message in ((["--lang=xyz_Latn", "--stop_eot=-1", *tiny_port],
+                           "SONAR does not know the language 'xyz_Latn'"),
+                          ([f"--sonar_hf_encoder={tmp_path / 'nowhere'}"],
+                           "for the transformers port of SONAR")):
         p = run("sample.py", *args, cwd=tmp_path, check=False)
-        assert p.returncode == 1 and message in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+        assert p.returncode == 1 and message in p.stderr, p.stderr
+        assert len(p.stderr.strip().splitlines()) == 1, p.stderr
 
 # -----------------------------------------------------------------------------
 # what older baselcm wrote keeps working (fixtures/d41f47d: a dataset and a checkpoint from before the
@@ -797,7 +895,8 @@ def test_a_dataset_and_checkpoint_written_by_d41f47d_still_work(tmp_path):
     os.utime(source, ns=(mtime_ns, mtime_ns))
     p = run("embed.py", f"--dataset={source}", "--name=tiny", "--val_fraction=0.2", cwd=tmp_path)
     assert "already built with these settings" in p.stdout
-    p = run("sample.py", "--start=The fire spread. Residents left.", "--json=True", "--max_new_concepts=2",
+    p = run("sample.py", "--start=The fire spread. Residents left.", "--json=True",
+            "--max_new_concepts=2",
             "--data_dir=data/tiny", cwd=tmp_path)
     steps = json.loads(p.stdout.strip().splitlines()[-1])["steps"]
     bank = set((tmp_path / "data" / "tiny" / "train.txt").read_text().splitlines())

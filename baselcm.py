@@ -149,10 +149,12 @@ class BaseLCM(nn.Module):
 
     @torch.no_grad()
     def generate(self, prompt, max_new_concepts, eot, stop_eot=0.9, stop_repeat=0.0, noise=0.0,
-                 use_cache=True, generator=None):
+                 use_cache=True, generator=None, feed=None):
         """prompt (T, d_emb) concepts -> (new concepts (n, d_emb), cosine of each to eot, stop reason).
-        When the context outgrows block_size it is cut to its last block_size // 2 concepts, so the
-        cache is rebuilt only every block_size // 2 steps; without the cache the window is rerun."""
+        Each prediction joins the context as it is, or as feed(prediction) makes it: sample.py feeds
+        back the concept of the decoded sentence. stop_repeat: stop when a new concept is that close
+        to one in the context. When the context outgrows block_size it is cut to its last
+        block_size // 2 concepts, so the cache is rebuilt only every block_size // 2 steps."""
         c = self.config
         seq = prompt.float()
         cosines = []
@@ -177,12 +179,14 @@ class BaseLCM(nn.Module):
                 # variety comes from noise in the normalized space; none by default
                 z = z + noise * torch.randn(z.shape, generator=generator, device=z.device)
             new = self.normalizer.denormalize(z)
-            prev = seq[-1]
-            seq = torch.cat([seq, new[None]])
             cosines.append(F.cosine_similarity(new, eot, dim=0).item())
+            if cosines[-1] < stop_eot and feed is not None:
+                new = feed(new)
+            repeat = F.cosine_similarity(new[None], seq[start:]).max().item() >= stop_repeat
+            seq = torch.cat([seq, new[None]])
             if cosines[-1] >= stop_eot:
                 return seq[prompt.size(0):], cosines, "eot"
-            if stop_repeat > 0 and F.cosine_similarity(new, prev, dim=0).item() >= stop_repeat:
+            if stop_repeat > 0 and repeat:
                 return seq[prompt.size(0):], cosines, "repeat"
         return seq[prompt.size(0):], cosines, "max_new_concepts"
 

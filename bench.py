@@ -1,14 +1,15 @@
 """
-Measures baselcm on the current device and writes bench.json: the device's matmul peak in the training
-dtype (measured now), training concepts/s and MFU against it (compile off and on, and a 15-line reference
-step of the same shapes), the forward / backward / optimizer split, the whole train.py loop against the bare
-model step, generation with and without the KV cache (and compiled), and embed.py against the bare encoder
-(speed and peak memory for a corpus and for 4x).
+Measures baselcm on the current device and writes bench.json: the device's matmul peak in the
+training dtype (measured now), training concepts/s and MFU against it (compile off and on, and a
+15-line reference step of the same shapes), the forward / backward / optimizer split, the whole
+train.py loop against the bare model step, generation with and without the KV cache (and compiled),
+and embed.py against the bare encoder (speed and peak memory for a corpus and for 4x).
 
 $ python bench.py                       # everything (CPU: about 5 minutes)
 $ python bench.py --embed=False --compile=False
 """
 import json, os, re, subprocess, sys, tempfile, time
+from functools import partial
 
 import numpy as np
 import torch
@@ -20,22 +21,29 @@ from common import configure, get_device, measure_peak_flops, synchronize
 device = ""              # '' = autodetect
 dtype = ""               # '' = bfloat16 on GPUs that have it; on a CPU both float32 and bfloat16
 compile = True           # also measure with torch.compile
-embed = True             # also measure embed.py (needs data/lee's corpus: gensim and the minilm encoder)
+embed = True             # also measure embed.py (on Lee's corpus: gensim and the minilm encoder)
 steps = 20               # timed training steps per configuration
 out = "bench.json"
 configure(globals(), sys.argv[1:])
 
 device = get_device(device)
 device_type = torch.device(device).type
-dtypes = [dtype] if dtype else ["float32", "bfloat16"] if device_type == "cpu" else \
-    ["bfloat16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "float32"]
-autocast = lambda d: torch.autocast(device_type=device_type, dtype=getattr(torch, d), enabled=d != "float32")
-results = {"device": torch.cuda.get_device_name() if device_type == "cuda" else f"{device} ({os.cpu_count()} cores)",
-           "torch": torch.__version__, "peak_tflops": {}}
+if dtype:
+    dtypes = [dtype]
+elif device_type == "cpu":
+    dtypes = ["float32", "bfloat16"]
+else:
+    dtypes = ["bfloat16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "float32"]
+autocast = lambda d: torch.autocast(device_type, getattr(torch, d), enabled=d != "float32")
+device_name = f"{device} ({os.cpu_count()} cores)"
+if device_type == "cuda":
+    device_name = torch.cuda.get_device_name()
+results = {"device": device_name, "torch": torch.__version__, "peak_tflops": {}}
 for d in dtypes:
     results["peak_tflops"][d] = measure_peak_flops(device, getattr(torch, d), seconds=2.0) / 1e12
-    print(f"{results['device']}, {d}: matmul peak {results['peak_tflops'][d]:.3f} TFLOP/s (F.linear, measured now)")
-dtype = max(dtypes, key=results["peak_tflops"].get)  # the faster: for the train.py loop figure
+    print(f"{device_name}, {d}: matmul peak {results['peak_tflops'][d]:.3f} TFLOP/s (F.linear, now)")
+# the faster: for the train.py loop figure
+dtype = max(dtypes, key=results["peak_tflops"].get)
 
 def timed(fn):
     synchronize(device)
@@ -45,27 +53,34 @@ def timed(fn):
     return time.perf_counter() - t
 
 # -----------------------------------------------------------------------------
-# training: the bare model step, split, and MFU; and a reference with the same shapes and FLOPs, written in
-# 15 lines without RoPE, normalizer or dropout: the MFU this device gives such a step, eager
-configs = {"default (d256 L4 T16 B32)": dict(n_embd=256, n_layer=4, n_head=4, block_size=16, batch_size=32),
-           "d512 L8 T64 B16": dict(n_embd=512, n_layer=8, n_head=8, block_size=64, batch_size=16)}
+# training: the bare model step, split, and MFU; and a reference with the same shapes and FLOPs,
+# written in 15 lines without RoPE, normalizer or dropout: the MFU this device gives such a step
+configs = {
+    "default (d256 L4 T16 B32)": dict(n_embd=256, n_layer=4, n_head=4, block_size=16, batch_size=32),
+    "d512 L8 T64 B16": dict(n_embd=512, n_layer=8, n_head=8, block_size=64, batch_size=16)}
 if device_type == "cuda":
-    configs["d1024 L8 T128 B16 (laptop GPU config)"] = dict(n_embd=1024, n_layer=8, n_head=16, block_size=128, batch_size=16)
+    configs["d1024 L8 T128 B16 (laptop GPU config)"] = dict(n_embd=1024, n_layer=8, n_head=16,
+                                                            block_size=128, batch_size=16)
 
 class Reference(torch.nn.Module):
     def __init__(self, c, hidden):
         super().__init__()
-        L, d, self.nh = torch.nn.Linear, c["n_embd"], c["n_head"]
-        self.pre, self.post, self.norm = L(1024, d), L(d, 1024), RMSNorm(d)
-        self.layers = torch.nn.ModuleList(torch.nn.ModuleList([RMSNorm(d), L(d, 3 * d, bias=False),
-            L(d, d, bias=False), RMSNorm(d), L(d, 2 * hidden, bias=False), L(hidden, d, bias=False)])
-            for _ in range(c["n_layer"]))
+        d = c["n_embd"]
+        L = partial(torch.nn.Linear, bias=False)
+        self.nh = c["n_head"]
+        self.pre = torch.nn.Linear(1024, d)
+        self.post = torch.nn.Linear(d, 1024)
+        self.norm = RMSNorm(d)
+        self.layers = torch.nn.ModuleList(
+            torch.nn.ModuleList([RMSNorm(d), L(d, 3 * d), L(d, d), RMSNorm(d), L(d, 2 * hidden),
+                                 L(hidden, d)]) for _ in range(c["n_layer"]))
 
     def forward(self, x, y, mask):
         x = self.pre(x)
         for n1, qkv, o, n2, fc, proj in self.layers:
             q, k, v = qkv(n1(x)).unflatten(-1, (3, self.nh, -1)).permute(2, 0, 3, 1, 4)
-            x = x + o(F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).flatten(2))
+            att = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            x = x + o(att.transpose(1, 2).flatten(2))
             gate, value = fc(n2(x)).chunk(2, dim=-1)
             x = x + proj(F.silu(gate) * value)
         return None, (self.post(self.norm(x)) - y).pow(2).sum(-1).mean()
@@ -74,17 +89,19 @@ results["train"] = []
 kinds = ["eager", "compiled", "reference"] if compile else ["eager", "reference"]
 for (name, c), d, kind in [(nc, d, k) for nc in configs.items() for d in dtypes for k in kinds]:
     torch.manual_seed(0)
-    raw = BaseLCM(LCMConfig(d_emb=1024, block_size=c["block_size"], n_layer=c["n_layer"], n_head=c["n_head"],
-                            n_embd=c["n_embd"], dropout=0.0)).to(device)
+    shape = {k: v for k, v in c.items() if k != "batch_size"}
+    raw = BaseLCM(LCMConfig(d_emb=1024, dropout=0.0, **shape)).to(device)
     flops = raw.flops_per_concept()
     if kind == "reference":
         raw = Reference(c, raw.blocks[0].mlp.c_proj.in_features).to(device)
     model = torch.compile(raw) if kind == "compiled" else raw
     opt = torch.optim.AdamW(raw.parameters(), lr=4e-4, fused=device_type in ("cuda", "cpu"))
-    x, y = (torch.randn(c["batch_size"], c["block_size"], 1024, device=device) for _ in range(2))
+    x = torch.randn(c["batch_size"], c["block_size"], 1024, device=device)
+    y = torch.randn(c["batch_size"], c["block_size"], 1024, device=device)
     mask = torch.ones(c["batch_size"], c["block_size"], dtype=torch.bool, device=device)
     split = {"forward": 0.0, "backward": 0.0, "optimizer": 0.0}
-    for i in range(steps + 3):  # 3 warm-up steps (and compilation)
+    # 3 warm-up steps (and compilation)
+    for i in range(steps + 3):
         t = [time.perf_counter()]
         with autocast(d):
             _, loss = model(x, y, mask)
@@ -101,16 +118,15 @@ for (name, c), d, kind in [(nc, d, k) for nc in configs.items() for d in dtypes 
     step = sum(split.values()) / steps
     concepts = c["batch_size"] * c["block_size"] / step
     mfu = flops * concepts / (results["peak_tflops"][d] * 1e12)
-    r = {"config": name, "dtype": d, "kind": kind, "params_M": sum(p.numel() for p in raw.parameters()) / 1e6,
-         "step_ms": 1000 * step, "concepts_per_s": concepts, "mfu": mfu,
-         **{f"{k}_share": v / steps / step for k, v in split.items()}}
-    results["train"].append(r)
-    print(f"train {name:28} {d:8} {kind:9} {r['step_ms']:8.1f} ms/step {concepts:9.0f} concepts/s "
-          f"MFU {100 * mfu:5.1f}%  fwd/bwd/opt {100 * r['forward_share']:.0f}/{100 * r['backward_share']:.0f}/"
-          f"{100 * r['optimizer_share']:.0f}%")
+    shares = {f"{k}_share": v / steps / step for k, v in split.items()}
+    results["train"].append({"config": name, "dtype": d, "kind": kind,
+                             "params_M": sum(p.numel() for p in raw.parameters()) / 1e6,
+                             "step_ms": 1000 * step, "concepts_per_s": concepts, "mfu": mfu} | shares)
+    print(f"train {name:28} {d:8} {kind:9} {1000 * step:8.1f} ms/step {concepts:9.0f} concepts/s "
+          f"MFU {100 * mfu:5.1f}%  fwd/bwd/opt " + "/".join(f"{100 * v:.0f}" for v in shares.values()))
 
 # -----------------------------------------------------------------------------
-# the whole train.py loop (batches, logging, evaluation, checkpoints) against the bare step, same shapes
+# the whole train.py loop (batches, logging, evaluation, checkpoints) against the bare step
 with tempfile.TemporaryDirectory() as tmp:
     rng = np.random.default_rng(0)
     os.makedirs(f"{tmp}/syn")
@@ -118,36 +134,42 @@ with tempfile.TemporaryDirectory() as tmp:
         lengths = rng.integers(20, 60, n_docs)
         rng.normal(size=(lengths.sum(), 1024)).astype(np.float16).tofile(f"{tmp}/syn/{split}.bin")
         np.save(f"{tmp}/syn/{split}_offsets.npy", np.concatenate([[0], np.cumsum(lengths)]))
-    json.dump({"encoder": "synthetic", "d_emb": 1024, "lang": "eng_Latn", "dtype": "float16", "spacy_model": "",
-               "max_chars": 256, "train_rows": int(lengths.sum()), "val_docs": 40,
-               "normalizer": {"center": [0.0] * 1024, "scale": [1.0] * 1024}, "mean": [0.0] * 1024,
-               "eot": [0.0] * 1024}, open(f"{tmp}/syn/meta.json", "w"))
+    zeros = [0.0] * 1024
+    json.dump({"encoder": "synthetic", "d_emb": 1024, "lang": "eng_Latn", "dtype": "float16",
+               "spacy_model": "", "max_chars": 256, "train_rows": int(lengths.sum()), "val_docs": 40,
+               "normalizer": {"center": zeros, "scale": [1.0] * 1024}, "mean": zeros, "eot": zeros},
+              open(f"{tmp}/syn/meta.json", "w"))
     c = configs["d512 L8 T64 B16"]
-    bare = next(r for r in results["train"] if r["config"] == "d512 L8 T64 B16" and r["dtype"] == dtype and r["kind"] == "eager")
-    n_iters = 100
-    subprocess.run([sys.executable, "train.py", f"--data_root={tmp}", "--dataset=syn", f"--out_dir={tmp}/out",
-                    f"--max_iters={n_iters}", "--eval_interval=50", "--eval_iters=4", "--log_interval=10",
-                    "--dropout=0.0", f"--device={device}", f"--dtype={dtype}"] +
-                   [f"--{k}={v}" for k, v in c.items()], check=True, capture_output=True)
+    bare = next(r for r in results["train"]
+                if r["config"] == "d512 L8 T64 B16" and r["dtype"] == dtype and r["kind"] == "eager")
+    subprocess.run([sys.executable, "train.py", f"--data_root={tmp}", "--dataset=syn",
+                    f"--out_dir={tmp}/out", "--max_iters=100", "--eval_interval=50", "--eval_iters=4",
+                    "--log_interval=10", "--dropout=0.0", f"--device={device}", f"--dtype={dtype}"]
+                   + [f"--{k}={v}" for k, v in c.items()], check=True, capture_output=True)
     loop_ms = [json.loads(line) for line in open(f"{tmp}/out/log.jsonl")][-1]["loop_ms"]
-results["train_loop"] = {"config": bare["config"], "loop_ms": loop_ms, "bare_step_ms": bare["step_ms"],
-                         "overhead": loop_ms / bare["step_ms"] - 1}
-print(f"train.py loop, d512 L8 T64 B16: {loop_ms:.1f} ms/iter with batches, logging, evaluation (every 50) and "
-      f"checkpoints, against {bare['step_ms']:.1f} ms for the bare step: {100 * results['train_loop']['overhead']:+.1f}%")
+overhead = loop_ms / bare["step_ms"] - 1
+results["train_loop"] = {"config": bare["config"], "loop_ms": loop_ms,
+                         "bare_step_ms": bare["step_ms"], "overhead": overhead}
+print(f"train.py loop, d512 L8 T64 B16: {loop_ms:.1f} ms/iter with batches, logging, evaluation "
+      f"(every 50) and checkpoints, against {bare['step_ms']:.1f} ms for the bare step: "
+      f"{100 * overhead:+.1f}%")
 
 # -----------------------------------------------------------------------------
-# generation: 200 concepts with and without the KV cache, and compiled; in float32, as sample.py runs
+# generation: 200 concepts with and without the KV cache, and compiled; in fp32, as sample.py runs
 torch.manual_seed(0)
-model = BaseLCM(LCMConfig(d_emb=1024, block_size=256, n_layer=8, n_head=8, n_embd=512, dropout=0.0)).to(device).eval()
-prompt, eot = torch.randn(8, 1024, device=device), torch.randn(1024, device=device)
-results["generate"] = {}
+config = LCMConfig(d_emb=1024, block_size=256, n_layer=8, n_head=8, n_embd=512, dropout=0.0)
+model = BaseLCM(config).to(device).eval()
+prompt = torch.randn(8, 1024, device=device)
+eot = torch.randn(1024, device=device)
+gen = results["generate"] = {}
 for name, use_cache in [("no_cache", False), ("cache", True)] + [("cache_compiled", True)] * compile:
     if name == "cache_compiled":
         model.compile()
-    model.generate(prompt, 5, eot, stop_eot=2.0, use_cache=use_cache)  # warm-up (and compilation)
-    results["generate"][name] = 200 / timed(lambda: model.generate(prompt, 200, eot, stop_eot=2.0, use_cache=use_cache))
-    print(f"generate 200 concepts, d512 L8, float32, {name:14}: {results['generate'][name]:5.0f} concepts/s, "
-          f"{results['generate'][name] / results['generate']['no_cache']:.1f}x")
+    # warm-up (and compilation)
+    model.generate(prompt, 5, eot, stop_eot=2.0, use_cache=use_cache)
+    gen[name] = 200 / timed(lambda: model.generate(prompt, 200, eot, stop_eot=2.0, use_cache=use_cache))
+    print(f"generate 200 concepts, d512 L8, float32, {name:14}: {gen[name]:5.0f} concepts/s, "
+          f"{gen[name] / gen['no_cache']:.1f}x")
 
 # -----------------------------------------------------------------------------
 # embed.py against the bare encoder on the same sentences, and its peak memory on a corpus and on 4x
@@ -158,26 +180,34 @@ if embed:
     sentences = [s for d in split_sentences(sentence_splitter(), docs) for s in d]
     enc = load_encoder("minilm", device)
     enc.encode(sentences[:256], batch_size=128)
-    results["embed"], bare, ours = {"sentences": len(sentences)}, [], []
+    e = results["embed"] = {"sentences": len(sentences)}
+    bare = []
+    ours = []
+    # embed.py in a child process, and that process's peak memory
+    measure = ("import resource, subprocess, sys; p = subprocess.run(sys.argv[1:], "
+               "capture_output=True, text=True); print(p.stdout, p.stderr[-500:] if p.returncode "
+               "else ''); print('maxrss_kb', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     with tempfile.TemporaryDirectory() as tmp:
-        for k in (1, 1, 1, 4):  # the corpus three times, each right after a bare pass (the host is noisy), then 4x
+        # the corpus three times, each right after a bare pass (the host is noisy), then 4x
+        for k in (1, 1, 1, 4):
             with open(f"{tmp}/corpus{k}.txt", "w") as f:
                 f.write("\n".join(docs * k) + "\n")
             if k == 1:
                 bare.append(len(sentences) / timed(lambda: enc.encode(sentences, batch_size=128)))
-            measure = "import resource, subprocess, sys; p = subprocess.run(sys.argv[1:], capture_output=True, text=True); " \
-                      "print(p.stdout, p.stderr[-500:] if p.returncode else ''); " \
-                      "print('maxrss_kb', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
-            p = subprocess.run([sys.executable, "-c", measure, sys.executable, "embed.py", f"--dataset={tmp}/corpus{k}.txt",
-                                f"--data_root={tmp}", f"--device={device}", "--batch_size=128", "--overwrite=True"],
-                               capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1"))
+            p = subprocess.run([sys.executable, "-c", measure, sys.executable, "embed.py",
+                                f"--dataset={tmp}/corpus{k}.txt", f"--data_root={tmp}",
+                                f"--device={device}", "--batch_size=128", "--overwrite=True"],
+                               capture_output=True, text=True, env=env)
             ours.append(float(re.search(r"([\d.]+) sentences/s", p.stdout).group(1)))
-            results["embed"][f"{k}x"] = {"sentences_per_s": ours[-1], "peak_rss_mb": int(re.search(r"maxrss_kb (\d+)", p.stdout).group(1)) / 1024}
-    e = results["embed"]
-    e["bare_sentences_per_s"], e["overhead"] = bare, [1 - b / a for a, b in zip(bare, ours)]
-    print(f"embed {len(sentences)} Lee sentences: bare encoder {', '.join(f'{r:.0f}' for r in bare)}/s, embed.py "
-          f"{', '.join(f'{r:.0f}' for r in ours[:3])}/s ({', '.join(f'{100 * o:+.1f}' for o in e['overhead'])}% overhead); "
-          f"peak RSS {e['1x']['peak_rss_mb']:.0f} MB for the corpus, {e['4x']['peak_rss_mb']:.0f} MB for 4x")
+            rss_mb = int(re.search(r"maxrss_kb (\d+)", p.stdout).group(1)) / 1024
+            e[f"{k}x"] = {"sentences_per_s": ours[-1], "peak_rss_mb": rss_mb}
+    e["bare_sentences_per_s"] = bare
+    e["overhead"] = [1 - b / a for a, b in zip(bare, ours)]
+    print(f"embed {len(sentences)} Lee sentences: bare encoder "
+          f"{', '.join(f'{r:.0f}' for r in bare)}/s, embed.py {', '.join(f'{r:.0f}' for r in ours[:3])}/s "
+          f"({', '.join(f'{100 * o:+.1f}' for o in e['overhead'])}% overhead); peak RSS "
+          f"{e['1x']['peak_rss_mb']:.0f} MB for the corpus, {e['4x']['peak_rss_mb']:.0f} MB for 4x")
 
 with open(out, "w") as f:
     json.dump(results, f, indent=1)

@@ -24,8 +24,8 @@ def knobs(g):
     return [k for k, v in g.items() if not k.startswith("_") and isinstance(v, simple)]
 
 def configure(g, argv):
-    """Overrides a script's knobs in g from config files and --key=value pairs, in order. A str knob
-    takes the text as given. Returns the keys that were set."""
+    """Sets a script's knobs in g from config files and --key=value pairs, in order (a str knob takes
+    the text as given). -> the keys that were set."""
     keys = knobs(g)
     given = set()
     for arg in argv:
@@ -65,18 +65,17 @@ def require_positive(g, keys):
 
 def get_device(device):
     """'' -> cuda, mps or cpu, whichever is here; a named device is checked, so a typo is one line."""
+    here = torch.accelerator.current_accelerator(check_available=True)
+    here = here.type if here is not None and here.type in ("cuda", "mps") else "cpu"
     if not device:
-        if torch.cuda.is_available():
-            return "cuda"
-        return "mps" if torch.backends.mps.is_available() else "cpu"
+        return here
     try:
         kind = torch.device(device).type
     except RuntimeError:
         kind = None
     if kind not in ("cuda", "mps", "cpu"):
         die(f"--device={device} is not a device: use cuda, cuda:N, mps or cpu (or leave it empty)")
-    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
-    if not available[kind]:
+    if kind not in ("cpu", here):
         die(f"--device={device}, but this machine has no {kind}: use --device=cpu or leave it empty")
     return device
 
@@ -108,11 +107,8 @@ def writable_dir(path, flag):
         die(f"cannot write to --{flag}={path} ({e.strerror}): pick a folder you can write to")
 
 def synchronize(device):
-    device_type = torch.device(device).type
-    if device_type == "cuda":
-        torch.cuda.synchronize()
-    elif device_type == "mps":
-        torch.mps.synchronize()
+    if torch.device(device).type != "cpu":
+        torch.accelerator.synchronize(device)
 
 def measure_peak_flops(device, dtype, sizes=(), seconds=0.3):
     """FLOP/s of F.linear (the model's kernel) in dtype, measured here and now: the MFU denominator,
@@ -173,9 +169,8 @@ def atomic_save(obj, path):
             os.remove(tmp)
 
 def load_checkpoint(path):
-    """-> (model on the CPU, checkpoint dict). Weights only, so a shared checkpoint cannot run code;
-    memory-mapped, so what a caller does not use (sample.py: the optimizer) is never read. Strips
-    torch.compile's '_orig_mod.' prefix."""
+    """-> (model on the CPU, checkpoint dict). Weights only: a shared checkpoint cannot run code;
+    memory-mapped: what a caller does not use (sample.py: the optimizer) is never read."""
     if not os.path.isfile(path):
         die(f"no checkpoint at {path}: train one with `python train.py` or pass --out_dir=DIR")
     try:
@@ -183,6 +178,7 @@ def load_checkpoint(path):
         # a foreign checkpoint has no such keys
         ckpt["config"], ckpt["data"]
         model = BaseLCM(LCMConfig(**ckpt["model_args"]))
+        # torch.compile's prefix
         model.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()})
         # checkpoints up to d41f47d keep the RNG state in a one-element list
         if isinstance(ckpt.get("torch_rng"), list):

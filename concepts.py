@@ -79,10 +79,9 @@ class SentenceTransformerEncoder:
         except OSError as e:
             die(f"cannot load sentence-transformers model '{name}' ({first_line(e)}): check the name "
                 "(a hub model downloads once, then works offline), or use the offline encoder 'minilm'")
-        if hasattr(self.model, "get_embedding_dimension"):
-            self.d_emb = self.model.get_embedding_dimension()
-        else:
-            self.d_emb = self.model.get_sentence_embedding_dimension()
+        # renamed in sentence-transformers 5
+        dim = getattr(self.model, "get_embedding_dimension", None)
+        self.d_emb = (dim or self.model.get_sentence_embedding_dimension)()
 
     def encode(self, sentences, lang=None, batch_size=64):
         emb = self.model.encode(sentences, batch_size=batch_size, convert_to_numpy=True,
@@ -199,7 +198,8 @@ class SonarPort:
         for at in range(0, len(emb), batch_size):
             # each concept as a one-position "encoder output"
             concepts = BaseModelOutput(last_hidden_state=emb[at:at + batch_size, None])
-            ids = self.decoder.generate(encoder_outputs=concepts, forced_bos_token_id=self.lang_id(lang),
+            ids = self.decoder.generate(encoder_outputs=concepts,
+                                        forced_bos_token_id=self.lang_id(lang),
                                         num_beams=num_beams, max_length=max_length)
             texts += self.tokenizer.batch_decode(ids, skip_special_tokens=True)
         return texts
@@ -223,31 +223,49 @@ def load_encoder(name, device="cpu", sonar_hf=SONAR_HF):
     return SentenceTransformerEncoder(name, device)
 
 class SentenceBank:
-    """Retrieval decoding for encoders without a decoder: the nearest sentence of a split by cosine."""
+    """Retrieval decoding for encoders without a decoder: the nearest sentence of a split by cosine,
+    never the end-of-text row that closes each document."""
 
     def __init__(self, data_dir, meta, split="train"):
-        self.rows, _ = load_split(data_dir, split, meta)
+        self.rows, offsets = load_split(data_dir, split, meta)
+        self.eot_rows = torch.from_numpy(offsets[1:] - 1)
         self.path = os.path.join(data_dir, f"{split}.txt")
         self.ends = None
 
     @torch.no_grad()
-    def nearest(self, queries, chunk=65536):
-        """queries (n, d_emb) -> (row index (n,), cosine (n,)); streams the bank in chunks."""
+    def nearest(self, queries, k=1, chunk=65536, eot=True):
+        """queries (n, d_emb) -> (row indices (n, k), cosines (n, k)), nearest first; streams the
+        bank in chunks. eot=False: end-of-text rows get a cosine of -2."""
         q = F.normalize(torch.as_tensor(queries, dtype=torch.float32).cpu(), dim=-1)
-        best = torch.full((len(q),), -2.0)
-        best_idx = torch.zeros(len(q), dtype=torch.long)
+        best = torch.zeros(len(q), 0)
+        best_idx = torch.zeros(len(q), 0, dtype=torch.long)
         for at in range(0, len(self.rows), chunk):
             bank = torch.from_numpy(np.asarray(self.rows[at:at + chunk], dtype=np.float32))
-            val, idx = (q @ F.normalize(bank, dim=-1).T).max(-1)
-            better = val > best
-            best = torch.where(better, val, best)
-            best_idx = torch.where(better, idx + at, best_idx)
+            cos = q @ F.normalize(bank, dim=-1).T
+            if not eot:
+                ends = self.eot_rows[(self.eot_rows >= at) & (self.eot_rows < at + chunk)]
+                cos[:, ends - at] = -2.0
+            best, order = torch.cat([best, cos], 1).topk(min(k, best.size(1) + cos.size(1)), dim=-1)
+            best_idx = torch.cat([best_idx, at + torch.arange(cos.size(1)).expand_as(cos)], 1)
+            best_idx = best_idx.gather(1, order)
         return best_idx.numpy(), best.numpy()
 
-    def decode(self, concepts):
-        """-> (the nearest sentence of each concept, its cosine)"""
-        idx, cos = self.nearest(concepts)
-        return self.texts(idx), [float(s) for s in cos]
+    def decode(self, concepts, avoid=(), repeats=False, k=64):
+        """-> (the nearest sentence of each concept, its cosine, its concept (n, d_emb)), never end
+        of text; unless repeats, a sentence in avoid or decoded before is passed over for the next
+        nearest (of k). repeats=None: the plain nearest row, end of text included (round trips)."""
+        idx, cos = self.nearest(concepts, k if repeats is False else 1, eot=repeats is None)
+        seen = set(avoid)
+        picked = []
+        for cand, c in zip(idx, cos):
+            texts = self.texts(cand)
+            # if all k are taken, the nearest (never an end-of-text row, whose cosine is -2)
+            j = next((j for j, t in enumerate(texts) if c[j] > -2 and (repeats is not False
+                                                                      or t not in seen)), 0)
+            seen.add(texts[j])
+            picked.append((texts[j], float(c[j]), cand[j]))
+        texts, sims, rows = zip(*picked) if picked else ((), (), ())
+        return list(texts), list(sims), np.asarray(self.rows[list(rows)], dtype=np.float32)
 
     def texts(self, idx):
         if self.ends is None:
@@ -256,6 +274,18 @@ class SentenceBank:
             self.ends = np.flatnonzero(self.text == ord("\n"))
         starts = [self.ends[i - 1] + 1 if i else 0 for i in idx]
         return [bytes(self.text[s:self.ends[i]]).decode() for s, i in zip(starts, idx)]
+
+def decoder(enc, bank=None, lang="eng_Latn", repeats=False):
+    """-> decode(concepts (n, d_emb), avoid=(), back=False) -> (texts, their retrieval cosines or
+    Nones, the texts' concepts (n, d_emb) if back): SONAR's decoder, else retrieval from the bank,
+    which passes over the sentences in avoid unless repeats."""
+    if bank is not None:
+        return lambda concepts, avoid=(), back=False: bank.decode(concepts.cpu(), avoid, repeats)
+
+    def decode(concepts, avoid=(), back=False):
+        texts = enc.decode(concepts.cpu(), lang=lang)
+        return texts, [None] * len(texts), enc.encode(texts, lang=lang) if back else None
+    return decode
 
 # -----------------------------------------------------------------------------
 # documents in: local files or a hub dataset, streamed through Hugging Face datasets
@@ -297,7 +327,7 @@ def prompt_text(start):
         with open(path, encoding="utf-8") as f:
             return f.read()
     except UnicodeDecodeError as e:
-        die(f"prompt file {path} is not UTF-8 ({e.reason} at byte {e.start}): re-save it as UTF-8")
+        not_utf8(f"prompt file {path}", e)
 
 def find_source(dataset):
     """--dataset -> (the source: a path or a hub name, its files, the dataset's default name)."""
@@ -320,7 +350,8 @@ def read_documents(dataset, source, files, hf_config, hf_split, text_column):
         if files:
             kind = READERS[os.path.splitext(files[0])[1].lower()]
             by_file = {"sample_by": "document"} if kind == "text" and os.path.isdir(source) else {}
-            rows = datasets.load_dataset(kind, data_files=files, split="train", streaming=True, **by_file)
+            rows = datasets.load_dataset(kind, data_files=files, split="train",
+                                         streaming=True, **by_file)
         else:
             rows = datasets.load_dataset(source, hf_config or None, split=hf_split, streaming=True)
         rows = iter(rows)

@@ -80,7 +80,8 @@ def write_splits(work, seed, val_fraction):
     depends on its index and the seed only, not on chunking or ranks. -> counts for meta.json."""
     chunks = sorted(glob.glob(os.path.join(work, "chunk*.npz")))
     files = {s: {"bin": open(os.path.join(work, f"{s}.bin"), "wb"),
-                 "txt": open(os.path.join(work, f"{s}.txt"), "w"), "offsets": [0]} for s in ("train", "val")}
+                 "txt": open(os.path.join(work, f"{s}.txt"), "w"),
+                 "offsets": [0]} for s in ("train", "val")}
     n_docs = 0
     n_empty = 0
     for path in tqdm(chunks, desc="assemble", unit="chunk", disable=len(chunks) < 10):
@@ -114,9 +115,8 @@ def finish_dataset(work, out, meta, norm_sample, seed):
     """Fits the normalizer on (a sample of) the training concepts, moves the split files from work
     to out, then writes meta.json: last, as it marks the dataset finished."""
     rows, _ = load_split(work, "train", meta)
-    n = min(len(rows), norm_sample)
-    sample = np.asarray(rows[np.sort(np.random.default_rng(seed).choice(len(rows), n, replace=False))],
-                        dtype=np.float32)
+    pick = np.random.default_rng(seed).choice(len(rows), min(len(rows), norm_sample), replace=False)
+    sample = np.asarray(rows[np.sort(pick)], dtype=np.float32)
     center, scale = fit_normalizer(sample)
     meta["normalizer"] = {"center": center.tolist(), "scale": scale.tolist()}
     # the training mean: a baseline of the evaluations
@@ -138,7 +138,8 @@ def settings_of(knobs, source, files):
     """What decides a dataset (embed.py): its knobs, the source, and each file's name, size and time."""
     top = source if os.path.isdir(source) else os.path.dirname(source)
     settings = dict(knobs, dataset=os.path.abspath(source) if files else source)
-    settings["files"] = [[os.path.relpath(f, top), os.path.getsize(f), os.stat(f).st_mtime_ns] for f in files]
+    settings["files"] = [[os.path.relpath(f, top), os.path.getsize(f),
+                          os.stat(f).st_mtime_ns] for f in files]
     return settings
 
 def same_space(a, b):

@@ -10,8 +10,8 @@ import torch
 from torch.nn import functional as F
 
 from common import die
-from concepts import SentenceBank, load_encoder
-from datafiles import same_space
+from concepts import SentenceBank, decoder, first_line, load_encoder
+from datafiles import load_split, same_space
 
 @torch.no_grad()
 def concept_metrics(pred, x, y, mask, normalizer, doc, row):
@@ -79,6 +79,58 @@ def coherence_mi(lm, tokenizer, texts, contexts):
         n_tokens += len(target)
     return gain, n_tokens
 
+def closeness(generated, real):
+    """The mean over generated concepts (n, d_emb) of the max cosine to the real ones (m, d_emb)."""
+    generated = torch.as_tensor(np.asarray(generated, dtype=np.float32))
+    cos = F.normalize(generated, dim=-1) @ F.normalize(real, dim=-1).T
+    return cos.amax(1).mean().item()
+
+@torch.no_grad()
+def continuations(model, rows, offsets, texts, eot, decoders, train_rows, train_offsets, k=3, n=8,
+                  stop_eot=0.9, stop_repeat=0.95):
+    """Generation against the real text: the first k sentences of each validation document of at
+    least k + 2 are the prompt; up to n sentences are generated with sample.py's default stops, the
+    context taking the decoded sentences' concepts or the raw predictions; decoders: repeats ->
+    decode (concepts.decoder). -> name -> closeness (above) of the generated sentences to the
+    document's real rest, and the share of distinct sentences per sample. Baselines: n random
+    training sentences; the prompt's last, repeated."""
+    rng = np.random.default_rng(0)
+    train_eot = set(train_offsets[1:] - 1)
+    sums = {name: [] for name in ("decoded", "raw", "raw, repeats", "random", "repeat last")}
+    distinct = {"decoded": [], "raw": [], "raw, repeats": []}
+    lengths = {"decoded": [], "raw": [], "raw, repeats": []}
+    for lo, end in zip(offsets[:-1], offsets[1:] - 1):
+        if end - lo < k + 2:
+            continue
+        real = torch.as_tensor(np.asarray(rows[lo:end], dtype=np.float32))
+        prompt = real[:k].to(eot.device)
+        for mode in distinct:
+            said = []
+            back = []
+            decode = decoders(mode == "raw, repeats")
+
+            def feed(z):
+                t, _, b = decode(z[None], texts[lo:lo + k] + said, back=True)
+                said.extend(t)
+                back.extend(b)
+                return torch.as_tensor(b[0], device=eot.device)
+            new, _, reason = model.generate(prompt, n, eot, stop_eot, stop_repeat,
+                                            feed=feed if mode == "decoded" else None)
+            new = new[:-1] if reason == "eot" else new
+            if mode != "decoded" and len(new):
+                said, _, back = decode(new, texts[lo:lo + k], back=True)
+            lengths[mode].append(len(said))
+            if len(said):
+                sums[mode].append(closeness(back, real[k:]))
+                distinct[mode].append(len(set(said)) / len(said))
+        pick = [i for i in rng.integers(0, len(train_rows), 2 * n) if i not in train_eot][:n]
+        sums["random"].append(closeness(train_rows[np.sort(pick)], real[k:]))
+        sums["repeat last"].append(closeness(real[k - 1:k], real[k:]))
+    return {name: {"closeness": float(np.mean(s)) if s else float("nan"), "samples": len(s)}
+            | ({"distinct": float(np.mean(distinct[name])), "sentences": float(np.mean(lengths[name]))}
+               if name in distinct else {})
+            for name, s in sums.items()}
+
 def predictors(model, ctx, mean):
     """The model and the paper's two baselines as predictors of the next concept, in the encoder's
     space: name -> function (B, T, d_emb) -> (B, T, d_emb). copy: the last concept; mean: the
@@ -106,34 +158,31 @@ def evaluate(predictors, batches, normalizer, roundtrip=None, mi=None):
             p = predict(x)
             m = concept_metrics(p, x, y, mask, normalizer, doc, row)
             if roundtrip:
-                texts, back = roundtrip(p[mask].float().cpu().numpy())
-                m["rt_l2"] = (torch.as_tensor(back, device=y.device) - y[mask]).norm(dim=-1).sum().item()
+                texts, _, back = roundtrip(p[mask].float(), back=True)
+                back = torch.as_tensor(back, device=y.device)
+                m["rt_l2"] = (back - y[mask]).norm(dim=-1).sum().item()
             if mi:
                 m["mi_gain"], m["mi_tokens"] = coherence_mi(lm, tokenizer, texts, contexts)
             sums[name] = {k: sums.get(name, {}).get(k, 0) + v for k, v in m.items()}
     return {name: finish_metrics(s) for name, s in sums.items()}
 
-def eval_report(predictors, batches, normalizer, data_dir, meta, iter_num, trained_on, out_dir,
-                device, sonar_hf, mi_model=""):
+def eval_report(model, predictors, batches, data_dir, meta, iter_num, trained_on, out_dir, device,
+                sonar_hf, mi_model=""):
     """train.py --eval_only=True: prints every metric for each predictor, the predictions decoded to
     text (SONAR's decoder, else retrieval of the nearest training sentence) and encoded again, and
-    writes them to out_dir/eval.json. trained_on: the dataset folder the model was trained on."""
+    the continuations; writes them to out_dir/eval.json. trained_on: the model's dataset folder."""
+    enc = None
+    bank = None
+    decoded_by = "SONAR's decoder"
+    # either implementation of SONAR decodes
     if same_space(meta["encoder"], "sonar"):
-        # either implementation of SONAR decodes
         enc = load_encoder(meta["encoder"], device, sonar_hf)
-        decoded_by = "SONAR's decoder"
-
-        def roundtrip(p):
-            texts = enc.decode(p, lang=meta["lang"])
-            return texts, enc.encode(texts, lang=meta["lang"])
     else:
         bank = SentenceBank(data_dir, meta)
         decoded_by = "retrieval of the nearest training sentence"
-
-        def roundtrip(p):
-            idx = bank.nearest(p)[0]
-            texts = bank.texts(idx) if mi_model else None
-            return texts, np.asarray(bank.rows[idx], dtype=np.float32)
+    roundtrip = decoder(enc, bank, meta["lang"], repeats=None)
+    sentences = open(os.path.join(data_dir, "val.txt"), encoding="utf-8").read().splitlines()
+    rows, offsets = load_split(data_dir, "val", meta)
     mi = None
     if mi_model:
         try:
@@ -141,14 +190,12 @@ def eval_report(predictors, batches, normalizer, data_dir, meta, iter_num, train
             tokenizer = AutoTokenizer.from_pretrained(mi_model)
             lm = AutoModelForCausalLM.from_pretrained(mi_model).to(device).eval()
         except OSError as e:
-            die(f"cannot load --mi_model={mi_model} ({str(e).splitlines()[0]}): name a causal LM "
+            die(f"cannot load --mi_model={mi_model} ({first_line(e)}): name a causal LM "
                 "such as gpt2 (downloads once) or a local folder")
-        sentences = open(os.path.join(data_dir, "val.txt"), encoding="utf-8").read().splitlines()
-        offsets = np.load(os.path.join(data_dir, "val_offsets.npy"))
         mi = (lm, tokenizer, sentences, offsets)
     batches = list(batches)
     windows = sum(len(b[0]) for b in batches)
-    results = evaluate(predictors, batches, normalizer, roundtrip, mi)
+    results = evaluate(predictors, batches, model.normalizer, roundtrip, mi)
     where = "" if os.path.abspath(data_dir) == trained_on else f" (trained on {trained_on})"
     print(f"{windows} validation windows, {meta['val_docs']} documents of {data_dir}, iter {iter_num}"
           f"{where}; decoded text: {decoded_by}" + (f"; MI with {mi_model}" if mi_model else ""))
@@ -156,6 +203,15 @@ def eval_report(predictors, batches, normalizer, data_dir, meta, iter_num, train
     for name, r in results.items():
         print(f"{name:8}{r['loss']:10.2f}{r['l2']:9.4f}{r['rt_l2']:9.4f}{100 * r['ca']:7.1f}%"
               f"{100 * r['ca_doc']:7.1f}%{r['par']:8.3f}" + (f"{r['mi']:8.3f}" if mi_model else ""))
+    train_rows, train_offsets = load_split(data_dir, "train", meta)
+    eot = torch.tensor(meta["eot"], device=device)
+    decoders = lambda repeats: decoder(enc, bank, meta["lang"], repeats)
+    gen = continuations(model, rows, offsets, sentences, eot, decoders, train_rows, train_offsets)
+    print(f"continuations of {gen['random']['samples']} validation documents (prompt: 3 sentences, up to 8 "
+          "generated): closeness to the real rest, sentences, distinct share")
+    for name, r in gen.items():
+        print(f"{name:14}{r['closeness']:8.3f}" + (f"{r['sentences']:6.1f}{100 * r['distinct']:6.0f}%"
+                                                  if "distinct" in r else ""))
     with open(os.path.join(out_dir, "eval.json"), "w") as f:
         json.dump({"iter": iter_num, "dataset": data_dir, "windows": windows, "decoded_by": decoded_by,
-                   "mi_model": mi_model, **results}, f, indent=1)
+                   "mi_model": mi_model, **results, "continuations": gen}, f, indent=1)

@@ -1,7 +1,8 @@
 """
 Continues a text sentence by sentence with a trained Base-LCM: the prompt is split and encoded with
 the checkpoint's encoder, the model generates concepts, and each is decoded by SONAR, or, for
-encoders without a decoder (minilm), replaced by the nearest sentence of the training data.
+encoders without a decoder (minilm), replaced by the nearest sentence of the training data. The
+decoded sentence's concept, not the raw prediction, goes back into the context (--feedback).
 
 $ python sample.py --start="The fire spread overnight. Residents were told to leave."
 $ python sample.py --start=FILE:prompt.txt --num_samples=3 --noise=0.3
@@ -13,7 +14,7 @@ import os, sys
 import torch
 
 from common import configure, die, get_device, load_checkpoint
-from concepts import (EOT_TEXT, SentenceBank, check_lang, load_encoder, prompt_text,
+from concepts import (EOT_TEXT, SentenceBank, check_lang, decoder, load_encoder, prompt_text,
                       sentence_splitter, split_sentences)
 from datafiles import check_trained_on, load_meta
 
@@ -22,7 +23,10 @@ start = "Hundreds of people have been forced to leave their homes as a bushfire 
                          # the prompt, or FILE:path
 max_new_concepts = 16
 stop_eot = 0.9           # stop when cos(prediction, end of text) reaches this
-stop_repeat = 0.0        # 0 = off; else stop when cos(prediction, previous concept) reaches this
+stop_repeat = 0.95       # stop when a new concept is this close to one in the context; 0 = off
+feedback = ""            # the context takes 'decoded' (the decoded sentence's concept) or 'raw'
+                         # (the prediction); '' = decoded for retrieval, raw for SONAR
+repeats = False          # retrieval may return a sentence of the prompt or of the sample again
 noise = 0.0              # std of Gaussian noise in the normalized space: 0 = deterministic
 num_samples = 1
 seed = 1337
@@ -55,27 +59,41 @@ if not prompt:
 enc = load_encoder(data["encoder"], device, (sonar_hf_encoder, sonar_hf_decoder))
 if enc.d_emb != model.config.d_emb:
     die(f"encoder {data['encoder']} gives d_emb {enc.d_emb}, the model wants {model.config.d_emb}")
+bank = None
 if enc.decode:
     # the output language, checked before generating: SONAR's decoder shares the encoder's tokenizer
     enc.encode([EOT_TEXT], lang=lang)
-    decode = lambda new: (enc.decode(new.cpu(), lang=lang), [None] * len(new))
 else:
     # retrieval of the nearest sentence the encoder saw, with its cosine
     bank_dir = data_dir or data["dir"]
     bank_meta = load_meta(bank_dir)
     check_trained_on(bank_dir, bank_meta, data, "the checkpoint", "data_dir")
-    decode = SentenceBank(bank_dir, bank_meta).decode
+    bank = SentenceBank(bank_dir, bank_meta)
+decode = decoder(enc, bank, lang, repeats)
+feedback = feedback or ("decoded" if bank else "raw")
+if feedback not in ("decoded", "raw"):
+    die(f"--feedback={feedback}: use decoded or raw (or leave it empty)")
 concepts = torch.as_tensor(enc.encode(prompt, lang=prompt_lang), device=device)  # (T, d_emb)
 eot = torch.tensor(data["eot"], device=device)
 generator = torch.Generator(device=device).manual_seed(seed)
 
 for k in range(num_samples):
+    texts = []
+    sims = []
+
+    def feed(z):
+        # each concept decoded as it comes; the context takes the decoded sentence's concept
+        t, s, back = decode(z[None], prompt + texts, back=True)
+        texts.append(t[0])
+        sims.append(s[0])
+        return torch.as_tensor(back[0], device=device)
     new, cosines, reason = model.generate(concepts, max_new_concepts, eot, stop_eot, stop_repeat, noise,
-                                          use_cache, generator)
-    if reason == "eot":
+                                          use_cache, generator, feed if feedback == "decoded" else None)
+    if feedback == "raw" and reason == "eot":
         # the end-of-text concept is a signal, not a sentence
         new = new[:-1]
-    texts, sims = decode(new) if len(new) else ([], [])
+    if feedback == "raw" and len(new):
+        texts, sims, _ = decode(new, prompt)
     if json:
         steps = [{"text": t, "cos_eot": c} | ({"retrieved_cos": s} if s is not None else {})
                  for t, c, s in zip(texts, cosines, sims)]

@@ -332,8 +332,68 @@ def test_retrieval_returns_the_exact_sentence_of_a_bank_embedding(tmp_path):
     bank = concepts.SentenceBank(str(tmp_path / "bank"), meta)
     # chunks smaller than the bank
     idx, cos = bank.nearest(np.stack([docs[2][3], docs[1][0]]), chunk=7)
+    # the nearest of each query
+    idx = idx[:, 0]
     assert list(idx) == [13, 5] and np.all(cos > 0.999)
     assert bank.texts([*idx, 0, 19]) == [lines[13], lines[5], lines[0], lines[19]]
+
+def test_retrieval_never_repeats_a_sentence_nor_returns_end_of_text(tmp_path):
+    rng = np.random.default_rng(0)
+    docs = [rng.normal(size=(5, 16)).astype(np.float32) for _ in range(6)]
+    eot = rng.normal(size=16).astype(np.float32)
+    for d in docs:
+        d[-1] = eot
+    meta = write_dataset(tmp_path, "bank", docs[:4], docs[4:], eot)
+    bank = concepts.SentenceBank(str(tmp_path / "bank"), meta)
+    # five times the same concept, and end of text itself
+    queries = torch.tensor(np.stack([docs[1][2]] * 5 + [eot]))
+    texts, cos, rows = bank.decode(queries, avoid=["doc 1 sentence 2"])
+    assert len(set(texts)) == 6 and "doc 1 sentence 2" not in texts
+    assert all(not t.endswith("sentence 4") for t in texts)
+    # each text comes with its own row
+    lines = (tmp_path / "bank" / "train.txt").read_text().splitlines()
+    train = np.concatenate(docs[:4]).astype(np.float16).astype(np.float32)
+    assert all(np.array_equal(rows[i], train[lines.index(t)]) for i, t in enumerate(texts))
+    texts, _, _ = bank.decode(queries[:5], repeats=True)
+    assert texts == ["doc 1 sentence 2"] * 5
+
+def test_generation_feeds_back_what_feed_returns_and_raw_feedback_appends_the_predictions():
+    torch.manual_seed(0)
+    model = BaseLCM(tiny_config()).eval()
+    prompt, eot = torch.randn(3, 16), torch.randn(16)
+    decoded = torch.randn(4, 16)
+    seen = []
+
+    def feed(z):
+        seen.append(z)
+        return decoded[len(seen) - 1]
+    new, _, _ = model.generate(prompt, 4, eot, stop_eot=2.0, stop_repeat=0.0, feed=feed)
+    assert torch.equal(new, decoded)
+    # each prediction came from the context of the fed-back concepts, not of the raw ones
+    with torch.no_grad():
+        for i, z in enumerate(seen):
+            pred = model(torch.cat([prompt, decoded[:i]])[None])[0][0, -1]
+            assert torch.allclose(z, model.normalizer.denormalize(pred), atol=1e-5)
+    # raw: each prediction is appended as it is, as a loop over the whole window computes it
+    new, _, _ = model.generate(prompt, 4, eot, stop_eot=2.0, stop_repeat=0.0)
+    seq = prompt
+    with torch.no_grad():
+        for _ in range(4):
+            seq = torch.cat([seq, model.normalizer.denormalize(model(seq[None])[0][0, -1])[None]])
+    assert torch.allclose(new, seq[3:], atol=1e-5)
+
+def test_closeness_is_the_mean_of_each_generated_concepts_best_cosine_to_the_real_ones():
+    generated = [[1.0, 0.0], [0.0, 2.0]]
+    real = torch.tensor([[3.0, 0.0], [1.0, 1.0]])
+    assert abs(metrics.closeness(generated, real) - (1 + 0.5 ** 0.5) / 2) < 1e-6
+
+def test_the_continuation_metric_stops_as_sample_py_does_by_default():
+    import inspect, ast
+    defaults = inspect.signature(metrics.continuations).parameters
+    tree = ast.parse(open(os.path.join(HERE, "sample.py")).read())
+    knobs = {t.id: ast.literal_eval(n.value) for n in tree.body if isinstance(n, ast.Assign)
+             for t in n.targets if isinstance(t, ast.Name) and t.id.startswith("stop_")}
+    assert knobs == {k: defaults[k].default for k in ("stop_eot", "stop_repeat")}
 
 # -----------------------------------------------------------------------------
 # checkpoints
@@ -758,6 +818,8 @@ def test_minilm_end_to_end_embed_train_sample(tmp_path, tiny_lm):
     bank = set((tmp_path / "data" / "news" / "train.txt").read_text().splitlines())
     assert 1 <= len(result["steps"]) <= 3 and all(s["text"] in bank for s in result["steps"]), result
     assert all(-1 <= s["retrieved_cos"] <= 1 for s in result["steps"])
+    said = [s["text"] for s in result["steps"]]
+    assert len(set(said)) == len(said) and not set(said) & set(result["prompt"])
     text = run("sample.py", "--start=The wind changed.", "--max_new_concepts=2",
                cwd=tmp_path).stdout
     assert "[retrieved, cos " in text
@@ -766,6 +828,8 @@ def test_minilm_end_to_end_embed_train_sample(tmp_path, tiny_lm):
     p = run("train.py", "--eval_only=True", f"--mi_model={tmp_path / 'lm'}", cwd=tmp_path)
     assert "decoded text: retrieval of the nearest training sentence" in p.stdout
     results = json.load(open(tmp_path / "out" / "eval.json"))
+    gen = results["continuations"]
+    assert gen["random"]["samples"] > 0 and gen["decoded"]["distinct"] == 1.0
     assert all(np.isfinite(results[k]["mi"]) and results[k]["mi"] != 0 for k in ("model", "copy",
                                                                                  "mean")), results
 

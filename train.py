@@ -153,7 +153,7 @@ baselines = {k: predict[k] for k in ("copy", "mean")}
 if eval_only:
     if master:
         raw_model.eval()
-        eval_report(predict, val_batches(), raw_model.normalizer, data_dir, meta, iter_num,
+        eval_report(raw_model, predict, val_batches(), data_dir, meta, iter_num,
                     checkpoint["data"]["dir"], out_dir, device, (sonar_hf_encoder, sonar_hf_decoder), mi_model)
     end_distributed()
     sys.exit(0)

@@ -1,6 +1,7 @@
 # A laptop GPU (8-16 GB): d_model 1024, 8 layers (~100M parameters), bf16 autocast, torch.compile.
 # For a corpus of a few million sentences embedded with SONAR:
-# $ python embed.py --dataset=wikimedia/wikipedia --hf_config=20231101.en --max_docs=200000 --encoder=sonar --name=wiki
+# $ python embed.py --dataset=wikimedia/wikipedia --hf_config=20231101.en --max_docs=200000 \
+#       --encoder=sonar --name=wiki
 # $ python train.py config/train_laptop_gpu.py
 dataset = "wiki"
 out_dir = "out-wiki"

@@ -1,5 +1,6 @@
-# The offline default, spelled out: a 3.4M-parameter Base-LCM on gensim's Lee news corpus (MiniLM concepts).
-# Trains in about 11 s on 2 CPU cores (bf16 where the CPU is faster in it). $ python embed.py && python train.py config/train_lee.py
+# The offline default, spelled out: a 3.4M-parameter Base-LCM on gensim's Lee news corpus (MiniLM
+# concepts). Trains in about 11 s on 2 CPU cores (bf16 where the CPU is faster in it).
+# $ python embed.py && python train.py config/train_lee.py
 dataset = "lee"
 block_size = 16
 n_layer = 4

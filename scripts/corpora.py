@@ -1,10 +1,13 @@
 """
-Writes the two corpora beside Lee on which the defaults were checked (docs/results.md), from text on this machine:
-- corpora/pydocs.jsonl: the docstrings of Python's standard library of 300+ characters, one document each (read with
-  ast: nothing is imported; docstrings with doctests are left out);
-- corpora/nodedocs.jsonl: the sections of Node.js's API reference (Debian's nodejs package puts its markdown in
-  /usr/share/doc/nodejs/api), one document per section of 300+ characters, code blocks and tables left out.
-$ python scripts/corpora.py && python embed.py --dataset=corpora/pydocs.jsonl && python embed.py --dataset=corpora/nodedocs.jsonl
+Writes the two corpora beside Lee on which the defaults were checked (docs/results.md), from text
+on this machine:
+- corpora/pydocs.jsonl: the docstrings of Python's standard library of 300+ characters, one document
+  each (read with ast: nothing is imported; docstrings with doctests are left out);
+- corpora/nodedocs.jsonl: the sections of Node.js's API reference (Debian's nodejs package puts its
+  markdown in /usr/share/doc/nodejs/api), one document per section of 300+ characters, code blocks
+  and tables left out.
+$ python scripts/corpora.py
+$ python embed.py --dataset=corpora/pydocs.jsonl && python embed.py --dataset=corpora/nodedocs.jsonl
 """
 import ast, glob, json, os, re, sysconfig
 
@@ -23,7 +26,8 @@ for path in sorted(glob.glob(os.path.join(stdlib, "**", "*.py"), recursive=True)
         tree = ast.parse(open(path, encoding="utf-8").read())
     except (SyntaxError, UnicodeDecodeError):
         continue
-    for node in [tree] + [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))]:
+    kinds = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
+    for node in [tree] + [n for n in ast.walk(tree) if isinstance(n, kinds)]:
         doc = ast.get_docstring(node)
         if doc and ">>>" not in doc:
             docstrings.append(doc)
@@ -33,5 +37,7 @@ sections = []
 for path in sorted(glob.glob("/usr/share/doc/nodejs/api/*.md")):
     text = re.sub(r"```.*?```|<!--.*?-->", "", open(path, encoding="utf-8").read(), flags=re.S)
     for section in re.split(r"\n#+ [^\n]*", text):
-        sections.append(" ".join(line for line in section.splitlines() if line.strip() and line.lstrip()[0] not in "|*-<>"))
+        # tables, lists and tags left out
+        lines = [line for line in section.splitlines() if line.strip()]
+        sections.append(" ".join(line for line in lines if line.lstrip()[0] not in "|*-<>"))
 write("nodedocs", sections)

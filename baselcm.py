@@ -50,7 +50,6 @@ class RMSNorm(nn.RMSNorm):
 class CausalSelfAttention(nn.Module):
     def __init__(self, config):
         super().__init__()
-        assert config.n_embd % config.n_head == 0
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
@@ -150,11 +149,9 @@ class BaseLCM(nn.Module):
     @torch.no_grad()
     def generate(self, prompt, max_new_concepts, eot, stop_eot=0.9, stop_repeat=0.0, noise=0.0,
                  use_cache=True, generator=None, feed=None):
-        """prompt (T, d_emb) concepts -> (new concepts (n, d_emb), cosine of each to eot, stop reason).
-        Each prediction joins the context as it is, or as feed(prediction) makes it: sample.py feeds
-        back the concept of the decoded sentence. stop_repeat: stop when a new concept is that close
-        to one in the context. When the context outgrows block_size it is cut to its last
-        block_size // 2 concepts, so the cache is rebuilt only every block_size // 2 steps."""
+        """prompt (T, d_emb) -> (new concepts (n, d_emb), cosine of each to eot, stop reason). Each
+        prediction joins the context as feed(prediction), if given, makes it (sample.py: the decoded
+        sentence's concept); a context over block_size is cut to its last block_size // 2."""
         c = self.config
         seq = prompt.float()
         cosines = []
@@ -182,12 +179,11 @@ class BaseLCM(nn.Module):
             cosines.append(F.cosine_similarity(new, eot, dim=0).item())
             if cosines[-1] < stop_eot and feed is not None:
                 new = feed(new)
-            repeat = F.cosine_similarity(new[None], seq[start:]).max().item() >= stop_repeat
+            near = F.cosine_similarity(new[None], seq[start:]).max().item()
             seq = torch.cat([seq, new[None]])
-            if cosines[-1] >= stop_eot:
-                return seq[prompt.size(0):], cosines, "eot"
-            if stop_repeat > 0 and repeat:
-                return seq[prompt.size(0):], cosines, "repeat"
+            stop = "eot" if cosines[-1] >= stop_eot else "repeat" if near >= stop_repeat > 0 else None
+            if stop:
+                return seq[prompt.size(0):], cosines, stop
         return seq[prompt.size(0):], cosines, "max_new_concepts"
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, eps, device_type):
@@ -198,10 +194,8 @@ class BaseLCM(nn.Module):
         fused = device_type in ("cuda", "cpu")
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps, fused=fused)
 
-    def n_params(self):
-        return sum(p.numel() for p in self.parameters())
-
     def flops_per_concept(self):
         """Training FLOPs per concept: 6N for the weights, plus attention (PaLM, appendix B)."""
         c = self.config
-        return 6 * self.n_params() + 12 * c.n_layer * c.n_embd * c.block_size
+        n_params = sum(p.numel() for p in self.parameters())
+        return 6 * n_params + 12 * c.n_layer * c.n_embd * c.block_size

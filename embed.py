@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from common import (configure, die, end_distributed, get_device, init_distributed, knobs,
+from common import (configure, end_distributed, get_device, init_distributed, knobs, require,
                     require_positive, writable_dir)
 from concepts import (EOT_TEXT, check_lang, find_source, load_encoder, not_utf8, read_documents,
                       sentence_splitter, split_sentences)
@@ -48,13 +48,10 @@ configure(globals(), sys.argv[1:])
 # -----------------------------------------------------------------------------
 # everything that can be checked before encoding is checked now
 check_lang(lang)
-if dtype not in ("float16", "float32"):
-    die(f"--dtype={dtype} is not a storage type: use float16 or float32")
-if not 0 < val_fraction < 1:
-    die(f"--val_fraction={val_fraction} must be between 0 and 1")
+require(dtype in ("float16", "float32"), f"--dtype={dtype} is not a storage type: use float16 or float32")
+require(0 < val_fraction < 1, f"--val_fraction={val_fraction} must be between 0 and 1")
 require_positive(globals(), ("batch_size", "chunk_docs", "max_chars", "norm_sample"))
-if max_docs < 0:
-    die(f"--max_docs={max_docs} must be 0 (all documents) or more")
+require(max_docs >= 0, f"--max_docs={max_docs} must be 0 (all documents) or more")
 source, files, default_name = find_source(dataset)
 out = os.path.join(data_root, name or default_name)
 # what decides the output: every knob but these five. A dataset folder and its partial work are

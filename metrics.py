@@ -9,8 +9,8 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from common import die
-from concepts import SentenceBank, decoder, first_line, load_encoder
+from common import die, first_line
+from concepts import SentenceBank, decoder, load_encoder
 from datafiles import load_split, same_space
 
 @torch.no_grad()
@@ -110,15 +110,12 @@ def continuations(model, rows, offsets, texts, eot, decoders, train_rows, train_
             decode = decoders(mode == "raw, repeats")
 
             def feed(z):
+                # as sample.py does
                 t, _, b = decode(z[None], texts[lo:lo + k] + said, back=True)
                 said.extend(t)
                 back.extend(b)
-                return torch.as_tensor(b[0], device=eot.device)
-            new, _, reason = model.generate(prompt, n, eot, stop_eot, stop_repeat,
-                                            feed=feed if mode == "decoded" else None)
-            new = new[:-1] if reason == "eot" else new
-            if mode != "decoded" and len(new):
-                said, _, back = decode(new, texts[lo:lo + k], back=True)
+                return torch.as_tensor(b[0], device=eot.device) if mode == "decoded" else z
+            model.generate(prompt, n, eot, stop_eot, stop_repeat, feed=feed)
             lengths[mode].append(len(said))
             if len(said):
                 sums[mode].append(closeness(back, real[k:]))

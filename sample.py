@@ -2,7 +2,7 @@
 Continues a text sentence by sentence with a trained Base-LCM: the prompt is split and encoded with
 the checkpoint's encoder, the model generates concepts, and each is decoded by SONAR, or, for
 encoders without a decoder (minilm), replaced by the nearest sentence of the training data. The
-decoded sentence's concept, not the raw prediction, goes back into the context (--feedback).
+decoded sentence's concept, not the raw prediction, joins the context (--feedback).
 
 $ python sample.py --start="The fire spread overnight. Residents were told to leave."
 $ python sample.py --start=FILE:prompt.txt --num_samples=3 --noise=0.3
@@ -13,10 +13,9 @@ import os, sys
 
 import torch
 
-from common import configure, die, get_device, load_checkpoint
-from concepts import (EOT_TEXT, SentenceBank, check_lang, decoder, load_encoder, prompt_text,
+from common import configure, die, get_device, load_checkpoint, require
+from concepts import (SentenceBank, check_lang, decoder, load_encoder, prompt_text,
                       sentence_splitter, split_sentences)
-from datafiles import check_trained_on, load_meta
 
 out_dir = "out"          # holds ckpt.pt
 start = "Hundreds of people have been forced to leave their homes as a bushfire moves towards the town."
@@ -24,8 +23,7 @@ start = "Hundreds of people have been forced to leave their homes as a bushfire 
 max_new_concepts = 16
 stop_eot = 0.9           # stop when cos(prediction, end of text) reaches this
 stop_repeat = 0.95       # stop when a new concept is this close to one in the context; 0 = off
-feedback = ""            # the context takes 'decoded' (the decoded sentence's concept) or 'raw'
-                         # (the prediction); '' = decoded for retrieval, raw for SONAR
+feedback = "decoded"     # the context takes the decoded sentence's concept; 'raw': the prediction
 repeats = False          # retrieval may return a sentence of the prompt or of the sample again
 noise = 0.0              # std of Gaussian noise in the normalized space: 0 = deterministic
 num_samples = 1
@@ -51,28 +49,17 @@ prompt_lang = prompt_lang or data["lang"]
 lang = lang or prompt_lang
 check_lang(prompt_lang, "--prompt_lang")
 check_lang(lang)
-start = prompt_text(start)
-prompt = split_sentences(sentence_splitter(data["spacy_model"]), [start], data["max_chars"])[0]
-if not prompt:
-    die("the prompt is empty: pass --start='Some sentences.' or --start=FILE:prompt.txt")
+nlp = sentence_splitter(data["spacy_model"])
+prompt = split_sentences(nlp, [prompt_text(start)], data["max_chars"])[0]
+require(prompt, "the prompt is empty: pass --start='Some sentences.' or --start=FILE:prompt.txt")
 
 enc = load_encoder(data["encoder"], device, (sonar_hf_encoder, sonar_hf_decoder))
 if enc.d_emb != model.config.d_emb:
     die(f"encoder {data['encoder']} gives d_emb {enc.d_emb}, the model wants {model.config.d_emb}")
-bank = None
-if enc.decode:
-    # the output language, checked before generating: SONAR's decoder shares the encoder's tokenizer
-    enc.encode([EOT_TEXT], lang=lang)
-else:
-    # retrieval of the nearest sentence the encoder saw, with its cosine
-    bank_dir = data_dir or data["dir"]
-    bank_meta = load_meta(bank_dir)
-    check_trained_on(bank_dir, bank_meta, data, "the checkpoint", "data_dir")
-    bank = SentenceBank(bank_dir, bank_meta)
+# SONAR decodes; otherwise the nearest sentence the encoder saw is retrieved, with its cosine
+bank = None if enc.decode else SentenceBank(data_dir or data["dir"], trained_on=data)
 decode = decoder(enc, bank, lang, repeats)
-feedback = feedback or ("decoded" if bank else "raw")
-if feedback not in ("decoded", "raw"):
-    die(f"--feedback={feedback}: use decoded or raw (or leave it empty)")
+require(feedback in ("decoded", "raw"), f"--feedback={feedback}: use decoded or raw")
 concepts = torch.as_tensor(enc.encode(prompt, lang=prompt_lang), device=device)  # (T, d_emb)
 eot = torch.tensor(data["eot"], device=device)
 generator = torch.Generator(device=device).manual_seed(seed)
@@ -82,22 +69,18 @@ for k in range(num_samples):
     sims = []
 
     def feed(z):
-        # each concept decoded as it comes; the context takes the decoded sentence's concept
-        t, s, back = decode(z[None], prompt + texts, back=True)
-        texts.append(t[0])
-        sims.append(s[0])
-        return torch.as_tensor(back[0], device=device)
-    new, cosines, reason = model.generate(concepts, max_new_concepts, eot, stop_eot, stop_repeat, noise,
-                                          use_cache, generator, feed if feedback == "decoded" else None)
-    if feedback == "raw" and reason == "eot":
-        # the end-of-text concept is a signal, not a sentence
-        new = new[:-1]
-    if feedback == "raw" and len(new):
-        texts, sims, _ = decode(new, prompt)
+        # each concept is decoded as it comes (end of text is a signal, not a sentence)
+        t, s, back = decode(z[None], prompt + texts, back=feedback == "decoded")
+        texts.extend(t)
+        sims.extend(s)
+        return torch.as_tensor(back[0], device=device) if feedback == "decoded" else z
+    new, cosines, reason = model.generate(concepts, max_new_concepts, eot, stop_eot, stop_repeat,
+                                          noise, use_cache, generator, feed)
     if json:
         steps = [{"text": t, "cos_eot": c} | ({"retrieved_cos": s} if s is not None else {})
                  for t, c, s in zip(texts, cosines, sims)]
-        print(jsonlib.dumps({"sample": k, "prompt": prompt, "steps": steps, "stop": reason}, ensure_ascii=False))
+        sample = {"sample": k, "prompt": prompt, "steps": steps, "stop": reason}
+        print(jsonlib.dumps(sample, ensure_ascii=False))
         continue
     print("\n".join(prompt))
     for t, s in zip(texts, sims):

@@ -532,6 +532,87 @@ def test_ddp_on_two_gloo_processes_matches_one_process(rotation_data, tmp_path):
     # rank 0 logs its own half: the runs really were split
     assert first_loss("ddp") != first_loss("single")
 
+def script_knobs(script):
+    """A script's knobs and their defaults, read from its source: the module-level literals
+    assigned before its configure() call."""
+    import ast
+    src = open(os.path.join(HERE, script)).read()
+    # the statements before the line that calls configure
+    tree = ast.parse(src[:src.rindex("\n", 0, src.index("configure(globals()"))])
+    return {t.id: ast.literal_eval(n.value) for n in tree.body if isinstance(n, ast.Assign)
+            and isinstance(n.value, ast.Constant) for t in n.targets if isinstance(t, ast.Name)
+            and isinstance(n.value.value, (int, float, bool, str))}
+
+@pytest.mark.parametrize("script", ["embed.py", "train.py", "sample.py", "bench.py"])
+def test_help_lists_every_knob_with_its_default(script, tmp_path):
+    for flag in ("--help", "-h"):
+        p = run(script, flag, "--n_layer=oops", cwd=tmp_path)
+        assert p.stdout.startswith(open(os.path.join(HERE, script)).read().split('"""')[1].strip())
+        knobs = script_knobs(script)
+        assert len(knobs) >= 6
+        for name, value in knobs.items():
+            assert f"  --{name}={value if value != '' else repr(value)}" in p.stdout, name
+    # the comment beside a knob, and one continued on the next line
+    p = run("embed.py", "--help", cwd=tmp_path)
+    assert "--max_docs=0                       0 = all documents" in p.stdout
+    assert "a hub dataset's name" in p.stdout
+
+@pytest.mark.parametrize("script, typo, knob", [("train.py", "max_iter", "max_iters"),
+                                                ("sample.py", "num_sample", "num_samples"),
+                                                ("embed.py", "datset", "dataset")])
+def test_a_misspelt_option_names_the_knob_meant(script, typo, knob, tmp_path):
+    p = run(script, f"--{typo}=5", cwd=tmp_path, check=False)
+    assert p.returncode == 1 and p.stderr.strip().endswith(f"did you mean --{knob}?"), p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1, p.stderr
+
+def wandb_records(run_dir):
+    """The records of an offline W&B run, from its run-ID.wandb file: a 7-byte header, then a
+    LevelDB-style log of 32 KiB blocks (4-byte checksum, 2-byte length, 1-byte type, data)."""
+    from wandb.proto import wandb_internal_pb2 as pb
+    data = next(run_dir.glob("run-*.wandb")).read_bytes()
+    assert data[:4] == b":W&B"
+    records = []
+    part = b""
+    at = 7
+    while at + 7 <= len(data):
+        if 32768 - at % 32768 < 7:
+            # a block's tail too short for a header is padding
+            at += 32768 - at % 32768
+            continue
+        length = int.from_bytes(data[at + 4:at + 6], "little")
+        kind = data[at + 6]
+        part += data[at + 7:at + 7 + length]
+        at += 7 + length
+        # 1: a whole record; 4: the last piece of one
+        if kind in (1, 4):
+            records.append(pb.Record.FromString(part))
+            part = b""
+    return records
+
+def test_wandb_logs_training_and_evaluation_offline_and_a_resume_continues_the_run(rotation_data,
+                                                                                    tmp_path):
+    env = dict(ENV, WANDB_MODE="offline", WANDB_DIR=str(tmp_path), WANDB_SILENT="true")
+    args = [*TRAIN, f"--data_root={rotation_data}", "--out_dir=o", "--eval_interval=10"]
+    run("train.py", *args, "--max_iters=20", "--wandb_log=True", "--log_interval=5",
+        cwd=tmp_path, env=env)
+    run("train.py", "--init_from=resume", "--out_dir=o", "--max_iters=30", cwd=tmp_path, env=env)
+    runs = sorted((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2
+    ids = {r.name.rsplit("-", 1)[1] for r in runs}
+    ckpt = torch.load(tmp_path / "o" / "ckpt.pt", weights_only=True)
+    assert ids == {ckpt["wandb_id"]}
+    for run_dir, steps in zip(runs, ([5, 10, 15, 20], [25, 30])):
+        history = [{i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item}
+                   for r in wandb_records(run_dir) if r.WhichOneof("record_type") == "history"]
+        train = [h for h in history if "train/loss" in h]
+        assert [h["_step"] for h in train] == steps
+        assert all({"lr", "ms", "mfu"} <= set(h) for h in train)
+        val = [h for h in history if "val/model/loss" in h]
+        assert val and all({f"val/{k}/{m}" for k in ("model", "copy", "mean")
+                            for m in ("loss", "l2", "ca")} <= set(h) for h in val)
+    config = [r.run.config for r in wandb_records(runs[0]) if r.WhichOneof("record_type") == "run"]
+    assert any(u.key == "n_embd" and json.loads(u.value_json) == 32 for c in config for u in c.update)
+
 @pytest.mark.parametrize("args, message", [
     (["--n_layerz=3"], "unknown option 'n_layerz'"),
     (["--n_layer=three"], "--n_layer wants a int"),
@@ -846,9 +927,12 @@ def test_sample_decodes_with_sonar_in_the_requested_language(sonar_env, tmp_path
     assert p.stdout.splitlines()[:3] == ["One sentence.", "Two sentences.", "<fra_Latn> sentence 0"]
     enc = [c for c in calls() if c["call"] == "encode"]
     dec = [c for c in calls() if c["call"] == "decode"]
-    # the prompt, after the language check
-    assert enc[-1]["source_lang"] == "eng_Latn" and enc[-1]["n"] == 2
-    assert dec == [{"call": "decode", "n": 4, "target_lang": "fra_Latn", "max_seq_len": 256}]
+    # the language check, the prompt, then each decoded sentence encoded back into the context: the
+    # stand-in decodes every concept to the same sentence, so the second is a repeat and stops
+    assert [(c["source_lang"], c["n"]) for c in enc] == [("fra_Latn", 1), ("eng_Latn", 2),
+                                                         ("fra_Latn", 1), ("fra_Latn", 1)]
+    assert dec == [{"call": "decode", "n": 1, "target_lang": "fra_Latn", "max_seq_len": 256}] * 2
+    assert "(2 concepts, stopped by repeat)" in p.stdout
 
 class RunsCode:  # a pickle that runs a command when loaded without weights_only
     def __reduce__(self):

@@ -104,7 +104,8 @@ def test_embed_train_sample_and_eval_with_the_real_sonar(sonar_env, tmp_path):
         "--n_embd=32", "--n_head=2", "--block_size=8", "--batch_size=4", "--eval_iters=2",
         cwd=tmp_path, env=sonar_env)
     p = run("sample.py", "--start=The fire spread overnight. Residents left.", "--lang=fra_Latn",
-            "--json=True", "--max_new_concepts=3", "--stop_eot=2", cwd=tmp_path, env=sonar_env)
+            "--json=True", "--max_new_concepts=3", "--stop_eot=2", "--stop_repeat=0",
+            cwd=tmp_path, env=sonar_env)
     steps = json.loads(p.stdout.strip().splitlines()[-1])["steps"]
     assert len(steps) == 3
     assert all(isinstance(s["text"], str) and "retrieved_cos" not in s for s in steps)

@@ -8,16 +8,15 @@ $ torchrun --standalone --nproc_per_node=4 train.py config/train_laptop_gpu.py
 $ python train.py --eval_only=True                 # the paper's metrics and two baselines
 """
 import json, math, os, sys, time
-from functools import partial
 
 import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from baselcm import BaseLCM, LCMConfig
-from common import (atomic_save, autocast, configure, die, end_distributed, get_device,
-                    init_distributed, knobs, load_checkpoint, measure_peak_flops, require_positive,
-                    take_checkpoint_settings, writable_dir)
+from common import (atomic_save, autocast, configure, end_distributed, get_device,
+                    init_distributed, knobs, load_checkpoint, measure_peak_flops, require,
+                    require_positive, start_wandb, take_checkpoint_settings, writable_dir)
 from datafiles import (check_trained_on, data_facts, eval_batches, get_batch, load_meta, load_split,
                        sample_windows)
 from metrics import eval_report, evaluate, predictors
@@ -61,6 +60,9 @@ decay_lr = True
 warmup_iters = 20
 lr_decay_iters = 0       # 0 = max_iters
 min_lr = 4e-5
+wandb_log = False        # log to Weights & Biases (`wandb login`, or WANDB_MODE=offline)
+wandb_project = "baselcm"
+wandb_run_name = ""      # '' = out_dir
 # system
 device = ""              # '' = autodetect: cuda, mps, cpu
 dtype = ""               # '' = bf16 on GPUs that have it, else fp16; CPU: bf16 if measured faster
@@ -77,23 +79,21 @@ if resume:
 config = {k: globals()[k] for k in config_keys}
 require_positive(globals(), ("batch_size", "block_size", "n_layer", "n_head", "n_embd",
                             "gradient_accumulation_steps", "eval_iters"))
-if n_embd % n_head or (n_embd // n_head) % 2:
-    die(f"--n_embd={n_embd} must be a multiple of --n_head={n_head} with an even head size (RoPE)")
-if not 0 <= dropout < 1:
-    die(f"--dropout={dropout} must be in [0, 1)")
-if init_from not in ("scratch", "resume"):
-    die(f"--init_from={init_from}: use scratch or resume")
-if mi_model and not eval_only:
-    die(f"--mi_model={mi_model} needs --eval_only=True: MI is measured on a checkpoint's decoded text")
+require(n_embd % n_head == 0 and (n_embd // n_head) % 2 == 0, f"--n_embd={n_embd} must be a "
+        f"multiple of --n_head={n_head} with an even head size (RoPE)")
+require(0 <= dropout < 1, f"--dropout={dropout} must be in [0, 1)")
+require(init_from in ("scratch", "resume"), f"--init_from={init_from}: use scratch or resume")
+require(not mi_model or eval_only, f"--mi_model={mi_model} needs --eval_only=True: MI is measured "
+        "on a checkpoint's decoded text")
 
 # -----------------------------------------------------------------------------
 # devices and processes
 device = get_device(device)
 rank, world, device = init_distributed(device, backend)
 ddp = torch.distributed.is_initialized()
-if world > gradient_accumulation_steps * batch_size:
-    die(f"{world} processes share a global batch of {gradient_accumulation_steps * batch_size} "
-        "windows: raise --batch_size or --gradient_accumulation_steps, or use fewer processes")
+require(world <= gradient_accumulation_steps * batch_size, f"{world} processes share a global batch "
+        f"of {gradient_accumulation_steps * batch_size} windows: raise --batch_size or "
+        "--gradient_accumulation_steps, or use fewer processes")
 master = rank == 0
 device_type = torch.device(device).type
 ctx, dtype = autocast(dtype, device, n_embd)
@@ -116,8 +116,8 @@ lr_decay_iters = lr_decay_iters or max_iters
 # the same on every rank: together they draw one global batch
 data_rng = np.random.default_rng(seed)
 
-n_val_windows = eval_iters * batch_size
-val_batches = partial(eval_batches, val_rows, val_offsets, block_size, batch_size, n_val_windows, device)
+val_batches = lambda: eval_batches(val_rows, val_offsets, block_size, batch_size,
+                                   eval_iters * batch_size, device)
 
 # -----------------------------------------------------------------------------
 # model
@@ -128,11 +128,9 @@ evals_since_best = checkpoint.get("evals_since_best", 0) if resume else 0
 if resume:
     check_trained_on(data_dir, meta, checkpoint["data"], ckpt_path, "dataset", "dataset" in given)
 else:
-    model = BaseLCM(LCMConfig(d_emb=meta["d_emb"], block_size=block_size, n_layer=n_layer,
-                              n_head=n_head, n_embd=n_embd, dropout=dropout, bias=bias,
-                              rope_theta=rope_theta))
-    model.normalizer.center.copy_(torch.tensor(meta["normalizer"]["center"]))
-    model.normalizer.scale.copy_(torch.tensor(meta["normalizer"]["scale"]))
+    model_args = {k: config[k] for k in LCMConfig.__dataclass_fields__ if k in config}
+    model = BaseLCM(LCMConfig(d_emb=meta["d_emb"], **model_args))
+    model.normalizer.load_state_dict({k: torch.tensor(v) for k, v in meta["normalizer"].items()})
 model.to(device)
 scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")
 optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), eps, device_type)
@@ -152,8 +150,7 @@ predict = predictors(raw_model, ctx, torch.tensor(meta["mean"], device=device))
 baselines = {k: predict[k] for k in ("copy", "mean")}
 if eval_only:
     if master:
-        raw_model.eval()
-        eval_report(raw_model, predict, val_batches(), data_dir, meta, iter_num,
+        eval_report(raw_model.eval(), predict, val_batches(), data_dir, meta, iter_num,
                     checkpoint["data"]["dir"], out_dir, device, (sonar_hf_encoder, sonar_hf_decoder), mi_model)
     end_distributed()
     sys.exit(0)
@@ -172,11 +169,13 @@ def get_lr(it):
 if master:
     log = open(os.path.join(out_dir, "log.jsonl"), "a" if init_from == "resume" else "w")
     peak = measure_peak_flops(device, getattr(torch, dtype))
+    wandb = wandb_log and start_wandb(wandb_project, wandb_run_name or out_dir, config,
+                                      checkpoint.get("wandb_id") if resume else None)
     # the baselines do not change: measured once
     baseline_metrics = evaluate(baselines, val_batches(), raw_model.normalizer)
-    n_epochs = max_iters * concepts_per_iter / meta["train_rows"]
-    print(f"{raw_model.n_params() / 1e6:.2f}M parameters, {meta['train_rows']} train concepts "
-          f"({meta['encoder']}, d_emb {meta['d_emb']}), {max_iters} iterations ({n_epochs:.1f} epochs), "
+    print(f"{sum(p.numel() for p in raw_model.parameters()) / 1e6:.2f}M parameters, "
+          f"{meta['train_rows']} train concepts ({meta['encoder']}, d_emb {meta['d_emb']}), "
+          f"{max_iters} iterations ({max_iters * concepts_per_iter / meta['train_rows']:.1f} epochs), "
           f"{device} {dtype}, peak {peak / 1e9:.1f} GFLOP/s")
 t0 = loop_start = time.time()
 t0_iter = first_iter = iter_num
@@ -194,6 +193,8 @@ while True:
                   f"mean {r['mean']['loss']:.2f}), l2 {r['model']['l2']:.4f}, CA {100 * r['model']['ca']:.1f}%")
             log.write(json.dumps({"iter": iter_num, "val": r}) + "\n")
             log.flush()
+            if wandb:
+                wandb.log({f"val/{k}/{m}": r[k][m] for k in r for m in ("loss", "l2", "ca")}, iter_num)
             if iter_num > 0:
                 evals_since_best += 1
                 if r["model"]["loss"] < best_val_loss:
@@ -205,7 +206,8 @@ while True:
                                  "iter_num": iter_num, "best_val_loss": best_val_loss,
                                  "evals_since_best": evals_since_best, "config": config,
                                  "data_rng": data_rng.bit_generator.state, "torch_rng": torch.get_rng_state(),
-                                 "data": data_facts(data_dir, meta)}, ckpt_path)
+                                 "data": data_facts(data_dir, meta),
+                                 "wandb_id": wandb.id if wandb else None}, ckpt_path)
             stop.fill_(patience > 0 and evals_since_best >= patience)
         if ddp:
             # the processes stop together
@@ -258,6 +260,8 @@ while True:
               f"{n_targets / dt:.0f} concepts/s, mfu {100 * mfu:.1f}%")
         log.write(json.dumps({"iter": iter_num, "loss": loss_val, "lr": lr, "ms": dt * 1000,
                               "concepts_per_s": n_targets / dt, "mfu": mfu}) + "\n")
+        if wandb:
+            wandb.log({"train/loss": loss_val, "lr": lr, "ms": dt * 1000, "mfu": mfu}, iter_num)
         t0 = time.time()
         t0_iter = iter_num
 

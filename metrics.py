@@ -124,7 +124,8 @@ def continuations(model, rows, offsets, texts, eot, decoders, train_rows, train_
         sums["random"].append(closeness(train_rows[np.sort(pick)], real[k:]))
         sums["repeat last"].append(closeness(real[k - 1:k], real[k:]))
     return {name: {"closeness": float(np.mean(s)) if s else float("nan"), "samples": len(s)}
-            | ({"distinct": float(np.mean(distinct[name])), "sentences": float(np.mean(lengths[name]))}
+            | ({"distinct": float(np.mean(distinct[name])) if s else float("nan"),
+                "sentences": float(np.mean(lengths[name])) if s else float("nan")}
                if name in distinct else {})
             for name, s in sums.items()}
 
@@ -206,7 +207,7 @@ def eval_report(model, predictors, batches, data_dir, meta, iter_num, trained_on
     gen = continuations(model, rows, offsets, sentences, eot, decoders, train_rows, train_offsets)
     print(f"continuations of {gen['random']['samples']} validation documents (prompt: 3 sentences, up to 8 "
           "generated): closeness to the real rest, sentences, distinct share")
-    for name, r in gen.items():
+    for name, r in gen.items() if gen["random"]["samples"] else ():
         print(f"{name:14}{r['closeness']:8.3f}" + (f"{r['sentences']:6.1f}{100 * r['distinct']:6.0f}%"
                                                   if "distinct" in r else ""))
     with open(os.path.join(out_dir, "eval.json"), "w") as f:

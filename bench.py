@@ -41,7 +41,7 @@ if device_type == "cuda":
 results = {"device": device_name, "torch": torch.__version__, "peak_tflops": {}}
 for d in dtypes:
     results["peak_tflops"][d] = measure_peak_flops(device, getattr(torch, d), seconds=2.0) / 1e12
-    print(f"{device_name}, {d}: matmul peak {results['peak_tflops'][d]:.3f} TFLOP/s (F.linear, now)")
+    print(f"{device_name}, {d}: matmul peak {results['peak_tflops'][d]:.3f} TFLOP/s (F.linear)")
 # the faster: for the train.py loop figure
 dtype = max(dtypes, key=results["peak_tflops"].get)
 
@@ -162,12 +162,14 @@ model = BaseLCM(config).to(device).eval()
 prompt = torch.randn(8, 1024, device=device)
 eot = torch.randn(1024, device=device)
 gen = results["generate"] = {}
-for name, use_cache in [("no_cache", False), ("cache", True)] + [("cache_compiled", True)] * compile:
+runs = [("no_cache", False), ("cache", True)] + [("cache_compiled", True)] * compile
+for name, use_cache in runs:
     if name == "cache_compiled":
         model.compile()
     # warm-up (and compilation)
     model.generate(prompt, 5, eot, stop_eot=2.0, use_cache=use_cache)
-    gen[name] = 200 / timed(lambda: model.generate(prompt, 200, eot, stop_eot=2.0, use_cache=use_cache))
+    run = lambda: model.generate(prompt, 200, eot, stop_eot=2.0, use_cache=use_cache)
+    gen[name] = 200 / timed(run)
     print(f"generate 200 concepts, d512 L8, float32, {name:14}: {gen[name]:5.0f} concepts/s, "
           f"{gen[name] / gen['no_cache']:.1f}x")
 

@@ -613,6 +613,23 @@ def test_wandb_logs_training_and_evaluation_offline_and_a_resume_continues_the_r
     config = [r.run.config for r in wandb_records(runs[0]) if r.WhichOneof("record_type") == "run"]
     assert any(u.key == "n_embd" and json.loads(u.value_json) == 32 for c in config for u in c.update)
 
+@pytest.mark.parametrize("case, message", [
+    ("broken", "--wandb_log=True, but wandb does not import (ImportError: no such luck): pip install wandb"),
+    ("no login", "W&B has no login: run `wandb login`, or set WANDB_MODE=offline")])
+def test_wandb_without_a_working_install_or_a_login_is_one_line(case, message, rotation_data,
+                                                                 tmp_path):
+    env = {k: v for k, v in ENV.items() if not k.startswith("WANDB_")}
+    env |= {"HOME": str(tmp_path), "WANDB_CONFIG_DIR": str(tmp_path), "WANDB_DIR": str(tmp_path)}
+    if case == "broken":
+        (tmp_path / "wandb").mkdir()
+        (tmp_path / "wandb" / "__init__.py").write_text("raise ImportError('no such luck')")
+        env["PYTHONPATH"] = str(tmp_path)
+    p = run("train.py", *TRAIN, f"--data_root={rotation_data}", "--out_dir=o", "--max_iters=2",
+            "--wandb_log=True", cwd=tmp_path, env=env, check=False)
+    assert p.returncode == 1 and message in p.stderr, p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert not (tmp_path / "o" / "ckpt.pt").exists()
+
 @pytest.mark.parametrize("args, message", [
     (["--n_layerz=3"], "unknown option 'n_layerz'"),
     (["--n_layer=three"], "--n_layer wants a int"),

@@ -246,9 +246,9 @@ class SentenceBank:
             if not eot:
                 ends = self.eot_rows[(self.eot_rows >= at) & (self.eot_rows < at + chunk)]
                 cos[:, ends - at] = -2.0
-            best, order = torch.cat([best, cos], 1).topk(min(k, best.size(1) + cos.size(1)), dim=-1)
-            best_idx = torch.cat([best_idx, at + torch.arange(cos.size(1)).expand_as(cos)], 1)
-            best_idx = best_idx.gather(1, order)
+            val, idx = cos.topk(min(k, cos.size(1)), dim=-1)
+            best, order = torch.cat([best, val], 1).topk(min(k, best.size(1) + val.size(1)), dim=-1)
+            best_idx = torch.cat([best_idx, idx + at], 1).gather(1, order)
         return best_idx.numpy(), best.numpy()
 
     def decode(self, concepts, avoid=(), repeats=False, k=64):
@@ -260,9 +260,9 @@ class SentenceBank:
         picked = []
         for cand, c in zip(idx, cos):
             texts = self.texts(cand)
+            ok = [c[j] > -2 and (repeats is not False or t not in seen) for j, t in enumerate(texts)]
             # if all k are taken, the nearest (never an end-of-text row, whose cosine is -2)
-            j = next((j for j, t in enumerate(texts) if c[j] > -2 and (repeats is not False
-                                                                      or t not in seen)), 0)
+            j = ok.index(True) if True in ok else 0
             seen.add(texts[j])
             picked.append((texts[j], float(c[j]), cand[j]))
         texts, sims, rows = zip(*picked) if picked else ((), (), ())

@@ -179,7 +179,7 @@ class BaseLCM(nn.Module):
             cosines.append(F.cosine_similarity(new, eot, dim=0).item())
             if cosines[-1] < stop_eot and feed is not None:
                 new = feed(new)
-            near = F.cosine_similarity(new[None], seq[start:]).max().item()
+            near = F.cosine_similarity(new[None], seq[start:]).max() if stop_repeat > 0 else 0
             seq = torch.cat([seq, new[None]])
             stop = "eot" if cosines[-1] >= stop_eot else "repeat" if near >= stop_repeat > 0 else None
             if stop:

@@ -99,6 +99,7 @@ def continuations(model, rows, offsets, texts, eot, decoders, train_rows, train_
     sums = {name: [] for name in ("decoded", "raw", "raw, repeats", "random", "repeat last")}
     distinct = {"decoded": [], "raw": [], "raw, repeats": []}
     lengths = {"decoded": [], "raw": [], "raw, repeats": []}
+    decode_of = {mode: decoders(mode == "raw, repeats") for mode in distinct}
     for lo, end in zip(offsets[:-1], offsets[1:] - 1):
         if end - lo < k + 2:
             continue
@@ -107,7 +108,7 @@ def continuations(model, rows, offsets, texts, eot, decoders, train_rows, train_
         for mode in distinct:
             said = []
             back = []
-            decode = decoders(mode == "raw, repeats")
+            decode = decode_of[mode]
 
             def feed(z):
                 # as sample.py does

@@ -388,11 +388,9 @@ def test_closeness_is_the_mean_of_each_generated_concepts_best_cosine_to_the_rea
     assert abs(metrics.closeness(generated, real) - (1 + 0.5 ** 0.5) / 2) < 1e-6
 
 def test_the_continuation_metric_stops_as_sample_py_does_by_default():
-    import inspect, ast
+    import inspect
     defaults = inspect.signature(metrics.continuations).parameters
-    tree = ast.parse(open(os.path.join(HERE, "sample.py")).read())
-    knobs = {t.id: ast.literal_eval(n.value) for n in tree.body if isinstance(n, ast.Assign)
-             for t in n.targets if isinstance(t, ast.Name) and t.id.startswith("stop_")}
+    knobs = {k: v for k, v in script_knobs("sample.py").items() if k.startswith("stop_")}
     assert knobs == {k: defaults[k].default for k in ("stop_eot", "stop_repeat")}
 
 # -----------------------------------------------------------------------------

@@ -56,13 +56,12 @@ class CausalSelfAttention(nn.Module):
         self.n_head = config.n_head
         self.dropout = config.dropout
 
-    def forward(self, x, cos, sin, cache=None, pos=None):
+    def forward(self, x, cos, sin, cache=None, pos=None, mask=None):
         B, T, C = x.size()
         qkv = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)  # (B, nh, T, hs) each
         q = rope(q, cos, sin)
         k = rope(k, cos, sin)
-        mask = None
         if cache is not None:
             # this layer's (2, B, nh, block_size, hs): new rows go in place at pos, attention runs
             # over all rows, masked to the filled ones: every step has one shape (compiles once)
@@ -96,11 +95,13 @@ class Block(nn.Module):
         self.ln_2 = RMSNorm(config.n_embd)
         self.mlp = SwiGLU(config)
 
-    def forward(self, x, cos, sin, cache=None, pos=None):
-        x = x + self.attn(self.ln_1(x), cos, sin, cache, pos)
+    def forward(self, x, cos, sin, cache=None, pos=None, mask=None):
+        x = x + self.attn(self.ln_1(x), cos, sin, cache, pos, mask)
         return x + self.mlp(self.ln_2(x))
 
 class BaseLCM(nn.Module):
+    supports_cache = True
+
     def __init__(self, config):
         super().__init__()
         self.config = config
@@ -112,7 +113,8 @@ class BaseLCM(nn.Module):
         self.postnet = nn.Linear(config.n_embd, config.d_emb)
         hs = config.n_embd // config.n_head
         inv_freq = config.rope_theta ** (-torch.arange(0, hs, 2).float() / hs)
-        angles = torch.outer(torch.arange(config.block_size).float(), inv_freq)  # (T_max, hs/2)
+        # one position more than the context: the diffusion LCM's last noisy concept
+        angles = torch.outer(torch.arange(config.block_size + 1).float(), inv_freq)  # (T_max, hs/2)
         self.register_buffer("rope_cos", angles.cos(), persistent=False)
         self.register_buffer("rope_sin", angles.sin(), persistent=False)
         # GPT-2's init: matrices N(0, 0.02), residual projections scaled down by depth, biases 0
@@ -146,6 +148,11 @@ class BaseLCM(nn.Module):
             return pred, err.mean()
         return pred, (err * mask).sum() / mask.sum()
 
+    def predict(self, concepts, cache=None, pos=None, generator=None):
+        """The next concept after each of concepts (B, T, d_emb), normalized. The Base-LCM regresses
+        it; the diffusion LCM samples it, from generator."""
+        return self(concepts, cache=cache, pos=pos)[0]
+
     @torch.no_grad()
     def generate(self, prompt, max_new_concepts, eot, stop_eot=0.9, stop_repeat=0.0, noise=0.0,
                  use_cache=True, generator=None, feed=None):
@@ -156,6 +163,7 @@ class BaseLCM(nn.Module):
         seq = prompt.float()
         cosines = []
         cache = None
+        use_cache = use_cache and self.supports_cache
         if use_cache:
             # a tensor per layer, updated in place (compiled, a slice of a big one is copied whole)
             shape = (2, 1, c.n_head, c.block_size, c.n_embd // c.n_head)
@@ -168,7 +176,7 @@ class BaseLCM(nn.Module):
                 cached = 0
             # the rows not in the cache yet, at their positions in the window
             pos = torch.arange(cached, seq.size(0) - start, device=seq.device)
-            pred, _ = self(seq[None, start + cached:], cache=cache, pos=pos)
+            pred = self.predict(seq[None, start + cached:], cache, pos, generator)
             if use_cache:
                 cached = seq.size(0) - start
             z = pred[0, -1].float()
@@ -191,7 +199,7 @@ class BaseLCM(nn.Module):
         # weight decay on the matrices only, not on biases and norms
         groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-        fused = device_type in ("cuda", "cpu")
+        fused = device_type in ("cuda", "cpu", "mps")
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps, fused=fused)
 
     def flops_per_concept(self):

@@ -16,7 +16,7 @@ import torch
 from torch.nn import functional as F
 
 from baselcm import BaseLCM, LCMConfig, RMSNorm
-from common import configure, get_device, measure_peak_flops, synchronize
+from common import configure, get_device, has_bf16, measure_peak_flops, synchronize
 
 device = ""              # '' = autodetect
 dtype = ""               # '' = bfloat16 on GPUs that have it; on a CPU both float32 and bfloat16
@@ -33,11 +33,13 @@ if dtype:
 elif device_type == "cpu":
     dtypes = ["float32", "bfloat16"]
 else:
-    dtypes = ["bfloat16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "float32"]
+    dtypes = ["bfloat16" if device_type == "cuda" and has_bf16(device) else "float32"]
 autocast = lambda d: torch.autocast(device_type, getattr(torch, d), enabled=d != "float32")
+# as train.py: fp32 matmuls in TF32 where the GPU has it
+torch.backends.cuda.matmul.allow_tf32 = True
 device_name = f"{device} ({os.cpu_count()} cores)"
 if device_type == "cuda":
-    device_name = torch.cuda.get_device_name()
+    device_name = torch.cuda.get_device_name(device)
 results = {"device": device_name, "torch": torch.__version__, "peak_tflops": {}}
 for d in dtypes:
     results["peak_tflops"][d] = measure_peak_flops(device, getattr(torch, d), seconds=2.0) / 1e12
@@ -95,7 +97,7 @@ for (name, c), d, kind in [(nc, d, k) for nc in configs.items() for d in dtypes 
     if kind == "reference":
         raw = Reference(c, raw.blocks[0].mlp.c_proj.in_features).to(device)
     model = torch.compile(raw) if kind == "compiled" else raw
-    opt = torch.optim.AdamW(raw.parameters(), lr=4e-4, fused=device_type in ("cuda", "cpu"))
+    opt = torch.optim.AdamW(raw.parameters(), lr=4e-4, fused=device_type in ("cuda", "cpu", "mps"))
     x = torch.randn(c["batch_size"], c["block_size"], 1024, device=device)
     y = torch.randn(c["batch_size"], c["block_size"], 1024, device=device)
     mask = torch.ones(c["batch_size"], c["block_size"], dtype=torch.bool, device=device)
@@ -185,10 +187,18 @@ if embed:
     e = results["embed"] = {"sentences": len(sentences)}
     bare = []
     ours = []
-    # embed.py in a child process, and that process's peak memory
-    measure = ("import resource, subprocess, sys; p = subprocess.run(sys.argv[1:], "
-               "capture_output=True, text=True); print(p.stdout, p.stderr[-500:] if p.returncode "
-               "else ''); print('maxrss_kb', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
+    # embed.py in a child process, and that process's peak memory (resource: not on Windows;
+    # ru_maxrss: kilobytes on Linux, bytes on macOS)
+    measure = "\n".join([
+        "import subprocess, sys",
+        "p = subprocess.run(sys.argv[1:], capture_output=True, text=True)",
+        "print(p.stdout, p.stderr[-500:] if p.returncode else '')",
+        "try:",
+        "    import resource",
+        "    rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss",
+        "    print('peak_mb', rss / 2**20 if sys.platform == 'darwin' else rss / 2**10)",
+        "except ImportError:",
+        "    print('peak_mb nan')"])
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     with tempfile.TemporaryDirectory() as tmp:
         # the corpus three times, each right after a bare pass (the host is noisy), then 4x
@@ -202,7 +212,7 @@ if embed:
                                 f"--device={device}", "--batch_size=128", "--overwrite=True"],
                                capture_output=True, text=True, env=env)
             ours.append(float(re.search(r"([\d.]+) sentences/s", p.stdout).group(1)))
-            rss_mb = int(re.search(r"maxrss_kb (\d+)", p.stdout).group(1)) / 1024
+            rss_mb = float(re.search(r"peak_mb (\S+)", p.stdout).group(1))
             e[f"{k}x"] = {"sentences_per_s": ours[-1], "peak_rss_mb": rss_mb}
     e["bare_sentences_per_s"] = bare
     e["overhead"] = [1 - b / a for a, b in zip(bare, ours)]

@@ -105,18 +105,21 @@ def require_positive(g, keys):
 
 def get_device(device):
     """'' -> cuda, mps or cpu, whichever is here; a named device is checked, so a typo is one line."""
-    here = torch.accelerator.current_accelerator(check_available=True)
-    here = here.type if here is not None and here.type in ("cuda", "mps") else "cpu"
+    here = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     if not device:
         return here
     try:
-        kind = torch.device(device).type
+        named = torch.device(device)
     except RuntimeError:
-        kind = None
-    if kind not in ("cuda", "mps", "cpu"):
+        named = None
+    if named is None or named.type not in ("cuda", "mps", "cpu"):
         die(f"--device={device} is not a device: use cuda, cuda:N, mps or cpu (or leave it empty)")
-    if kind not in ("cpu", here):
-        die(f"--device={device}, but this machine has no {kind}: use --device=cpu or leave it empty")
+    if named.type not in ("cpu", here):
+        die(f"--device={device}, but this machine has no {named.type}: use --device=cpu or leave it empty")
+    count = torch.cuda.device_count() if named.type == "cuda" else 1
+    if (named.index or 0) >= count:
+        die(f"--device={device}, but this machine has {count} {named.type} device{'s' * (count > 1)}: "
+            f"use an index below {count}, or leave it empty")
     return device
 
 def init_distributed(device, backend="", timeout_hours=0):
@@ -124,12 +127,15 @@ def init_distributed(device, backend="", timeout_hours=0):
     (0, 1, device) without torchrun. The backend: nccl on GPUs, gloo otherwise, unless named."""
     if int(os.environ.get("RANK", -1)) == -1:
         return 0, 1, device
-    if device.startswith("cuda"):
+    cuda = device.startswith("cuda")
+    if cuda:
         device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
         torch.cuda.set_device(device)
-    backend = backend or ("nccl" if device.startswith("cuda") else "gloo")
+    backend = backend or ("nccl" if cuda else "gloo")
     timeout = timedelta(hours=timeout_hours) if timeout_hours else None
-    torch.distributed.init_process_group(backend=backend, timeout=timeout)
+    # a bound device: NCCL knows each rank's GPU from the start (and does not warn at exit)
+    torch.distributed.init_process_group(backend=backend, timeout=timeout,
+                                         device_id=torch.device(device) if cuda else None)
     return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), device
 
 def end_distributed():
@@ -147,8 +153,11 @@ def writable_dir(path, flag):
         die(f"cannot write to --{flag}={path} ({e.strerror}): pick a folder you can write to")
 
 def synchronize(device):
-    if torch.device(device).type != "cpu":
-        torch.accelerator.synchronize(device)
+    kind = torch.device(device).type
+    if kind == "cuda":
+        torch.cuda.synchronize(device)
+    elif kind == "mps":
+        torch.mps.synchronize()
 
 def measure_peak_flops(device, dtype, sizes=(), seconds=0.3):
     """FLOP/s of F.linear (the model's kernel) in dtype, measured here and now: the MFU denominator,
@@ -184,7 +193,7 @@ def autocast(dtype, device, n_embd):
 def auto_dtype(device, n_embd):
     device_type = torch.device(device).type
     if device_type == "cuda":
-        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+        return "bfloat16" if has_bf16(device) else "float16"
     if device_type != "cpu":
         return "float32"
     rate = {d: measure_peak_flops(device, getattr(torch, d), (n_embd, 4 * n_embd), 0.1)
@@ -197,6 +206,33 @@ def auto_dtype(device, n_embd):
         print(f"dtype: {dtype} (F.linear at this model's sizes: float32 {rate['float32'] / 1e9:.0f}, "
               f"bfloat16 {rate['bfloat16'] / 1e9:.0f} GFLOP/s; bf16 is used when 1.5x faster)")
     return dtype
+
+def has_bf16(device):
+    """bf16 in hardware: compute capability 8.0 (Ampere) and up, or AMD. torch.cuda.is_bf16_supported()
+    also says yes where bf16 is only emulated (T4, V100, RTX 20xx, GTX 16xx/10xx): slow there."""
+    return bool(torch.version.hip) or torch.cuda.get_device_capability(device) >= (8, 0)
+
+def can_compile(device):
+    """Whether torch.compile can build kernels here, by the checks its inductor backend makes: triton for a
+    GPU (none on Windows, none below compute capability 7.0), a C++ compiler for a CPU. If not, one line
+    says why and the caller stays eager, instead of a traceback at the first forward."""
+    kind = torch.device(device).type
+    try:
+        if kind == "cuda":
+            from torch.utils._triton import has_triton
+            major, minor = torch.cuda.get_device_capability(device)
+            if major < 7:
+                raise RuntimeError(f"compute capability {major}.{minor} is below triton's 7.0")
+            if not has_triton():
+                raise RuntimeError("triton is not installed (it has no Windows wheels)")
+        elif kind == "cpu":
+            from torch._inductor.cpp_builder import get_cpp_compiler
+            get_cpp_compiler()
+    except Exception as e:
+        print(f"compile=True, but {device} cannot compile ({type(e).__name__}: {first_line(e)}): "
+              "running eager")
+        return False
+    return True
 
 def start_wandb(project, name, config, run_id=None):
     """-> a Weights & Biases run (resumed if run_id is given). wandb is imported here only; a missing
@@ -226,25 +262,62 @@ def atomic_save(obj, path):
         if os.path.exists(tmp):
             os.remove(tmp)
 
-def load_checkpoint(path):
-    """-> (model on the CPU, checkpoint dict). Weights only: a shared checkpoint cannot run code;
-    memory-mapped: what a caller does not use (sample.py: the optimizer) is never read."""
+def load_checkpoint(path, mmap=True):
+    """-> (model on the CPU, checkpoint dict). Weights only: a shared checkpoint cannot run code.
+    Memory-mapped: what a caller does not use (sample.py: the optimizer) is never read; a run that
+    goes on to replace the file (resume) reads it whole instead (Windows cannot replace a mapped file)."""
     if not os.path.isfile(path):
         die(f"no checkpoint at {path}: train one with `python train.py` or pass --out_dir=DIR")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
         # a foreign checkpoint has no such keys
         ckpt["config"], ckpt["data"]
         model = BaseLCM(LCMConfig(**ckpt["model_args"]))
         # torch.compile's prefix
         model.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()})
-        # checkpoints up to d41f47d keep the RNG state in a one-element list
-        if isinstance(ckpt.get("torch_rng"), list):
-            ckpt["torch_rng"] = ckpt["torch_rng"][0]
+        # checkpoints up to 711f3d5 keep one CPU random state (up to d41f47d in a one-element list)
+        if "torch_rng" in ckpt:
+            rng = ckpt.pop("torch_rng")
+            ckpt["rng"] = [{"device": "cpu", "cpu": rng[0] if isinstance(rng, list) else rng}]
     except Exception as e:
         die(f"{path} is not a readable baselcm checkpoint ({type(e).__name__}): retrain it, "
             "or pass the --out_dir of another run")
     return model, ckpt
+
+def rng_states(device):
+    """The random states of every process, by rank: the CPU's and the accelerator's (dropout and noise
+    draw from the GPU's on a GPU). A checkpoint keeps them all, so each rank's draws replay on resume."""
+    kind = torch.device(device).type
+    state = {"device": kind, "cpu": torch.get_rng_state()}
+    if kind != "cpu":
+        state[kind] = getattr(torch, kind).get_rng_state()
+    if not torch.distributed.is_initialized():
+        return [state]
+    states = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(states, state)
+    return states
+
+def set_rng_states(states, device, rank, world):
+    """Restores this rank's states from rng_states(); where they came from another number of processes
+    or another kind of device, rank 0 says that dropout and noise will not replay exactly."""
+    kind = torch.device(device).type
+    if rank < len(states):
+        torch.set_rng_state(states[rank]["cpu"])
+        if kind != "cpu" and kind in states[rank]:
+            getattr(torch, kind).set_rng_state(states[rank][kind])
+    if rank == 0 and (len(states), states[0]["device"]) != (world, kind):
+        print(f"the checkpoint holds the random states of {len(states)} process(es) on "
+              f"{states[0]['device']}, this run is {world} on {kind}: dropout and noise draw anew")
+
+def load_optimizer(optimizer, scaler, ckpt):
+    """The optimizer's and the GradScaler's states from a checkpoint, but the kernel choice (fused or
+    not) of this device; a scaler that the checkpoint's run had off (bf16, fp32) starts fresh."""
+    fused = [g["fused"] for g in optimizer.param_groups]
+    optimizer.load_state_dict(ckpt["optimizer"])
+    for g, f in zip(optimizer.param_groups, fused):
+        g["fused"] = f
+    if ckpt["scaler"]:
+        scaler.load_state_dict(ckpt["scaler"])
 
 def take_checkpoint_settings(g, keys, given, ckpt, ckpt_path):
     """Resuming or evaluating a run takes its checkpoint's settings (ckpt["config"]) into the script's

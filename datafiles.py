@@ -176,11 +176,14 @@ def get_batch(rows, starts, ends, block_size, device="cpu"):
         buf[i, :k] = rows[s:s + k]
     buf = torch.from_numpy(buf)
     mask = torch.arange(block_size)[None, :] < torch.from_numpy(n - 1)[:, None]
-    if torch.device(device).type == "cuda":
+    # an asynchronous copy from pinned memory on CUDA only: on MPS a non-blocking copy from
+    # ordinary memory can arrive corrupted (pytorch issues 139550, 189690)
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
         buf = buf.pin_memory()
         mask = mask.pin_memory()
-    buf = buf.to(device, non_blocking=True)
-    mask = mask.to(device, non_blocking=True)
+    buf = buf.to(device, non_blocking=cuda)
+    mask = mask.to(device, non_blocking=cuda)
     return buf[:, :-1], buf[:, 1:], mask
 
 def eval_batches(rows, offsets, block_size, batch_size, n_windows, device):

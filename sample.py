@@ -13,7 +13,7 @@ import os, sys
 
 import torch
 
-from common import configure, die, get_device, load_checkpoint, require
+from common import can_compile, configure, die, get_device, load_checkpoint, require
 from concepts import (SentenceBank, check_lang, decoder, load_encoder, prompt_text,
                       sentence_splitter, split_sentences)
 
@@ -42,7 +42,7 @@ configure(globals(), sys.argv[1:])
 device = get_device(device)
 model, ckpt = load_checkpoint(os.path.join(out_dir, "ckpt.pt"))
 model.to(device).eval()
-if compile:
+if compile and can_compile(device):
     model.compile()
 data = ckpt["data"]
 prompt_lang = prompt_lang or data["lang"]

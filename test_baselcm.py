@@ -517,18 +517,76 @@ def test_resume_refuses_what_would_make_the_result_meaningless(args, message, tr
     assert p.returncode == 1 and message in p.stderr, p.stderr
     assert len(p.stderr.strip().splitlines()) == 1, p.stderr
 
-def test_ddp_on_two_gloo_processes_matches_one_process(rotation_data, tmp_path):
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+            os.path.join(HERE, "train.py")]
+
+def test_ddp_on_two_gloo_processes_logs_what_one_process_logs(rotation_data, tmp_path):
     common = [*TRAIN, f"--data_root={rotation_data}", "--eval_interval=15", "--max_iters=15",
               "--dropout=0.0", "--device=cpu"]  # the default: one micro-batch, shared by the two processes
     run("train.py", *common, "--out_dir=single", cwd=tmp_path)
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                os.path.join(HERE, "train.py")]
-    run(torchrun, *common, "--out_dir=ddp", cwd=tmp_path)
+    p = run(TORCHRUN, *common, "--out_dir=ddp", cwd=tmp_path)
+    assert "2 processes" in p.stdout
     val = lambda out: [r["val"]["model"]["loss"] for r in log_of(tmp_path / out) if "val" in r][-1]
     assert abs(val("ddp") - val("single")) <= 1e-3 * val("single")
-    first_loss = lambda out: [r["loss"] for r in log_of(tmp_path / out) if "loss" in r][0]
-    # rank 0 logs its own half: the runs really were split
-    assert first_loss("ddp") != first_loss("single")
+    # the global batch's loss, not rank 0's share of it
+    loss = lambda out: [r["loss"] for r in log_of(tmp_path / out) if "loss" in r]
+    assert len(loss("ddp")) == 15
+    assert all(abs(a - b) <= 1e-4 * b for a, b in zip(loss("ddp"), loss("single"))), (loss("ddp"), loss("single"))
+    # the global FLOPs over the peak of both processes
+    assert all(0 < r["mfu"] <= 1 for r in log_of(tmp_path / "ddp") if "mfu" in r)
+
+def test_a_resumed_ddp_run_replays_each_ranks_dropout_exactly(rotation_data, tmp_path):
+    common = [*TRAIN, f"--data_root={rotation_data}", "--eval_interval=10", "--dropout=0.2",
+              "--lr_decay_iters=20", "--always_save_checkpoint=True", "--patience=0", "--device=cpu"]
+    run(TORCHRUN, *common, "--max_iters=20", "--out_dir=a", cwd=tmp_path)
+    run(TORCHRUN, *common, "--max_iters=10", "--out_dir=b", cwd=tmp_path)
+    p = run(TORCHRUN, "--init_from=resume", "--out_dir=b", "--max_iters=20", cwd=tmp_path)
+    assert "random states" not in p.stdout
+    losses = lambda out: {r["iter"]: r["loss"] for r in log_of(tmp_path / out) if "loss" in r}
+    a, b = losses("a"), losses("b")
+    assert sorted(b) == list(range(1, 21))
+    assert all(abs(a[i] - b[i]) <= 1e-5 * abs(a[i]) for i in range(11, 21)), (a, b)
+
+def test_rng_states_restore_each_generator_of_the_device_a_run_drew_from(monkeypatch, capsys):
+    torch.manual_seed(3)
+    states = common.rng_states("cpu")
+    drawn = torch.rand(4)
+    torch.manual_seed(4)
+    common.set_rng_states(states, "cpu", 0, 1)
+    assert torch.equal(torch.rand(4), drawn)
+    assert capsys.readouterr().out == ""
+    # a GPU's generator (torch.cuda's functions stand in for one): saved, and restored on that kind only
+    gpu = {"state": torch.tensor([1, 2], dtype=torch.uint8)}
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda: gpu["state"])
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s: gpu.update(state=s))
+    states = common.rng_states("cuda")
+    assert states[0]["device"] == "cuda" and torch.equal(states[0]["cuda"], torch.tensor([1, 2]))
+    gpu["state"] = torch.tensor([9, 9], dtype=torch.uint8)
+    common.set_rng_states(states, "cuda", 0, 1)
+    assert torch.equal(gpu["state"], torch.tensor([1, 2]))
+    common.set_rng_states(states, "cpu", 0, 2)
+    assert "states of 1 process(es) on cuda, this run is 2 on cpu" in capsys.readouterr().out
+
+def test_compile_where_it_cannot_work_runs_eager_after_one_line(rotation_data, tmp_path):
+    # no C++ compiler: what torch.compile needs on a CPU (a GPU needs triton)
+    env = dict(ENV, CXX="/nonexistent/g++")
+    p = run("train.py", *TRAIN, f"--data_root={rotation_data}", "--out_dir=o", "--max_iters=3",
+            "--eval_interval=3", "--compile=True", cwd=tmp_path, env=env)
+    said = [line for line in p.stdout.splitlines() if "compile" in line]
+    assert len(said) == 1 and "cpu cannot compile (InvalidCxxCompiler" in said[0], p.stdout
+    assert "running eager" in said[0] and "Traceback" not in p.stderr
+    assert max(r["iter"] for r in log_of(tmp_path / "o")) == 3
+
+def test_a_device_the_machine_does_not_have_is_one_line(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert common.get_device("") == "cuda"
+    assert common.get_device("cuda:0") == "cuda:0"
+    with pytest.raises(SystemExit):
+        common.get_device("cuda:5")
+    err = capsys.readouterr().err
+    assert err == "error: --device=cuda:5, but this machine has 1 cuda device: use an index below 1, " \
+                  "or leave it empty\n"
 
 def script_knobs(script):
     """A script's knobs and their defaults, read from its source: the module-level literals

@@ -14,9 +14,10 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from baselcm import BaseLCM, LCMConfig
-from common import (atomic_save, autocast, configure, end_distributed, get_device,
-                    init_distributed, knobs, load_checkpoint, measure_peak_flops, require,
-                    require_positive, start_wandb, take_checkpoint_settings, writable_dir)
+from common import (atomic_save, autocast, can_compile, configure, end_distributed, get_device,
+                    init_distributed, knobs, load_checkpoint, load_optimizer, measure_peak_flops,
+                    require, require_positive, rng_states, set_rng_states, start_wandb,
+                    take_checkpoint_settings, writable_dir)
 from datafiles import (check_trained_on, data_facts, eval_batches, get_batch, load_meta, load_split,
                        sample_windows)
 from metrics import eval_report, evaluate, predictors
@@ -74,7 +75,7 @@ given = configure(globals(), sys.argv[1:])
 ckpt_path = os.path.join(out_dir, "ckpt.pt")
 resume = init_from == "resume" or eval_only
 if resume:
-    model, checkpoint = load_checkpoint(ckpt_path)
+    model, checkpoint = load_checkpoint(ckpt_path, mmap=eval_only)
     take_checkpoint_settings(globals(), config_keys, given, checkpoint, ckpt_path)
 config = {k: globals()[k] for k in config_keys}
 require_positive(globals(), ("batch_size", "block_size", "n_layer", "n_head", "n_embd",
@@ -135,12 +136,11 @@ model.to(device)
 scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")
 optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), eps, device_type)
 if resume and not eval_only:
-    optimizer.load_state_dict(checkpoint["optimizer"])
-    scaler.load_state_dict(checkpoint["scaler"])
+    load_optimizer(optimizer, scaler, checkpoint)
     data_rng.bit_generator.state = checkpoint["data_rng"]
-    torch.set_rng_state(checkpoint["torch_rng"])
+    set_rng_states(checkpoint["rng"], device, rank, world)
 raw_model = model
-if compile:
+if compile and can_compile(device):
     model = torch.compile(model)
 if ddp:
     model = DDP(model, device_ids=[torch.device(device)] if device_type == "cuda" else None)
@@ -173,10 +173,11 @@ if master:
                                       checkpoint.get("wandb_id") if resume else None)
     # the baselines do not change: measured once
     baseline_metrics = evaluate(baselines, val_batches(), raw_model.normalizer)
+    procs = f", {world} processes" if ddp else ""
     print(f"{sum(p.numel() for p in raw_model.parameters()) / 1e6:.2f}M parameters, "
           f"{meta['train_rows']} train concepts ({meta['encoder']}, d_emb {meta['d_emb']}), "
           f"{max_iters} iterations ({max_iters * concepts_per_iter / meta['train_rows']:.1f} epochs), "
-          f"{device} {dtype}, peak {peak / 1e9:.1f} GFLOP/s")
+          f"{device} {dtype}{procs}, peak {peak / 1e9:.1f} GFLOP/s")
 t0 = loop_start = time.time()
 t0_iter = first_iter = iter_num
 while True:
@@ -185,6 +186,8 @@ while True:
         group["lr"] = lr
     if iter_num % eval_interval == 0 or iter_num == max_iters:
         stop = torch.zeros((), device=device)
+        # every rank's, for the checkpoint
+        rng = rng_states(device)
         if master:
             raw_model.eval()
             r = evaluate({"model": predict["model"]}, val_batches(), raw_model.normalizer) | baseline_metrics
@@ -205,7 +208,7 @@ while True:
                                  "scaler": scaler.state_dict(), "model_args": raw_model.config.__dict__,
                                  "iter_num": iter_num, "best_val_loss": best_val_loss,
                                  "evals_since_best": evals_since_best, "config": config,
-                                 "data_rng": data_rng.bit_generator.state, "torch_rng": torch.get_rng_state(),
+                                 "data_rng": data_rng.bit_generator.state, "rng": rng,
                                  "data": data_facts(data_dir, meta),
                                  "wandb_id": wandb.id if wandb else None}, ckpt_path)
             stop.fill_(patience > 0 and evals_since_best >= patience)
@@ -251,11 +254,15 @@ while True:
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
     iter_num += 1
+    if ddp and iter_num % log_interval == 0:
+        # the global batch's loss: each rank holds its share
+        torch.distributed.all_reduce(loss_sum)
     if master and iter_num % log_interval == 0:
         # .item() syncs with the device: only when logging
         loss_val = loss_sum.item() / world
         dt = (time.time() - t0) / (iter_num - t0_iter)
-        mfu = raw_model.flops_per_concept() * concepts_per_iter / dt / peak
+        # the global batch's FLOPs over the peak of all processes (each measured like rank 0's)
+        mfu = raw_model.flops_per_concept() * concepts_per_iter / dt / (peak * world)
         print(f"iter {iter_num}: loss {loss_val:.2f}, lr {lr:.2e}, {dt * 1000:.1f}ms, "
               f"{n_targets / dt:.0f} concepts/s, mfu {100 * mfu:.1f}%")
         log.write(json.dumps({"iter": iter_num, "loss": loss_val, "lr": lr, "ms": dt * 1000,

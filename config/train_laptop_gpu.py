@@ -1,4 +1,5 @@
-# A laptop GPU (8-16 GB): d_model 1024, 8 layers (~100M parameters), bf16 autocast, torch.compile.
+# A laptop GPU (8-16 GB) or an Apple M-series Mac: d_model 1024, 8 layers (~100M parameters), bf16
+# autocast, torch.compile.
 # For a corpus of a few million sentences embedded with SONAR:
 # $ python embed.py --dataset=wikimedia/wikipedia --hf_config=20231101.en --max_docs=200000 \
 #       --encoder=sonar --name=wiki
@@ -18,6 +19,8 @@ log_interval = 50
 warmup_iters = 2000
 learning_rate = 4e-4
 min_lr = 4e-5
-dtype = "bfloat16"        # GPUs without bf16 (pre-Ampere): dtype = "float16" uses a GradScaler
-compile = True
+dtype = ""                # auto: bf16 on GPUs that have it in hardware (Ampere and up), else fp16 with a
+                          # GradScaler; on a Mac (MPS) fp32
+compile = True            # where it cannot work (no triton: Windows, GPUs below compute capability 7.0)
+                          # train.py says so in one line and runs eager
 always_save_checkpoint = True

@@ -68,7 +68,8 @@ class CausalSelfAttention(nn.Module):
             cache[0].index_copy_(2, pos, k.to(cache.dtype))
             cache[1].index_copy_(2, pos, v.to(cache.dtype))
             k, v = cache
-            mask = torch.arange(cache.size(3), device=x.device) <= pos[:, None]  # (T, block_size)
+            if mask is None:
+                mask = torch.arange(cache.size(3), device=x.device) <= pos[:, None]  # (T, block_size)
         dropout = self.dropout if self.training else 0.0
         causal = mask is None and T > 1
         y = F.scaled_dot_product_attention(q, k, v, mask, dropout, is_causal=causal)
@@ -162,12 +163,10 @@ class BaseLCM(nn.Module):
         c = self.config
         seq = prompt.float()
         cosines = []
-        cache = None
         use_cache = use_cache and self.supports_cache
-        if use_cache:
-            # a tensor per layer, updated in place (compiled, a slice of a big one is copied whole)
-            shape = (2, 1, c.n_head, c.block_size, c.n_embd // c.n_head)
-            cache = [torch.zeros(shape, device=seq.device) for _ in self.blocks]
+        # a tensor per layer, updated in place (compiled, a slice of a big one is copied whole)
+        shape = (2, 1, c.n_head, c.block_size, c.n_embd // c.n_head)
+        cache = [torch.zeros(shape, device=seq.device) for _ in self.blocks] if use_cache else None
         start = 0  # where the window starts in seq
         cached = 0  # rows of the window already in the cache
         for _ in range(max_new_concepts):

@@ -10,6 +10,7 @@ import torch
 from torch.nn import functional as F
 
 from baselcm import BaseLCM, LCMConfig
+from diffusion import SAMPLING, DiffusionConfig, DiffusionLCM
 
 def die(msg):
     """An expected mistake: one line on stderr, a non-zero exit, no traceback."""
@@ -54,8 +55,8 @@ def print_help(g):
         print(f"  {option:34}{gap}{' '.join(text)}".rstrip())
 
 def configure(g, argv):
-    """Sets a script's knobs in g from config files and --key=value pairs, in order (a str knob takes
-    the text as given). -> the keys that were set."""
+    """Sets a script's knobs in g from config files and --key=value pairs, in order (a str knob
+    takes the text as given). -> the keys that were set."""
     keys = knobs(g)
     given = set()
     if "--help" in argv or "-h" in argv:
@@ -103,8 +104,39 @@ def require_positive(g, keys):
         if g[k] < 1:
             die(f"--{k}={g[k]} must be at least 1")
 
+def check_train_settings(c, finetuned, ckpt_path):
+    """train.py's settings (c) that no run could use: one line each, before any work is done.
+    finetuned: the checkpoint a finetuning starts from, which must not be the one it writes."""
+    require_positive(c, ("batch_size", "block_size", "n_layer", "n_head", "n_embd",
+                         "gradient_accumulation_steps", "eval_iters"))
+    require(c["n_embd"] % c["n_head"] == 0 and (c["n_embd"] // c["n_head"]) % 2 == 0,
+            f"--n_embd={c['n_embd']} must be a multiple of --n_head={c['n_head']} with an even head size (RoPE)")
+    require(0 <= c["dropout"] < 1, f"--dropout={c['dropout']} must be in [0, 1)")
+    require(c["model_type"] in ("baselcm", "diffusion"), f"--model_type={c['model_type']}: use baselcm or diffusion")
+    require(not finetuned or os.path.realpath(finetuned) != os.path.realpath(ckpt_path),
+            f"--init_from={c['init_from']} is --out_dir's own checkpoint: finetune into another --out_dir")
+    # torchrun's processes
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    windows = c["gradient_accumulation_steps"] * c["batch_size"]
+    require(world <= windows, f"{world} processes share a global batch of {windows} windows: raise "
+            "--batch_size or --gradient_accumulation_steps, or use fewer processes")
+    require(not c["mi_model"] or c["eval_only"], f"--mi_model={c['mi_model']} needs --eval_only=True: MI is "
+            "measured on a checkpoint's decoded text")
+
+def check_embed_settings(c):
+    """embed.py's settings (c) that no run could use: one line each, before any work is done."""
+    from concepts import check_lang
+    check_lang(c["lang"])
+    require(c["dtype"] in ("float16", "float32"), f"--dtype={c['dtype']} is not a storage type: use float16 "
+            "or float32")
+    require(0 < c["val_fraction"] < 1, f"--val_fraction={c['val_fraction']} must be between 0 and 1")
+    require_positive(c, ("batch_size", "chunk_docs", "max_chars", "norm_sample"))
+    require(c["max_docs"] >= 0, f"--max_docs={c['max_docs']} must be 0 (all documents) or more")
+    require(not c["pairs"] or len(c["pairs"].split(",")) == 2 and all(c["pairs"].split(",")),
+            f"--pairs={c['pairs']}: name two columns, PROMPT,ANSWER")
+
 def get_device(device):
-    """'' -> cuda, mps or cpu, whichever is here; a named device is checked, so a typo is one line."""
+    """'' -> cuda, mps or cpu, whichever is here; a named device is checked: a typo is one line."""
     here = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     if not device:
         return here
@@ -180,9 +212,9 @@ def measure_peak_flops(device, dtype, sizes=(), seconds=0.3):
     return best
 
 def autocast(dtype, device, n_embd):
-    """-> (the autocast context of a training dtype, the dtype). '' (auto): bf16 on GPUs that have it,
-    fp16 on older ones. CPUs differ (bf16 matmuls from 0.2x to 10x fp32's speed), so on a CPU it is
-    measured at the model's sizes and bf16 is taken when 1.5x faster; rank 0's choice holds for all."""
+    """-> (the autocast context of a training dtype, the dtype). '' (auto): bf16 on GPUs that have
+    it, fp16 on older ones. CPUs differ (bf16 matmuls from 0.2x to 10x fp32's speed), so on a CPU
+    it is measured at the model's sizes, bf16 taken when 1.5x faster; rank 0's choice holds."""
     dtype = dtype or auto_dtype(device, n_embd)
     if dtype not in ("float32", "bfloat16", "float16"):
         die(f"--dtype={dtype}: use float32, bfloat16 or float16")
@@ -208,14 +240,15 @@ def auto_dtype(device, n_embd):
     return dtype
 
 def has_bf16(device):
-    """bf16 in hardware: compute capability 8.0 (Ampere) and up, or AMD. torch.cuda.is_bf16_supported()
-    also says yes where bf16 is only emulated (T4, V100, RTX 20xx, GTX 16xx/10xx): slow there."""
+    """bf16 in hardware: compute capability 8.0 (Ampere) and up, or AMD.
+    torch.cuda.is_bf16_supported() also says yes where bf16 is only emulated (T4, V100, RTX 20xx,
+    GTX 16xx/10xx): slow there."""
     return bool(torch.version.hip) or torch.cuda.get_device_capability(device) >= (8, 0)
 
 def can_compile(device):
-    """Whether torch.compile can build kernels here, by the checks its inductor backend makes: triton for a
-    GPU (none on Windows, none below compute capability 7.0), a C++ compiler for a CPU. If not, one line
-    says why and the caller stays eager, instead of a traceback at the first forward."""
+    """Whether torch.compile can build kernels here, by the checks its inductor backend makes:
+    triton for a GPU (none on Windows, none below compute capability 7.0), a C++ compiler for a CPU.
+    If not, one line says why and the caller stays eager (not a traceback at the first forward)."""
     kind = torch.device(device).type
     try:
         if kind == "cuda":
@@ -235,8 +268,8 @@ def can_compile(device):
     return True
 
 def start_wandb(project, name, config, run_id=None):
-    """-> a Weights & Biases run (resumed if run_id is given). wandb is imported here only; a missing
-    or broken one, or no login, is one line."""
+    """-> a Weights & Biases run (resumed if run_id is given). wandb is imported here only; a
+    missing or broken one, or no login, is one line."""
     try:
         import wandb
     except Exception as e:
@@ -262,17 +295,34 @@ def atomic_save(obj, path):
         if os.path.exists(tmp):
             os.remove(tmp)
 
+def build_model(model_type, settings):
+    """-> a new model: 'baselcm' (baselcm.py) or 'diffusion' (diffusion.py), with the settings of
+    its config that are in settings (a dict; the others at their defaults)."""
+    model, config = {"baselcm": (BaseLCM, LCMConfig), "diffusion": (DiffusionLCM, DiffusionConfig)}[model_type]
+    return model(config(**{k: v for k, v in settings.items() if k in config.__dataclass_fields__}))
+
+def set_sampling(model, where, **settings):
+    """A diffusion model's sampling settings, those given (not 0), in place of its checkpoint's."""
+    given = {k: v for k, v in settings.items() if v}
+    require(given.keys() <= vars(model.config).keys(), f"--{', --'.join(given)}: the model in {where} is "
+            "a Base-LCM, which does not sample; these are the diffusion model's")
+    vars(model.config).update(given)
+
 def load_checkpoint(path, mmap=True):
-    """-> (model on the CPU, checkpoint dict). Weights only: a shared checkpoint cannot run code.
-    Memory-mapped: what a caller does not use (sample.py: the optimizer) is never read; a run that
-    goes on to replace the file (resume) reads it whole instead (Windows cannot replace a mapped file)."""
+    """path: a checkpoint, or a folder that holds ckpt.pt -> (model on the CPU, checkpoint dict, its
+    "path" the file's). Weights only: a shared checkpoint cannot run code. Memory-mapped: what a
+    caller does not use (sample.py: the optimizer) is never read; a run that goes on to replace the
+    file (resume) reads it whole instead (Windows cannot replace a mapped file)."""
+    given = path
+    path = os.path.join(path, "ckpt.pt") if os.path.isdir(path) else path
     if not os.path.isfile(path):
-        die(f"no checkpoint at {path}: train one with `python train.py` or pass --out_dir=DIR")
+        die(f"no checkpoint at {given}: train one with `python train.py` or pass --out_dir=DIR")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        ckpt["path"] = path
         # a foreign checkpoint has no such keys
         ckpt["config"], ckpt["data"]
-        model = BaseLCM(LCMConfig(**ckpt["model_args"]))
+        model = build_model(ckpt["config"].get("model_type", "baselcm"), ckpt["model_args"])
         # torch.compile's prefix
         model.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()})
         # checkpoints up to 711f3d5 keep one CPU random state (up to d41f47d in a one-element list)
@@ -285,8 +335,8 @@ def load_checkpoint(path, mmap=True):
     return model, ckpt
 
 def rng_states(device):
-    """The random states of every process, by rank: the CPU's and the accelerator's (dropout and noise
-    draw from the GPU's on a GPU). A checkpoint keeps them all, so each rank's draws replay on resume."""
+    """The random states of every process, by rank: the CPU's and the accelerator's (dropout and
+    noise draw from the GPU's on a GPU). A checkpoint keeps them all: each rank's draws replay."""
     kind = torch.device(device).type
     state = {"device": kind, "cpu": torch.get_rng_state()}
     if kind != "cpu":
@@ -298,8 +348,8 @@ def rng_states(device):
     return states
 
 def set_rng_states(states, device, rank, world):
-    """Restores this rank's states from rng_states(); where they came from another number of processes
-    or another kind of device, rank 0 says that dropout and noise will not replay exactly."""
+    """Restores this rank's states from rng_states(); where they came from another number of
+    processes or another kind of device, rank 0 says that dropout and noise draw anew."""
     kind = torch.device(device).type
     if rank < len(states):
         torch.set_rng_state(states[rank]["cpu"])
@@ -310,8 +360,8 @@ def set_rng_states(states, device, rank, world):
               f"{states[0]['device']}, this run is {world} on {kind}: dropout and noise draw anew")
 
 def load_optimizer(optimizer, scaler, ckpt):
-    """The optimizer's and the GradScaler's states from a checkpoint, but the kernel choice (fused or
-    not) of this device; a scaler that the checkpoint's run had off (bf16, fp32) starts fresh."""
+    """The optimizer's and the GradScaler's states from a checkpoint, but the kernel choice (fused
+    or not) of this device; a scaler that the checkpoint's run had off (bf16, fp32) starts fresh."""
     fused = [g["fused"] for g in optimizer.param_groups]
     optimizer.load_state_dict(ckpt["optimizer"])
     for g, f in zip(optimizer.param_groups, fused):
@@ -319,17 +369,20 @@ def load_optimizer(optimizer, scaler, ckpt):
     if ckpt["scaler"]:
         scaler.load_state_dict(ckpt["scaler"])
 
-def take_checkpoint_settings(g, keys, given, ckpt, ckpt_path):
-    """Resuming or evaluating a run takes its checkpoint's settings (ckpt["config"]) into the script's
-    globals g, but for those given on the command line and those of the machine; what was given
-    and differs is printed, and a change of the model's settings is refused."""
+def take_checkpoint_settings(g, keys, given, ckpt, ckpt_path, finetune=False):
+    """Resuming or evaluating a run takes its checkpoint's settings (ckpt["config"]) into the
+    script's globals g, but for those given on the command line and those of the machine; what was
+    given and differs is printed, and a change of the model's settings (but its sampling's) is
+    refused. Finetuning takes the model's settings alone, and its dropout may change too."""
     here = ("out_dir", "init_from", "eval_only", "device", "backend")
     old = ckpt["config"]
-    g.update({k: old[k] for k in keys if k in old and k not in given and k not in here})
+    model = (set(ckpt["model_args"]) | {"model_type"}) - set(SAMPLING) - ({"dropout"} if finetune else set())
+    g.update({k: old[k] for k in keys if k in old and k not in given and k not in here
+              and (k in model or not finetune)})
     changed = [k for k in keys if k in given and k in old and old[k] != g[k] and k not in here]
     for k in changed:
-        if k in ckpt["model_args"]:
+        if k in model:
             die(f"--{k}={g[k]}, but {ckpt_path} was made with {k}={old[k]}: the model's settings "
                 "cannot change; train a new model in another --out_dir")
-    if changed:
+    if changed and not finetune:
         print("changed from the checkpoint: " + ", ".join(f"{k} {old[k]} -> {g[k]}" for k in changed))

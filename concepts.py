@@ -34,15 +34,22 @@ SENT_END = "。！？｡।॥؟۔။።፧፨។៕།‼⁇⁈⁉﹒﹖﹗"
 AFTER_SENT_END = re.compile(f"(?<=[{SENT_END}])(?![{SENT_END}”’」』）)\\]\"'])")
 
 def split_sentences(nlp, texts, max_chars=256):
-    """texts -> one list of sentences each: whitespace normalized, empty ones dropped, long ones cut
-    on word boundaries (never dropped). A document longer than spaCy's default limit is valid."""
-    nlp.max_length = max([nlp.max_length] + [len(t) + 1 for t in texts])
+    """texts (each a str; a list of sentences already split; or None) -> one list of sentences each:
+    whitespace normalized, empty ones dropped, those over max_chars (if any) cut on word boundaries
+    (never dropped). A document longer than spaCy's default limit is valid."""
+    texts = [t if isinstance(t, (str, list)) else "" for t in texts]
+    nlp.max_length = max([nlp.max_length] + [len(t) + 1 for t in texts if isinstance(t, str)])
+    docs = nlp.pipe([t for t in texts if isinstance(t, str)], batch_size=64)
     out = []
-    for doc in nlp.pipe(texts, batch_size=64):
+    for text in texts:
+        if isinstance(text, list):
+            found = [str(s) for s in text]
+        else:
+            found = [s for sent in next(docs).sents for s in AFTER_SENT_END.split(sent.text)]
         sents = []
-        for s in (s for sent in doc.sents for s in AFTER_SENT_END.split(sent.text)):
+        for s in found:
             s = " ".join(s.split())
-            if len(s) > max_chars:
+            if max_chars and len(s) > max_chars:
                 sents += textwrap.wrap(s, max_chars)
             elif s:
                 sents.append(s)
@@ -228,7 +235,7 @@ class SentenceBank:
         meta = meta or load_meta(data_dir)
         if trained_on:
             check_trained_on(data_dir, meta, trained_on, "the checkpoint", "data_dir")
-        self.rows, offsets = load_split(data_dir, split, meta)
+        self.rows, offsets, _ = load_split(data_dir, split, meta)
         self.eot_rows = torch.from_numpy(offsets[1:] - 1)
         self.path = os.path.join(data_dir, f"{split}.txt")
         self.ends = None
@@ -344,10 +351,11 @@ def find_source(dataset):
     name = os.path.splitext(os.path.basename(os.path.normpath(dataset)))[0].replace("/", "_")
     return source, source_files(source), name
 
-def read_documents(dataset, source, files, hf_config, hf_split, text_column):
-    """-> (an iterator over the rows, whether they hold the official LCM parquet schema: sentences
-    and their SONAR embeddings). A .txt file is a document a line, or, in a folder, a document a
-    file; other formats hold rows with a text_column. Nothing is loaded whole."""
+def read_documents(dataset, source, files, hf_config, hf_split, columns):
+    """-> (an iterator over the rows, and where they hold the official LCM parquet schema, sentences
+    and their SONAR embeddings, its columns of sentences: [prompt_sentences (pairs),] text_sentences;
+    else []). A .txt file is a document a line, or, in a folder, a document a file; other formats hold
+    rows with the columns named, knob -> columns ('' names none). Nothing is loaded whole."""
     import datasets
     # its errors reach the user as our one line
     datasets.logging.set_verbosity(datasets.logging.CRITICAL)
@@ -371,6 +379,9 @@ def read_documents(dataset, source, files, hf_config, hf_split, text_column):
     if first is None:
         die(f"dataset '{dataset}' has no documents")
     official = "text_sentences" in first and "text_sentences_sonar_emb" in first
-    if not official and text_column not in first:
-        die(f"no column '{text_column}' in {dataset} (columns: {', '.join(first)}): pass --text_column=NAME")
-    return itertools.chain([first], rows), official
+    for flag, c in ((flag, c) for flag, names in columns.items() for c in names):
+        # the official schema names its own columns of text
+        if c and c not in first and not (official and flag != "split_column"):
+            die(f"no column '{c}' in {dataset} (columns: {', '.join(first)}): pass --{flag}=NAME")
+    sentences = [c for c in ("prompt_sentences", "text_sentences") if c in first] if official else []
+    return itertools.chain([first], rows), sentences

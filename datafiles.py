@@ -3,11 +3,13 @@ The on-disk dataset format that embed.py writes and train.py and sample.py read,
 drawn from it. data_root/name/ holds:
   train.bin, val.bin                   concepts, raw float16 or float32, (n_rows, d_emb): a memmap
   train_offsets.npy, val_offsets.npy   int64 (n_docs + 1,): document i is rows offsets[i]:offsets[i+1]
+  train_answers.npy, val_answers.npy   int64 (n_docs,): the row where each document's answer starts
+                                       (pairs; a plain document's first row)
   train.txt, val.txt                   the sentence of each row, one a line
   meta.json                            encoder, d_emb, normalizer, mean, eot, settings, ... (written last)
 Every document ends with the row of "End of text.".
 """
-import glob, hashlib, json, os, shutil, zlib
+import glob, hashlib, itertools, json, os, shutil, zlib
 
 import numpy as np
 import torch
@@ -24,10 +26,12 @@ def load_meta(data_dir):
         return json.load(f)
 
 def load_split(data_dir, split, meta):
-    """-> (rows: a read-only memmap (n, d_emb), offsets: (n_docs + 1,) where each document starts)."""
+    """-> (rows: a read-only memmap (n, d_emb), offsets: (n_docs + 1,) where each document starts,
+    answers: (n_docs,) where each answer starts, in a dataset of prompt -> answer pairs; or None)."""
     rows = np.memmap(os.path.join(data_dir, f"{split}.bin"), dtype=meta["dtype"], mode="r")
     offsets = np.load(os.path.join(data_dir, f"{split}_offsets.npy"))
-    return rows.reshape(-1, meta["d_emb"]), offsets
+    answers = np.load(os.path.join(data_dir, f"{split}_answers.npy")) if meta.get("pairs") else None
+    return rows.reshape(-1, meta["d_emb"]), offsets, answers
 
 def fit_normalizer(x):
     """x: (n, d_emb) training concepts -> the normalizer's (center, scale), float32 numpy arrays."""
@@ -67,21 +71,37 @@ def start_work(out, settings, defaults, overwrite, rank):
     os.makedirs(work, exist_ok=True)
     return key, work
 
-def write_chunk(work, rank, k, emb, sents, n_empty):
-    """Chunk k of a dataset: its concepts, the sentences of each document, the empty documents
-    skipped. Atomic: on disk whole or not at all (its temporary file is never read as a chunk)."""
+def chunks_to_do(docs, chunk_docs, work, rank, world, skipped):
+    """-> (k, its rows) for each chunk of chunk_docs rows of docs that this rank encodes and that is
+    not on disk yet: chunk k is rank k % world's. skipped(n) is told of the rows of the others."""
+    for k in itertools.count():
+        rows = list(itertools.islice(docs, chunk_docs))
+        if not rows:
+            return
+        if k % world == rank and not os.path.exists(os.path.join(work, f"chunk{k:06d}.npz")):
+            yield k, rows
+        else:
+            skipped(len(rows))
+
+def write_chunk(work, rank, k, emb, sents, answers, held_out, n_empty):
+    """Chunk k of a dataset: its concepts, the sentences of each document, where each one's answer
+    starts (pairs), whether each is held out (None: by hash), the empty documents skipped. Atomic:
+    on disk whole or not at all (its temporary file is never read as a chunk)."""
     tmp = os.path.join(work, f"tmp{rank}.npz")
     np.savez(tmp, emb=emb, lengths=np.array([len(s) for s in sents], dtype=np.int64),
-             text=np.array("\n".join("\n".join(s) for s in sents)), n_empty=n_empty)
+             text=np.array("\n".join("\n".join(s) for s in sents)), n_empty=n_empty,
+             answers=np.array(answers, dtype=np.int64),
+             held_out=np.array([-1 if h is None else h for h in held_out], dtype=np.int8))
     os.replace(tmp, os.path.join(work, f"chunk{k:06d}.npz"))
 
 def write_splits(work, seed, val_fraction):
     """The chunks in work, streamed in order, -> the train and val files in work. A document's split
-    depends on its index and the seed only, not on chunking or ranks. -> counts for meta.json."""
+    is its row's (--split_column), else depends on its index and the seed only, not on chunking or
+    ranks. -> counts for meta.json."""
     chunks = sorted(glob.glob(os.path.join(work, "chunk*.npz")))
     files = {s: {"bin": open(os.path.join(work, f"{s}.bin"), "wb"),
                  "txt": open(os.path.join(work, f"{s}.txt"), "w"),
-                 "offsets": [0]} for s in ("train", "val")}
+                 "offsets": [0], "answers": []} for s in ("train", "val")}
     n_docs = 0
     n_empty = 0
     for path in tqdm(chunks, desc="assemble", unit="chunk", disable=len(chunks) < 10):
@@ -90,12 +110,17 @@ def write_splits(work, seed, val_fraction):
             lengths = z["lengths"]
             text = str(z["text"]).split("\n")
             n_empty += int(z["n_empty"])
+            # chunks of an unfinished run of an older baselcm have neither
+            answers = z["answers"] if "answers" in z else np.zeros(len(lengths), np.int64)
+            held_out = z["held_out"] if "held_out" in z else np.full(len(lengths), -1)
         at = 0
-        for length in lengths:
-            h = zlib.crc32(f"{seed}:{n_docs}".encode()) % 10_000
-            f = files["val" if h < val_fraction * 10_000 else "train"]
+        for length, answer, h in zip(lengths, answers, held_out):
+            if h < 0:
+                h = zlib.crc32(f"{seed}:{n_docs}".encode()) % 10_000 < val_fraction * 10_000
+            f = files["val" if h else "train"]
             emb[at:at + length].tofile(f["bin"])
             f["txt"].write("\n".join(text[at:at + length]) + "\n")
+            f["answers"].append(f["offsets"][-1] + int(answer))
             f["offsets"].append(f["offsets"][-1] + int(length))
             at += length
             n_docs += 1
@@ -103,18 +128,20 @@ def write_splits(work, seed, val_fraction):
         f["bin"].close()
         f["txt"].close()
         np.save(os.path.join(work, f"{s}_offsets.npy"), np.array(f["offsets"], dtype=np.int64))
+        np.save(os.path.join(work, f"{s}_answers.npy"), np.array(f["answers"], dtype=np.int64))
     counts = {f"{s}_docs": len(f["offsets"]) - 1 for s, f in files.items()}
     counts |= {f"{s}_rows": f["offsets"][-1] for s, f in files.items()}
     for s in ("train", "val"):
         if counts[f"{s}_rows"] == 0:
             die(f"{n_docs} documents with text give an empty {s} split: use more documents or another "
-                "--val_fraction")
-    return counts | {"empty_docs_skipped": n_empty}
+                "--val_fraction (or --split_column)")
+    pairs = any(a > o for s, f in files.items() for a, o in zip(f["answers"], f["offsets"]))
+    return counts | {"empty_docs_skipped": n_empty, "pairs": pairs}
 
 def finish_dataset(work, out, meta, norm_sample, seed):
     """Fits the normalizer on (a sample of) the training concepts, moves the split files from work
     to out, then writes meta.json: last, as it marks the dataset finished."""
-    rows, _ = load_split(work, "train", meta)
+    rows, _, _ = load_split(work, "train", meta)
     pick = np.random.default_rng(seed).choice(len(rows), min(len(rows), norm_sample), replace=False)
     sample = np.asarray(rows[np.sort(pick)], dtype=np.float32)
     center, scale = fit_normalizer(sample)
@@ -122,7 +149,7 @@ def finish_dataset(work, out, meta, norm_sample, seed):
     # the training mean: a baseline of the evaluations
     meta["mean"] = sample.mean(0).tolist()
     for s in ("train", "val"):
-        for f in (f"{s}.bin", f"{s}.txt", f"{s}_offsets.npy"):
+        for f in (f"{s}.bin", f"{s}.txt", f"{s}_offsets.npy", f"{s}_answers.npy"):
             os.replace(os.path.join(work, f), os.path.join(out, f))
     with open(os.path.join(out, "meta.json.tmp"), "w") as f:
         json.dump(meta, f)
@@ -131,11 +158,11 @@ def finish_dataset(work, out, meta, norm_sample, seed):
 
 def data_facts(data_dir, meta):
     """What a checkpoint keeps of its dataset, for sample.py and resume."""
-    facts = ("encoder", "lang", "d_emb", "eot", "spacy_model", "max_chars", "key")
+    facts = ("encoder", "lang", "d_emb", "eot", "spacy_model", "max_chars", "key", "prompt_end")
     return {k: meta.get(k) for k in facts} | {"dir": os.path.abspath(data_dir)}
 
 def settings_of(knobs, source, files):
-    """What decides a dataset (embed.py): its knobs, the source, and each file's name, size and time."""
+    """What decides a dataset (embed.py): its knobs, the source, each file's name, size and time."""
     top = source if os.path.isdir(source) else os.path.dirname(source)
     settings = dict(knobs, dataset=os.path.abspath(source) if files else source)
     settings["files"] = [[os.path.relpath(f, top), os.path.getsize(f),
@@ -147,8 +174,8 @@ def same_space(a, b):
     return a == b or {a, b} <= {"sonar", "sonar_hf"}
 
 def check_trained_on(data_dir, meta, trained_on, model, flag, named=True):
-    """One line and an exit if the dataset in data_dir holds concepts of another space than the ones
-    the model was trained on (trained_on: a checkpoint's "data"), or was rebuilt since, unless named."""
+    """One line and an exit if the dataset in data_dir holds concepts of another space than those the
+    model was trained on (trained_on: a checkpoint's "data"), or was rebuilt since, unless named."""
     if not same_space(meta["encoder"], trained_on["encoder"]) or meta["d_emb"] != trained_on["d_emb"]:
         die(f"{data_dir} holds {meta['encoder']} concepts (d_emb {meta['d_emb']}), but {model} was "
             f"trained on {trained_on['encoder']} (d_emb {trained_on['d_emb']}): pass a --{flag} built "
@@ -157,25 +184,39 @@ def check_trained_on(data_dir, meta, trained_on, model, flag, named=True):
         die(f"{data_dir} was rebuilt after {model} was trained on it: pass --{flag}="
             f"{os.path.basename(data_dir)} to use it anyway")
 
-def sample_windows(rng, offsets, n, block_size):
-    """n random windows of up to block_size + 1 rows, each inside one document. A document is drawn
-    with probability proportional to its length, the start uniformly where the window fits."""
+def sample_windows(rng, offsets, n, block_size, answers=None):
+    """n random windows of up to block_size + 1 rows, each inside one document -> (starts, ends of
+    their documents, the first row each window predicts). A document is drawn with probability
+    proportional to its length, the start uniformly where the window fits. Pairs (answers: where
+    each document's answer starts): each pair alike, its window the last rows, up to the answer's
+    end of text; only the answer is predicted."""
+    if answers is not None:
+        doc = rng.integers(0, len(offsets) - 1, n)
+        end = offsets[doc + 1]
+        start = np.maximum(offsets[doc], end - block_size - 1)
+        return start, end, np.maximum(start + 1, answers[doc])
     r = rng.integers(0, offsets[-1], n)
     doc = np.searchsorted(offsets, r, side="right") - 1
     lo = offsets[doc]
     end = offsets[doc + 1]
     hi = np.maximum(lo, end - block_size - 1)
-    return lo + (rng.random(n) * (hi - lo + 1)).astype(np.int64), end
+    start = lo + (rng.random(n) * (hi - lo + 1)).astype(np.int64)
+    return start, end, start + 1
 
-def get_batch(rows, starts, ends, block_size, device="cpu"):
-    """-> x (B, T, d_emb) inputs, y (B, T, d_emb) next concepts, mask (B, T) real targets.
-    Short documents are padded with zeros; causality keeps padding out of the real positions."""
+def count_targets(starts, ends, first, block_size):
+    return int((np.minimum(ends, starts + block_size + 1) - first).clip(0).sum())
+
+def get_batch(rows, starts, ends, first, block_size, device="cpu"):
+    """-> x (B, T, d_emb) inputs, y (B, T, d_emb) next concepts, mask (B, T) real targets: in the
+    document and at or after first. Short documents are padded with zeros; causality keeps padding
+    out of the real positions."""
     n = np.minimum(ends - starts, block_size + 1)
     buf = np.zeros((len(starts), block_size + 1, rows.shape[1]), dtype=np.float32)
     for i, (s, k) in enumerate(zip(starts, n)):
         buf[i, :k] = rows[s:s + k]
     buf = torch.from_numpy(buf)
-    mask = torch.arange(block_size)[None, :] < torch.from_numpy(n - 1)[:, None]
+    target_rows = torch.from_numpy(starts)[:, None] + 1 + torch.arange(block_size)  # (B, T)
+    mask = (target_rows < torch.from_numpy(ends)[:, None]) & (target_rows >= torch.from_numpy(first)[:, None])
     # an asynchronous copy from pinned memory on CUDA only: on MPS a non-blocking copy from
     # ordinary memory can arrive corrupted (pytorch issues 139550, 189690)
     cuda = torch.device(device).type == "cuda"
@@ -186,20 +227,23 @@ def get_batch(rows, starts, ends, block_size, device="cpu"):
     mask = mask.to(device, non_blocking=cuda)
     return buf[:, :-1], buf[:, 1:], mask
 
-def eval_batches(rows, offsets, block_size, batch_size, n_windows, device):
+def eval_batches(rows, offsets, block_size, batch_size, n_windows, device, answers=None):
     """Fixed windows over the first documents, every target predicted once (deterministic evals), in
     batches: x, y, mask as get_batch, doc (B,) the document of each window and row (B, T) the row of
-    each target, which the metrics need to find a target's neighbours."""
+    each target, which the metrics need to find a target's neighbours. Pairs (answers): a window
+    per pair, its last rows, predicting the answer."""
     starts = []
     for lo, end in zip(offsets[:-1], offsets[1:]):
-        starts += range(lo, end - 1, block_size)
+        starts += [max(lo, end - block_size - 1)] if answers is not None else range(lo, end - 1, block_size)
         if len(starts) >= n_windows:
             break
     starts = np.array(starts[:n_windows], dtype=np.int64)
     docs = np.searchsorted(offsets, starts, side="right") - 1
+    first = starts + 1 if answers is None else np.maximum(starts + 1, answers[docs])
     for i in range(0, len(starts), batch_size):
         s = starts[i:i + batch_size]
-        x, y, mask = get_batch(rows, s, offsets[docs[i:i + batch_size] + 1], block_size, device)
-        doc = torch.as_tensor(docs[i:i + batch_size], device=device)
+        b = slice(i, i + batch_size)
+        x, y, mask = get_batch(rows, s, offsets[docs[b] + 1], first[b], block_size, device)
+        doc = torch.as_tensor(docs[b], device=device)
         row = torch.as_tensor(s[:, None] + np.arange(1, block_size + 1), device=device)
         yield x, y, mask, doc, row

@@ -14,17 +14,22 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from common import (configure, end_distributed, get_device, init_distributed, knobs, require,
-                    require_positive, writable_dir)
-from concepts import (EOT_TEXT, check_lang, find_source, load_encoder, not_utf8, read_documents,
+from common import (check_embed_settings, configure, end_distributed, get_device,
+                    init_distributed, knobs, writable_dir)
+from concepts import (EOT_TEXT, find_source, load_encoder, not_utf8, read_documents,
                       sentence_splitter, split_sentences)
-from datafiles import finish_dataset, same_space, settings_of, start_work, write_chunk, write_splits
+from datafiles import (chunks_to_do, finish_dataset, same_space, settings_of, start_work,
+                       write_chunk, write_splits)
 
 dataset = "lee"          # 'lee' (offline default), a .txt .jsonl .json .csv .parquet file, a folder
                          # of them (a .txt file there is one document), or a hub dataset's name
 hf_config = ""           # hub dataset config name, e.g. wikitext-103-raw-v1
 hf_split = "train"       # hub dataset split
 text_column = ""         # '' = 'text'; the official LCM parquet schema is detected
+pairs = ""               # finetuning data: 'PROMPT,ANSWER' columns; a pair is one document, the
+                         # prompt's sentences then the answer's (each text, or a list of sentences)
+prompt_end = ""          # pairs: a sentence closing each prompt (the official recipe's: '[MODEL]:')
+split_column = ""        # a column naming each row's split: train, or val (validation, test)
 max_docs = 0             # 0 = all documents
 name = ""                # output goes to data_root/name; '' = derived from dataset
 data_root = "data"
@@ -47,11 +52,7 @@ configure(globals(), sys.argv[1:])
 
 # -----------------------------------------------------------------------------
 # everything that can be checked before encoding is checked now
-check_lang(lang)
-require(dtype in ("float16", "float32"), f"--dtype={dtype} is not a storage type: use float16 or float32")
-require(0 < val_fraction < 1, f"--val_fraction={val_fraction} must be between 0 and 1")
-require_positive(globals(), ("batch_size", "chunk_docs", "max_chars", "norm_sample"))
-require(max_docs >= 0, f"--max_docs={max_docs} must be 0 (all documents) or more")
+check_embed_settings(globals())
 source, files, default_name = find_source(dataset)
 out = os.path.join(data_root, name or default_name)
 # what decides the output: every knob but these five. A dataset folder and its partial work are
@@ -72,66 +73,66 @@ if ddp:
 
 # -----------------------------------------------------------------------------
 # documents -> sentences -> concepts
-text_column = text_column or "text"
-docs, official = read_documents(dataset, source, files, hf_config, hf_split, text_column)
+columns = pairs.split(",") if pairs else [text_column or "text"]
+named = {"pairs" if pairs else "text_column": columns, "split_column": [split_column]}
+docs, official = read_documents(dataset, source, files, hf_config, hf_split, named)
 if official and not same_space(encoder, "sonar"):
     print("official LCM parquet: its embeddings are SONAR's, so the encoder is sonar")
     encoder = "sonar"
-if max_docs:
-    docs = itertools.islice(docs, max_docs)
+docs = itertools.islice(docs, max_docs or None)
 enc = load_encoder(encoder, device, (sonar_hf_encoder, ""))
 # a full batch warms the encoder up
 eot = enc.encode([EOT_TEXT] * batch_size, lang=lang, batch_size=batch_size)[0]
 nlp = sentence_splitter(spacy_model)
 
 def sentences(rows):
-    """dataset rows -> the sentences of each document (in a thread, beside the encoder)"""
-    if official:
-        return [[" ".join(s.split()) for s in r["text_sentences"]] for r in rows]
-    texts = [r[text_column] if isinstance(r[text_column], str) else "" for r in rows]
-    return split_sentences(nlp, texts, max_chars)
+    """dataset rows -> each document's prompt (pairs only) and text, as sentences (in a thread,
+    beside the encoder). The official schema's sentences match its concepts: they are never cut."""
+    cut = None if official else max_chars
+    parts = [split_sentences(nlp, [r.get(c) for r in rows], cut) for c in official or columns]
+    prompts = parts[0] if len(parts) == 2 else [[]] * len(rows)
+    return [(p + [prompt_end] if p and prompt_end else p, t) for p, t in zip(prompts, parts[-1])]
 
-def embed_chunk(rows, sents):
-    """-> (each document's sentences and end of text, their concepts, empty documents skipped)"""
+def embed_chunk(rows, docs):
+    """-> (each document's sentences and end of text, their concepts, where each one's answer starts
+    (pairs; else 0), whether each is held out (None: by hash), the documents skipped: no text)"""
+    kept = [(r, p, text) for r, (p, text) in zip(rows, docs) if text]
+    sents = [p + text for _, p, text in kept]
     if official:
-        emb = [np.asarray(r["text_sentences_sonar_emb"], np.float32).reshape(-1, enc.d_emb) for r in rows]
+        # the concepts as given; only a closing sentence (--prompt_end) is encoded here
+        given = lambda r, c: np.asarray(r.get(c) or [], np.float32).reshape(-1, enc.d_emb)
+        closing = enc.encode([prompt_end], lang=lang) if prompt_end else eot[None]
+        prompts = [given(r, "prompt_sentences_sonar_emb") for r, _, _ in kept]
+        emb = [np.concatenate([e, closing[:len(p) - len(e)], given(r, "text_sentences_sonar_emb")])
+               for e, (r, p, _) in zip(prompts, kept)]
     else:
         flat = [s for doc in sents for s in doc]
         emb = [enc.encode(flat, lang=lang, batch_size=batch_size)] if flat else []
     emb = np.concatenate(emb + [np.zeros((0, enc.d_emb), np.float32)])
-    kept = [s for s in sents if s]
     # end of text closes each document
-    emb = np.insert(emb, np.cumsum([len(s) for s in kept], dtype=np.int64), eot, axis=0)
-    return [s + [EOT_TEXT] for s in kept], emb.astype(dtype), len(sents) - len(kept)
+    emb = np.insert(emb, np.cumsum([len(s) for s in sents], dtype=np.int64), eot, axis=0)
+    held_out = [str(r[split_column]).lower() in ("val", "validation", "test") if split_column else None
+                for r, _, _ in kept]
+    answers = [len(p) for _, p, _ in kept]
+    return [s + [EOT_TEXT] for s in sents], emb.astype(dtype), answers, held_out, len(docs) - len(kept)
 
 # chunk k belongs to rank k % world; a chunk already on disk is not encoded again
 t0 = time.time()
 n_sent = 0
 bar = tqdm(total=max_docs or None, unit="doc", disable=rank != 0, desc=f"embed {out}")
-
-def todo():
-    """this rank's chunks that are not on disk yet, with their rows; the others count as done"""
-    for k in itertools.count():
-        rows = list(itertools.islice(docs, chunk_docs))
-        if not rows:
-            return
-        if k % world == rank and not os.path.exists(os.path.join(work, f"chunk{k:06d}.npz")):
-            yield k, rows
-        else:
-            bar.update(len(rows))
-
 try:
     # chunk k + 1 is split into sentences while chunk k is encoded
     with ThreadPoolExecutor(1) as pool:
-        jobs = ((k, rows, pool.submit(sentences, rows)) for k, rows in todo())
+        todo = chunks_to_do(docs, chunk_docs, work, rank, world, skipped=bar.update)
+        jobs = ((k, rows, pool.submit(sentences, rows)) for k, rows in todo)
         job = next(jobs, None)
         while job:
             k, rows, split = job
             job = next(jobs, None)
-            sents, emb, n_empty = embed_chunk(rows, split.result())
+            sents, emb, answers, held_out, n_empty = embed_chunk(rows, split.result())
             # sentences encoded, without the end-of-text rows
             n_sent += len(emb) - len(sents)
-            write_chunk(work, rank, k, emb, sents, n_empty)
+            write_chunk(work, rank, k, emb, sents, answers, held_out, n_empty)
             bar.update(len(rows))
             bar.set_postfix(sent_per_s=f"{n_sent * world / (time.time() - t0):.0f}")
 except UnicodeDecodeError as e:
@@ -149,7 +150,7 @@ if ddp:
 meta = write_splits(work, seed, val_fraction)
 meta |= {"encoder": encoder, "impl": enc.impl, "d_emb": enc.d_emb, "lang": lang, "dtype": dtype,
          "dataset": dataset, "key": key, "settings": settings, "spacy_model": spacy_model,
-         "max_chars": max_chars, "eot": eot.astype(np.float32).tolist()}
+         "max_chars": max_chars, "eot": eot.astype(np.float32).tolist(), "prompt_end": prompt_end}
 finish_dataset(work, out, meta, norm_sample, seed)
 print(f"{out}: {meta['train_docs']} train / {meta['val_docs']} val documents, "
       f"{meta['train_rows']} / {meta['val_rows']} concepts (d_emb {enc.d_emb}, {encoder}); "

@@ -12,14 +12,14 @@ from torch.nn import functional as F
 from common import die, first_line
 from concepts import SentenceBank, decoder, load_encoder
 from datafiles import load_split, same_space
+from diffusion import DiffusionLCM
 
 @torch.no_grad()
 def concept_metrics(pred, x, y, mask, normalizer, doc, row):
-    """Sums over one batch for a predictor. pred, x (inputs), y (targets): (B, T, d_emb); mask (B, T);
-    doc (B,) the document of each window and row (B, T) the row of each target, to find a target's
-    neighbours.
-    loss: the training loss. l2: the distance to the true next concept.
-    ca: contrastive accuracy as in the paper: against the batch's other targets but the truth's
+    """Sums over one batch for a predictor. pred, x (inputs), y (targets): (B, T, d_emb); mask (B,
+    T); doc (B,) the document of each window and row (B, T) the row of each target, to find a
+    target's neighbours. loss: the training loss. l2: the distance to the true next concept. ca:
+    contrastive accuracy as in the paper: against the batch's other targets but the truth's
     neighbours in its document. ca_doc: as in the official code, against other documents' targets.
     par: the mean max cosine to the context of the predictions over that of the true next concepts
     (a ratio of means: a per-prediction ratio explodes where the truth's is near 0)."""
@@ -63,8 +63,8 @@ def finish_metrics(sums):
 
 @torch.no_grad()
 def coherence_mi(lm, tokenizer, texts, contexts):
-    """MI as sums: (log p(s | its context sentences) - log p(s), summed over the texts s; their length
-    in tokens); MI is the first over the second. A newline starts and ends a text (official code)."""
+    """MI as sums: (log p(s | its context sentences) - log p(s), summed over the texts s; their
+    length in tokens); MI is the first over the second. A newline starts and ends a text (official)."""
     gain = 0.0
     n_tokens = 0
     for text, context in zip(texts, contexts):
@@ -130,15 +130,88 @@ def continuations(model, rows, offsets, texts, eot, decoders, train_rows, train_
                if name in distinct else {})
             for name, s in sums.items()}
 
+@torch.no_grad()
+def answers(model, rows, offsets, starts, texts, eot, decoders, train_texts, train_offsets,
+            train_starts, prompt_end="", n=8, stop_eot=0.9, stop_repeat=0.95):
+    """Prompt -> answer pairs, scored as the paper does (summarization): each validation answer is
+    generated from its prompt (its last block_size - 1 sentences) until end of text or n sentences,
+    as sample.py does (decoders: repeats -> decode, concepts.decoder), joined with spaces and scored
+    against the reference with Google's rouge-score: the F-measure of ROUGE-1, ROUGE-2 and ROUGE-L,
+    no stemming. starts: the row where each answer starts. Baselines: lead-k, the prompt's first k
+    sentences (k: the references' mean length in sentences); a random training answer; the decoder's
+    best, the reference's own concepts decoded (retrieval: the nearest training sentences; SONAR: a
+    round trip). -> name -> the means over the pairs of "rouge1", "rouge2", "rougeL",
+    "sentences"."""
+    from rouge_score.rouge_scorer import RougeScorer
+    scorer = RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=False, split_summaries=True)
+    rng = np.random.default_rng(0)
+    decode = decoders(False)
+    nearest = decoders(None)
+    # (where its prompt starts, where its answer starts, its end of text) for each pair with an answer
+    pairs = [(lo, a, end - 1) for lo, a, end in zip(offsets[:-1], starts, offsets[1:])
+             if end - 1 > a]
+    k = max(1, round(np.mean([end - a for _, a, end in pairs])))
+    train = [(a, end - 1) for a, end in zip(train_starts, train_offsets[1:]) if end - 1 > a]
+    scores = {name: [] for name in ("model", f"lead-{k}", "random answer", "decoder's best")}
+    for lo, a, end in pairs:
+        prompt = texts[lo:a]
+        said = []
+
+        def feed(z):
+            # as sample.py does: decoded at once, the decoded sentence's concept fed back
+            t, _, back = decode(z[None], prompt + said, back=True)
+            said.extend(t)
+            return torch.as_tensor(back[0], device=eot.device)
+        concepts = torch.as_tensor(np.asarray(rows[lo:a], dtype=np.float32), device=eot.device)
+        context = concepts[-(model.config.block_size - 1):]
+        model.generate(context, n, eot, stop_eot, stop_repeat, feed=feed)
+        picked = train[rng.integers(len(train))]
+        candidates = {"model": said, f"lead-{k}": [s for s in prompt if s != prompt_end][:k],
+                      "random answer": train_texts[picked[0]:picked[1]],
+                      "decoder's best": nearest(torch.as_tensor(np.asarray(rows[a:end],
+                                                                           np.float32)))[0]}
+        for name, sents in candidates.items():
+            r = scorer.score(" ".join(texts[a:end]), " ".join(sents))
+            rouge = [r[m].fmeasure for m in ("rouge1", "rouge2", "rougeL")]
+            scores[name].append(rouge + [len(sents)])
+    return {name: dict(zip(("rouge1", "rouge2", "rougeL", "sentences"), np.mean(v, 0).tolist()))
+            for name, v in scores.items()} | {"pairs": len(pairs)}
+
 def predictors(model, ctx, mean):
     """The model and the paper's two baselines as predictors of the next concept, in the encoder's
     space: name -> function (B, T, d_emb) -> (B, T, d_emb). copy: the last concept; mean: the
     training mean. ctx: the autocast context of the model's forward."""
     def predict(x):
+        # a diffusion model samples: from a seeded generator, so that evaluations are repeatable
+        generator = torch.Generator(x.device).manual_seed(0)
         with ctx:
-            pred, _ = model(x)
+            pred = model.predict(x, generator=generator)
         return model.normalizer.denormalize(pred.float())
     return {"model": predict, "copy": lambda x: x, "mean": lambda x: mean.expand_as(x)}
+
+@torch.no_grad()
+def validate(model, predictors, ctx, batches):
+    """train.py's periodic evaluation of the model: {"model": metrics}. The Base-LCM's predictions
+    are scored (evaluate). A diffusion model is judged by its training loss on the held-out windows:
+    its samples spread over the plausible next concepts, and their squared error would reward a
+    model that predicts their mean; sampling is left to --eval_only. Its draws come from a seeded
+    generator: the same at every evaluation, and training's own untouched."""
+    if not isinstance(model, DiffusionLCM):
+        return evaluate({"model": predictors["model"]}, batches, model.normalizer)
+    total = 0.0
+    n = 0
+    generator = None
+    for x, y, mask, _, _ in batches:
+        generator = generator or torch.Generator(x.device).manual_seed(0)
+        with ctx:
+            _, loss = model(x, y, mask, generator=generator)
+        total += loss.item() * mask.sum().item()
+        n += mask.sum().item()
+    return {"model": {"loss": total / n}}
+
+def scores(r):
+    """A predictor's metrics in a few words, for the training log."""
+    return f"l2 {r['l2']:.4f}, CA {100 * r['ca']:.1f}%" if "ca" in r else "the denoising loss"
 
 @torch.no_grad()
 def evaluate(predictors, batches, normalizer, roundtrip=None, mi=None):
@@ -181,7 +254,7 @@ def eval_report(model, predictors, batches, data_dir, meta, iter_num, trained_on
         decoded_by = "retrieval of the nearest training sentence"
     roundtrip = decoder(enc, bank, meta["lang"], repeats=None)
     sentences = open(os.path.join(data_dir, "val.txt"), encoding="utf-8").read().splitlines()
-    rows, offsets = load_split(data_dir, "val", meta)
+    rows, offsets, starts = load_split(data_dir, "val", meta)
     mi = None
     if mi_model:
         try:
@@ -196,21 +269,45 @@ def eval_report(model, predictors, batches, data_dir, meta, iter_num, trained_on
     windows = sum(len(b[0]) for b in batches)
     results = evaluate(predictors, batches, model.normalizer, roundtrip, mi)
     where = "" if os.path.abspath(data_dir) == trained_on else f" (trained on {trained_on})"
-    print(f"{windows} validation windows, {meta['val_docs']} documents of {data_dir}, iter {iter_num}"
-          f"{where}; decoded text: {decoded_by}" + (f"; MI with {mi_model}" if mi_model else ""))
-    print(f"{'':8}    loss       l2    rt_l2      CA  CA-doc     PAR" + ("      MI" if mi_model else ""))
+    print(f"{windows} validation windows, {meta['val_docs']} documents of {data_dir}, iter "
+          f"{iter_num}{where}; decoded text: {decoded_by}" + (f"; MI with {mi_model}" if mi_model else ""))
+    mi_column = "      MI" if mi_model else ""
+    print(f"{'':8}    loss       l2    rt_l2      CA  CA-doc     PAR{mi_column}")
     for name, r in results.items():
         print(f"{name:8}{r['loss']:10.2f}{r['l2']:9.4f}{r['rt_l2']:9.4f}{100 * r['ca']:7.1f}%"
               f"{100 * r['ca_doc']:7.1f}%{r['par']:8.3f}" + (f"{r['mi']:8.3f}" if mi_model else ""))
-    train_rows, train_offsets = load_split(data_dir, "train", meta)
+    train_rows, train_offsets, train_starts = load_split(data_dir, "train", meta)
     eot = torch.tensor(meta["eot"], device=device)
     decoders = lambda repeats: decoder(enc, bank, meta["lang"], repeats)
-    gen = continuations(model, rows, offsets, sentences, eot, decoders, train_rows, train_offsets)
-    print(f"continuations of {gen['random']['samples']} validation documents (prompt: 3 sentences, up to 8 "
-          "generated): closeness to the real rest, sentences, distinct share")
-    for name, r in gen.items() if gen["random"]["samples"] else ():
-        print(f"{name:14}{r['closeness']:8.3f}" + (f"{r['sentences']:6.1f}{100 * r['distinct']:6.0f}%"
-                                                  if "distinct" in r else ""))
+    if starts is None:
+        kind = "continuations"
+        gen = continuations(model, rows, offsets, sentences, eot, decoders, train_rows,
+                            train_offsets)
+        print_continuations(gen)
+    else:
+        # prompt -> answer pairs: the answers, scored by ROUGE
+        kind = "answers"
+        with open(os.path.join(data_dir, "train.txt"), encoding="utf-8") as f:
+            train_texts = f.read().splitlines()
+        gen = answers(model, rows, offsets, starts, sentences, eot, decoders, train_texts,
+                      train_offsets, train_starts, meta.get("prompt_end", ""))
+        print_answers(gen)
     with open(os.path.join(out_dir, "eval.json"), "w") as f:
-        json.dump({"iter": iter_num, "dataset": data_dir, "windows": windows, "decoded_by": decoded_by,
-                   "mi_model": mi_model, **results, "continuations": gen}, f, indent=1)
+        json.dump({"iter": iter_num, "dataset": data_dir, "windows": windows,
+                   "decoded_by": decoded_by, "mi_model": mi_model, **results, kind: gen}, f,
+                  indent=1)
+
+def print_continuations(gen):
+    print(f"continuations of {gen['random']['samples']} validation documents (prompt: 3 sentences, "
+          "up to 8 generated): closeness to the real rest, sentences, distinct share")
+    for name, r in gen.items() if gen["random"]["samples"] else ():
+        sentences = f"{r['sentences']:6.1f}{100 * r['distinct']:6.0f}%" if "distinct" in r else ""
+        print(f"{name:14}{r['closeness']:8.3f}{sentences}")
+
+def print_answers(gen):
+    print(f"answers to {gen['pairs']} validation prompts (until end of text, up to 8 sentences): "
+          "ROUGE-1, ROUGE-2, ROUGE-L (F-measure, %), sentences")
+    for name, r in gen.items():
+        if name != "pairs":
+            rouge = "".join(f"{100 * r[m]:7.2f}" for m in ("rouge1", "rouge2", "rougeL"))
+            print(f"{name:16}{rouge}{r['sentences']:6.1f}")

@@ -8,12 +8,11 @@ $ python sample.py --start="The fire spread overnight. Residents were told to le
 $ python sample.py --start=FILE:prompt.txt --num_samples=3 --noise=0.3
 $ python sample.py --out_dir=out-sonar --start="The storm hit the coast." --lang=fra_Latn  # French
 """
-import json as jsonlib
-import os, sys
+import json as jsonlib, os, sys
 
 import torch
 
-from common import can_compile, configure, die, get_device, load_checkpoint, require
+from common import can_compile, configure, die, get_device, load_checkpoint, require, set_sampling
 from concepts import (SentenceBank, check_lang, decoder, load_encoder, prompt_text,
                       sentence_splitter, split_sentences)
 
@@ -32,6 +31,8 @@ prompt_lang = ""         # FLORES-200 code of the prompt; '' = the training data
 lang = ""                # FLORES-200 code of the output (SONAR decoder); '' = prompt_lang
 data_dir = ""            # sentence bank for retrieval; '' = the dataset the model was trained on
 use_cache = True         # KV cache: each new concept costs one position
+guidance = 0.0           # diffusion model: classifier-free guidance scale; 0 = the checkpoint's
+ddim_steps = 0           # diffusion model: denoising steps; 0 = the checkpoint's
 compile = False          # torch.compile the model: the one-concept step compiles once (for GPUs)
 sonar_hf_encoder = "cointegrated/SONAR_200_text_encoder"  # SONAR's transformers port, used
 sonar_hf_decoder = "raxtemur/SONAR_200_text_decoder"      # without sonar-space
@@ -42,6 +43,7 @@ configure(globals(), sys.argv[1:])
 device = get_device(device)
 model, ckpt = load_checkpoint(os.path.join(out_dir, "ckpt.pt"))
 model.to(device).eval()
+set_sampling(model, out_dir, guidance=guidance, ddim_steps=ddim_steps)
 if compile and can_compile(device):
     model.compile()
 data = ckpt["data"]
@@ -52,6 +54,8 @@ check_lang(lang)
 nlp = sentence_splitter(data["spacy_model"])
 prompt = split_sentences(nlp, [prompt_text(start)], data["max_chars"])[0]
 require(prompt, "the prompt is empty: pass --start='Some sentences.' or --start=FILE:prompt.txt")
+# a model finetuned on pairs whose prompts closed with a sentence (embed.py --prompt_end) expects it
+prompt += [data["prompt_end"]] if data.get("prompt_end") else []
 
 enc = load_encoder(data["encoder"], device, (sonar_hf_encoder, sonar_hf_decoder))
 if enc.d_emb != model.config.d_emb:

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-import baselcm, common, concepts, datafiles, metrics
+import baselcm, common, concepts, datafiles, diffusion, metrics
 from baselcm import BaseLCM, LCMConfig
+from diffusion import DiffusionConfig, DiffusionLCM
 from datafiles import fit_normalizer, get_batch, sample_windows
 from metrics import concept_metrics, finish_metrics
 
@@ -134,7 +135,7 @@ def read_dataset(d):
     meta = json.load(open(d / "meta.json"))
     out = {"meta": meta}
     for s in ("train", "val"):
-        rows, offsets = datafiles.load_split(str(d), s, meta)
+        rows, offsets, _ = datafiles.load_split(str(d), s, meta)
         out[s] = (np.array(rows), offsets, (d / f"{s}.txt").read_text().splitlines())
     return out
 
@@ -177,8 +178,8 @@ def test_batches_never_cross_documents():
     # row = its doc id
     rows = np.repeat(np.arange(len(offsets) - 1), np.diff(offsets)).astype(np.float32)[:, None]
     rng = np.random.default_rng(0)
-    starts, ends = sample_windows(rng, offsets, 500, 8)
-    x, y, mask = get_batch(rows, starts, ends, 8)
+    starts, ends, first = sample_windows(rng, offsets, 500, 8)
+    x, y, mask = get_batch(rows, starts, ends, first, 8)
     doc_of_start = rows[starts, 0]
     for i in range(500):
         real = mask[i]
@@ -186,6 +187,31 @@ def test_batches_never_cross_documents():
         assert (x[i, :, 0][real] == doc_of_start[i]).all()
         assert (y[i, :, 0][real] == doc_of_start[i]).all()
     assert mask.sum(1).max() == 8  # long documents fill the window
+
+def test_on_pairs_the_loss_covers_the_answers_only():
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(5, 30, 40)  # prompt, answer and end of text
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    starts_of_answers = offsets[:-1] + lengths - rng.integers(2, 5, 40)
+    rows = rng.normal(size=(offsets[-1], 16)).astype(np.float32)
+    starts, ends, first = sample_windows(rng, offsets, 64, 12, starts_of_answers)
+    doc = np.searchsorted(offsets, starts, side="right") - 1
+    # each window ends with its document's end of text and predicts its answer
+    assert np.array_equal(ends, offsets[doc + 1]) and np.all(ends - starts <= 13)
+    x, y, mask = get_batch(rows, starts, ends, first, 12)
+    target_rows = starts[:, None] + 1 + np.arange(12)
+    assert np.array_equal(mask.numpy(), (target_rows >= starts_of_answers[doc][:, None])
+                          & (target_rows < ends[:, None]))
+    assert mask.sum() == datafiles.count_targets(starts, ends, first, 12) > 0
+    model = BaseLCM(tiny_config())
+    _, loss = model(x, y, mask)
+    prompt_targets = y.clone()
+    prompt_targets[~mask] += torch.randn(int((~mask).sum()), 16)
+    assert torch.equal(model(x, prompt_targets, mask)[1], loss)
+    answer_targets = y.clone()
+    answer_targets[mask] += 1.0
+    assert model(x, answer_targets, mask)[1] > loss
 
 def test_normalizer_uses_true_median_and_quartiles():
     x = np.random.default_rng(0).normal(3.0, 2.0, size=(20000, 4)).astype(np.float32)
@@ -322,6 +348,89 @@ def test_noise_gives_varied_samples_and_none_is_deterministic():
     c, d = (model.generate(prompt, 4, eot, stop_eot=2.0)[0] for _ in range(2))
     assert not torch.allclose(a, b) and torch.equal(c, d)
 
+# -----------------------------------------------------------------------------
+# the diffusion LCM
+
+def tiny_diffusion(**kw):
+    return DiffusionLCM(DiffusionConfig(**tiny_config(**kw).__dict__))
+
+def test_a_noisy_concept_sees_neither_its_clean_target_nor_later_concepts_nor_other_noisy_ones():
+    torch.manual_seed(0)
+    model = tiny_diffusion().eval()
+    B, T, k = 2, 10, 4
+    concepts, noisy = torch.randn(B, T, 16), torch.randn(B, T, 16)
+    t = torch.randint(0, 100, (B, T))
+    cond = torch.zeros(B, T, dtype=torch.bool)
+    with torch.no_grad():
+        pred = model.denoise(concepts, noisy, t, cond)
+        # position k denoises the concept after c_k: c_{k+1} on is its target and the future
+        later = concepts.clone()
+        later[:, k + 1:] += torch.randn(B, T - k - 1, 16)
+        other = noisy.clone()
+        other[:, torch.arange(T) != k] += torch.randn(B, T - 1, 16)
+        assert torch.allclose(model.denoise(later, noisy, t, cond)[:, :k + 1], pred[:, :k + 1], atol=1e-5)
+        assert torch.allclose(model.denoise(concepts, other, t, cond)[:, k], pred[:, k], atol=1e-5)
+        # the context does reach it, unless it is unconditional (guidance)
+        earlier = concepts.clone()
+        earlier[:, :k + 1] += torch.randn(B, k + 1, 16)
+        assert not torch.allclose(model.denoise(earlier, noisy, t, cond)[:, k], pred[:, k], atol=1e-3)
+        free = cond.clone()
+        free[:, k] = True
+        alone = model.denoise(concepts, noisy, t, free)[:, k]
+        assert torch.allclose(model.denoise(earlier, noisy, t, free)[:, k], alone, atol=1e-5)
+
+def test_the_schedule_goes_from_almost_clean_to_pure_noise():
+    alpha_bar = diffusion.cosine_schedule(100)
+    assert alpha_bar.shape == (100,) and alpha_bar[-1] == 0  # zero terminal SNR
+    assert alpha_bar[0] > 0.999 and (alpha_bar[1:] < alpha_bar[:-1]).all()
+
+def test_ddim_with_guidance_1_equals_sampling_without_guidance():
+    torch.manual_seed(0)
+    model = tiny_diffusion().eval()
+    model.config.guidance, model.config.ddim_steps = 1.0, 8
+    concepts = torch.randn(3, 7, 16)
+    sampled = model.predict(concepts, generator=torch.Generator().manual_seed(5))
+    # DDIM written out on the training path's denoiser, the conditional half only
+    z = torch.randn(3, 7, 16, generator=torch.Generator().manual_seed(5)) * model.config.init_noise
+    steps = [99, 87, 74, 61, 49, 37, 24, 11]  # "trailing" (diffusers): 8 of 100, the first pure noise
+    with torch.no_grad():
+        for t, t_next in zip(steps, steps[1:] + [None]):
+            x0 = model.denoise(concepts, z, torch.full((3, 7), t), torch.zeros(3, 7, dtype=torch.bool))
+            a = model.alpha_bar[t]
+            a_next = model.alpha_bar[t_next] if t_next is not None else torch.tensor(1.0)
+            z = a_next.sqrt() * x0 + (1 - a_next).sqrt() * (z - a.sqrt() * x0) / (1 - a).sqrt()
+    assert torch.allclose(sampled, z, atol=1e-5)
+    # generate samples after the last position only, from the same starting noise
+    last = model.predict(concepts, pos=torch.arange(7), generator=torch.Generator().manual_seed(5))
+    assert last.shape == (3, 1, 16)
+
+def test_where_two_next_concepts_are_equally_likely_diffusion_samples_one_and_mse_predicts_the_mean():
+    """The paper's argument for the diffusion LCM in one test: after the same context, A or B."""
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    a, b = torch.tensor(rng.normal(size=(2, 16)), dtype=torch.float32) * 2
+    start = torch.tensor(rng.normal(size=16), dtype=torch.float32)
+    models = {"mse": BaseLCM(tiny_config(block_size=2)), "diffusion": tiny_diffusion(block_size=2)}
+    for model in models.values():
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        for _ in range(400):
+            nxt = torch.where(torch.rand(64, 1) < 0.5, a, b)
+            docs = torch.stack([start.expand(64, 16), nxt], 1)  # (64, 2, 16): start, then A or B
+            _, loss = model(docs[:, :1], docs[:, 1:])
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+        model.eval()
+    context = start.expand(200, 1, 16)
+    mean = models["mse"].normalizer.denormalize(models["mse"].predict(context)[0, 0])
+    assert torch.dist(mean, (a + b) / 2) < 0.1 * torch.dist(a, b)
+    sampled = models["diffusion"].predict(context, generator=torch.Generator().manual_seed(0))
+    samples = models["diffusion"].normalizer.denormalize(sampled[:, 0])
+    to_a, to_b = (samples - a).norm(dim=-1), (samples - b).norm(dim=-1)
+    near = torch.minimum(to_a, to_b) < 0.25 * torch.dist(a, b)
+    assert near.float().mean() > 0.9  # each sample lands by A or by B, not between them
+    assert 0.2 < (to_a < to_b).float().mean() < 0.8  # and both appear
+
 def test_retrieval_returns_the_exact_sentence_of_a_bank_embedding(tmp_path):
     rng = np.random.default_rng(0)
     docs = [rng.normal(size=(5, 16)).astype(np.float32) for _ in range(6)]
@@ -386,6 +495,31 @@ def test_closeness_is_the_mean_of_each_generated_concepts_best_cosine_to_the_rea
     generated = [[1.0, 0.0], [0.0, 2.0]]
     real = torch.tensor([[3.0, 0.0], [1.0, 1.0]])
     assert abs(metrics.closeness(generated, real) - (1 + 0.5 ** 0.5) / 2) < 1e-6
+
+def test_answers_are_scored_by_rouge_against_lead_k_a_random_answer_and_the_decoders_best():
+    texts = ["P1 alpha beta.", "P2 gamma delta.", "[MODEL]:", "The cat sat on the mat.", concepts.EOT_TEXT]
+    rows = np.eye(5, 4, dtype=np.float32)
+    said = {False: "The cat sat.", None: "The cat sat on a mat."}
+
+    class Model:  # generates one concept, then stops
+        config = tiny_config(block_size=8)
+
+        def generate(self, prompt, n, eot, stop_eot, stop_repeat, feed):
+            assert torch.equal(prompt, torch.as_tensor(rows[:3]))
+            feed(torch.ones(4))
+    decoders = lambda repeats: lambda c, avoid=(), back=False: ([said[repeats]] * len(c), [None],
+                                                                np.zeros((len(c), 4)))
+    train_texts = ["Q1.", "[MODEL]:", "A dog ran.", concepts.EOT_TEXT]
+    r = metrics.answers(Model(), rows, np.array([0, 5]), np.array([3]), texts, torch.zeros(4), decoders,
+                        train_texts, np.array([0, 4]), np.array([2]), prompt_end="[MODEL]:")
+    # by hand: reference "the cat sat on the mat", 6 tokens
+    assert r["pairs"] == 1
+    assert np.allclose([r["model"][m] for m in ("rouge1", "rouge2", "rougeL", "sentences")],
+                       [2 / 3, 4 / 7, 2 / 3, 1])
+    assert np.allclose([r["decoder's best"][m] for m in ("rouge1", "rouge2", "rougeL")], [5 / 6, 3 / 5, 5 / 6])
+    # lead-1 (the references' mean length): "P1 alpha beta."; the random answer: "A dog ran."
+    assert r["lead-1"]["rouge1"] == 0 and r["lead-1"]["sentences"] == 1
+    assert r["random answer"]["rouge1"] == 0 and r["random answer"]["sentences"] == 1
 
 def test_the_continuation_metric_stops_as_sample_py_does_by_default():
     import inspect
@@ -516,6 +650,59 @@ def test_resume_refuses_what_would_make_the_result_meaningless(args, message, tr
             check=False)
     assert p.returncode == 1 and message in p.stderr, p.stderr
     assert len(p.stderr.strip().splitlines()) == 1, p.stderr
+
+def test_finetuning_starts_from_the_checkpoints_weights_with_a_fresh_run(trained):
+    # the checkpoint on rot2, a dataset of the same encoder
+    run("train.py", "--eval_only=True", "--out_dir=o", "--dataset=rot2", cwd=trained)
+    before = json.load(open(trained / "o" / "eval.json"))["model"]["loss"]
+    run("train.py", *TRAIN[:-1], "--dataset=rot2", "--init_from=o", "--out_dir=ft", "--max_iters=6",
+        "--eval_interval=3", "--dropout=0.1", cwd=trained)
+    log = log_of(trained / "ft")
+    first = [r for r in log if "val" in r][0]
+    assert first["iter"] == 0 and abs(first["val"]["model"]["loss"] - before) <= 1e-4 * before
+    # its own schedule: the warm-up starts again
+    assert [r["iter"] for r in log if "loss" in r][0] == 1 and log[1]["lr"] < 4e-4 / 10
+    ckpt = torch.load(trained / "ft" / "ckpt.pt", weights_only=True)
+    assert ckpt["config"]["init_from"] == "o" and ckpt["model_args"]["dropout"] == 0.1
+    assert ckpt["data"]["dir"] == str(trained / "data" / "rot2")
+    base = torch.load(trained / "o" / "ckpt.pt", weights_only=True)
+    assert torch.equal(ckpt["model"]["normalizer.center"], base["model"]["normalizer.center"])
+
+@pytest.mark.parametrize("args, message", [
+    (["--dataset=wide"], "holds stand-in concepts (d_emb 24), but o was trained on stand-in (d_emb 16)"),
+    (["--dataset=rot2", "--n_layer=3"], "--n_layer=3, but o was made with n_layer=2"),
+    (["--dataset=rot2", "--out_dir=o"], "is --out_dir's own checkpoint: finetune into another --out_dir"),
+    (["--dataset=rot2", "--init_from=nope"], "no checkpoint at nope"),
+])
+def test_finetuning_refuses_another_concept_space_or_model(args, message, trained):
+    p = run("train.py", "--init_from=o", "--out_dir=ft", *args, cwd=trained, check=False)
+    assert p.returncode == 1 and message in p.stderr, p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert not (trained / "ft" / "ckpt.pt").exists()
+
+def test_a_diffusion_run_resumes_exactly_and_evaluates_with_sampling_settings_changed(rotation_data,
+                                                                                     tmp_path):
+    args = [*TRAIN, f"--data_root={rotation_data}", "--model_type=diffusion", "--eval_interval=10",
+              "--ddim_steps=4", "--dropout=0.1", "--lr_decay_iters=20", "--always_save_checkpoint=True",
+              "--patience=0", "--eval_iters=2"]
+    run("train.py", *args, "--max_iters=20", "--out_dir=a", cwd=tmp_path)
+    run("train.py", *args, "--max_iters=10", "--out_dir=b", cwd=tmp_path)
+    run("train.py", "--init_from=resume", "--out_dir=b", "--max_iters=20", cwd=tmp_path)
+    losses = lambda out: {r["iter"]: r["loss"] for r in log_of(tmp_path / out) if "loss" in r}
+    a, b = losses("a"), losses("b")
+    assert sorted(b) == list(range(1, 21))
+    assert all(abs(a[i] - b[i]) <= 1e-5 * abs(a[i]) for i in range(11, 21)), (a, b)
+    model, ckpt = common.load_checkpoint(str(tmp_path / "b" / "ckpt.pt"))
+    assert isinstance(model, DiffusionLCM) and model.config.ddim_steps == 4
+    # sampling's settings may change after training; the model's may not
+    p = run("train.py", "--eval_only=True", "--out_dir=b", "--guidance=1.5", cwd=tmp_path)
+    assert "changed from the checkpoint: guidance 3.0 -> 1.5" in p.stdout
+    assert 0.5 < json.load(open(tmp_path / "b" / "eval.json"))["model"]["ca"] <= 1
+    p = run("train.py", "--init_from=resume", "--out_dir=b", "--n_embd=64", cwd=tmp_path, check=False)
+    assert p.returncode == 1 and "the model's settings cannot change" in p.stderr
+    p = run("train.py", "--init_from=resume", "--out_dir=b", "--model_type=baselcm", cwd=tmp_path,
+            check=False)
+    assert p.returncode == 1 and "the model's settings cannot change" in p.stderr
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
             os.path.join(HERE, "train.py")]
@@ -829,6 +1016,51 @@ def test_official_lcm_parquet_is_imported_without_reencoding(sonar_env, tmp_path
         assert texts[at:at + len(s) + 1] == s + [concepts.EOT_TEXT]
         assert np.array_equal(rows[at:at + len(s)], e.astype(np.float16))
 
+def test_a_pairs_dataset_round_trips_through_the_on_disk_format(sonar_env, tmp_path):
+    import pyarrow as pa, pyarrow.parquet as pq
+    env, calls = sonar_env
+    pairs, expect = [], []
+    for i in range(12):
+        prompt, answer = [f"Question {i} is here.", "It has two sentences."], [f"Answer {i}."] + [
+            f"Answer {i} again."] * (i % 2)
+        # text, split by spaCy; or lists of sentences already split; an empty answer is skipped
+        pairs.append({"prompt": prompt if i == 5 else " ".join(prompt),
+                      "answer": "" if i == 7 else " ".join(answer), "split": "val" if i % 4 == 0 else "train"})
+        expect.append((prompt + ["[MODEL]:"], answer, pairs[-1]["split"]) if i != 7 else None)
+    (tmp_path / "qa.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    run("embed.py", f"--dataset={tmp_path / 'qa.jsonl'}", "--pairs=prompt,answer", "--split_column=split",
+        "--prompt_end=[MODEL]:", "--encoder=sonar", "--chunk_docs=5", cwd=tmp_path, env=env)
+    d = read_dataset(tmp_path / "data" / "qa")
+    assert d["meta"]["pairs"] and d["meta"]["prompt_end"] == "[MODEL]:"
+    assert d["meta"]["empty_docs_skipped"] == 1
+    for split in ("train", "val"):
+        rows, offsets, texts = d[split]
+        starts = datafiles.load_split(str(tmp_path / "data" / "qa"), split, d["meta"])[2]
+        docs = [texts[lo:end] for lo, end in zip(offsets[:-1], offsets[1:])]
+        mine = [e for e in expect if e and e[2] == split]
+        assert len(docs) == len(mine) == len(starts) > 0
+        for doc, lo, start, (prompt, answer, _) in zip(docs, offsets, starts, mine):
+            assert doc == prompt + answer + [concepts.EOT_TEXT]
+            assert start - lo == len(prompt) and texts[start] == answer[0]
+    # the official schema's pairs: prompt and text sentences with their embeddings, not encoded again
+    rng = np.random.default_rng(0)
+    prompts = [[f"Prompt {i}."] * 2 for i in range(6)]
+    answers = [[f"Text {i}."] for i in range(6)]
+    emb = lambda sents: [list(e) for e in rng.normal(size=(len(sents), 1024)).astype(np.float32)]
+    table = {"prompt_sentences": prompts, "prompt_sentences_sonar_emb": [emb(p) for p in prompts],
+             "text_sentences": answers, "text_sentences_sonar_emb": [emb(a) for a in answers]}
+    pq.write_table(pa.table(table), tmp_path / "official.parquet")
+    run("embed.py", f"--dataset={tmp_path / 'official.parquet'}", "--val_fraction=0.3", cwd=tmp_path, env=env)
+    d = read_dataset(tmp_path / "data" / "official")
+    assert d["meta"]["pairs"]
+    rows = np.concatenate([d["train"][0], d["val"][0]])
+    texts = d["train"][2] + d["val"][2]
+    for i in range(6):
+        at = texts.index(f"Prompt {i}.")
+        assert texts[at:at + 4] == prompts[i] + answers[i] + [concepts.EOT_TEXT]
+        given = np.array(table["prompt_sentences_sonar_emb"][i] + table["text_sentences_sonar_emb"][i])
+        assert np.array_equal(rows[at:at + 3], given.astype(np.float16))
+
 @pytest.mark.parametrize("case, message", [
     ("missing", "no such file or folder"),
     ("column", "no column 'body'"),
@@ -977,6 +1209,16 @@ def test_minilm_end_to_end_embed_train_sample(tmp_path, tiny_lm):
     text = run("sample.py", "--start=The wind changed.", "--max_new_concepts=2",
                cwd=tmp_path).stdout
     assert "[retrieved, cos " in text
+    # the diffusion model: a checkpoint says which model it holds, and sample.py follows it
+    run("train.py", "--dataset=news", "--max_iters=4", "--eval_interval=4", "--model_type=diffusion",
+        "--ddim_steps=4", "--out_dir=out-diffusion", *TRAIN[:-1], cwd=tmp_path)
+    p = run("sample.py", "--out_dir=out-diffusion", "--start=The wind changed.", "--json=True",
+            "--max_new_concepts=3", "--num_samples=2", "--stop_eot=2", "--stop_repeat=0", cwd=tmp_path)
+    samples = [json.loads(line) for line in p.stdout.strip().splitlines()[-2:]]
+    said = [[s["text"] for s in sample["steps"]] for sample in samples]
+    assert [len(s) for s in said] == [3, 3] and all(t in bank for s in said for t in s)
+    # each sample starts from its own noise
+    assert said[0] != said[1]
     for part in tiny_lm:
         part.save_pretrained(tmp_path / "lm")
     p = run("train.py", "--eval_only=True", f"--mi_model={tmp_path / 'lm'}", cwd=tmp_path)

@@ -91,7 +91,7 @@ def test_embed_train_sample_and_eval_with_the_real_sonar(sonar_env, tmp_path):
             env=sonar_env)
         meta = json.load(open(tmp_path / "data" / name / "meta.json"))
         assert meta["encoder"] == "sonar" and meta["d_emb"] == 1024 and meta["lang"] == lang
-        rows, offsets = datafiles.load_split(str(tmp_path / "data" / name), "train", meta)
+        rows, offsets, _ = datafiles.load_split(str(tmp_path / "data" / name), "train", meta)
         texts = (tmp_path / "data" / name / "train.txt").read_text().splitlines()
         # one row per sentence, plus end of text per document
         assert len(rows) == len(texts) == offsets[-1]

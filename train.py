@@ -1,9 +1,11 @@
 """
-Trains a Base-LCM, a causal transformer that predicts the next concept (sentence embedding) by MSE.
+Trains a Base-LCM, a causal transformer that predicts the next concept (sentence embedding) by
+MSE, or the diffusion LCM (diffusion.py): from scratch, or finetuning a trained one on new data.
 Runs on one CPU, one GPU, or several processes with DDP (nccl on GPUs, gloo on CPUs).
 
 $ python train.py                                  # small model on the offline default (data/lee)
-$ python train.py config/train_laptop_gpu.py --dataset=wiki
+$ python train.py --model_type=diffusion --out_dir=out-diffusion
+$ python train.py --dataset=pairs --init_from=out --out_dir=out-ft  # finetune on prompt -> answer
 $ torchrun --standalone --nproc_per_node=4 train.py config/train_laptop_gpu.py
 $ python train.py --eval_only=True                 # the paper's metrics and two baselines
 """
@@ -13,14 +15,13 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from baselcm import BaseLCM, LCMConfig
-from common import (atomic_save, autocast, can_compile, configure, end_distributed, get_device,
-                    init_distributed, knobs, load_checkpoint, load_optimizer, measure_peak_flops,
-                    require, require_positive, rng_states, set_rng_states, start_wandb,
+from common import (atomic_save, autocast, build_model, can_compile, check_train_settings,
+                    configure, end_distributed, get_device, init_distributed, knobs, load_checkpoint,
+                    load_optimizer, measure_peak_flops, rng_states, set_rng_states, start_wandb,
                     take_checkpoint_settings, writable_dir)
-from datafiles import (check_trained_on, data_facts, eval_batches, get_batch, load_meta, load_split,
-                       sample_windows)
-from metrics import eval_report, evaluate, predictors
+from datafiles import (check_trained_on, count_targets, data_facts, eval_batches, get_batch,
+                       load_meta, load_split, sample_windows)
+from metrics import eval_report, evaluate, predictors, scores, validate
 
 # I/O
 out_dir = "out"
@@ -32,7 +33,8 @@ mi_model = ""            # eval_only: a Hugging Face causal LM (gpt2 in the pape
 sonar_hf_encoder = "cointegrated/SONAR_200_text_encoder"  # eval_only: SONAR's transformers port
 sonar_hf_decoder = "raxtemur/SONAR_200_text_decoder"
 always_save_checkpoint = False  # False: keep the best val loss (small data overfits); True: latest
-init_from = "scratch"    # 'scratch' or 'resume' (out_dir/ckpt.pt, its settings unless given here)
+init_from = "scratch"    # 'scratch', 'resume' (out_dir/ckpt.pt, its settings unless given), or to
+                         # finetune, a run's out_dir or checkpoint: its weights, normalizer, shape
 # data
 dataset = "lee"          # reads data_root/dataset, built by embed.py
 data_root = "data"
@@ -40,12 +42,17 @@ batch_size = 32          # windows per micro-batch
 gradient_accumulation_steps = 1  # micro-batches in the global batch, shared by all processes
 block_size = 16          # context in concepts (Lee documents: 10 sentences on average)
 # model
+model_type = "baselcm"   # 'baselcm', or 'diffusion': the One-Tower diffusion LCM (diffusion.py)
 n_layer = 4
 n_head = 4
 n_embd = 256
 dropout = 0.3            # paper: 0.1 on a large corpus; the Lee corpus has 2.7k sentences
 bias = False
 rope_theta = 10000.0
+guidance = 3.0           # diffusion sampling: guidance scale (1 = none) and its rescale, DDIM
+guidance_rescale = 0.7   # steps, the starting noise's scale (paper: 3, 0.7, 40, 0.6); they may
+ddim_steps = 40          # change on --eval_only and in sample.py
+init_noise = 0.6
 # AdamW, warm-up then cosine decay (paper: lr 4e-4, betas 0.9/0.95, eps 1e-5, weight decay 0.1)
 learning_rate = 4e-4
 max_iters = 0            # 0 = follow the data: `epochs` passes over the training concepts
@@ -74,27 +81,20 @@ config_keys = knobs(globals())
 given = configure(globals(), sys.argv[1:])
 ckpt_path = os.path.join(out_dir, "ckpt.pt")
 resume = init_from == "resume" or eval_only
-if resume:
-    model, checkpoint = load_checkpoint(ckpt_path, mmap=eval_only)
-    take_checkpoint_settings(globals(), config_keys, given, checkpoint, ckpt_path)
+# finetuning: another run's checkpoint (or out_dir), on another dataset of the same concept space
+finetune = not resume and init_from != "scratch"
+if resume or finetune:
+    source = ckpt_path if resume else init_from
+    trained, checkpoint = load_checkpoint(source, mmap=eval_only)
+    take_checkpoint_settings(globals(), config_keys, given, checkpoint, source, finetune)
 config = {k: globals()[k] for k in config_keys}
-require_positive(globals(), ("batch_size", "block_size", "n_layer", "n_head", "n_embd",
-                            "gradient_accumulation_steps", "eval_iters"))
-require(n_embd % n_head == 0 and (n_embd // n_head) % 2 == 0, f"--n_embd={n_embd} must be a "
-        f"multiple of --n_head={n_head} with an even head size (RoPE)")
-require(0 <= dropout < 1, f"--dropout={dropout} must be in [0, 1)")
-require(init_from in ("scratch", "resume"), f"--init_from={init_from}: use scratch or resume")
-require(not mi_model or eval_only, f"--mi_model={mi_model} needs --eval_only=True: MI is measured "
-        "on a checkpoint's decoded text")
+check_train_settings(config, finetune and checkpoint["path"], ckpt_path)
 
 # -----------------------------------------------------------------------------
 # devices and processes
 device = get_device(device)
 rank, world, device = init_distributed(device, backend)
 ddp = torch.distributed.is_initialized()
-require(world <= gradient_accumulation_steps * batch_size, f"{world} processes share a global batch "
-        f"of {gradient_accumulation_steps * batch_size} windows: raise --batch_size or "
-        "--gradient_accumulation_steps, or use fewer processes")
 master = rank == 0
 device_type = torch.device(device).type
 ctx, dtype = autocast(dtype, device, n_embd)
@@ -107,8 +107,9 @@ if master:
 # data: memmaps, never the whole set in RAM
 data_dir = os.path.join(data_root, dataset)
 meta = load_meta(data_dir)
-train_rows, train_offsets = load_split(data_dir, "train", meta)
-val_rows, val_offsets = load_split(data_dir, "val", meta)
+# answers: prompt -> answer pairs' (the loss covers the answers only), else None
+train_rows, train_offsets, train_answers = load_split(data_dir, "train", meta)
+val_rows, val_offsets, val_answers = load_split(data_dir, "val", meta)
 concepts_per_iter = gradient_accumulation_steps * batch_size * block_size
 if not max_iters:
     # the same number of passes over the data, whatever its size
@@ -118,7 +119,7 @@ lr_decay_iters = lr_decay_iters or max_iters
 data_rng = np.random.default_rng(seed)
 
 val_batches = lambda: eval_batches(val_rows, val_offsets, block_size, batch_size,
-                                   eval_iters * batch_size, device)
+                                   eval_iters * batch_size, device, val_answers)
 
 # -----------------------------------------------------------------------------
 # model
@@ -126,11 +127,12 @@ val_batches = lambda: eval_batches(val_rows, val_offsets, block_size, batch_size
 iter_num = checkpoint["iter_num"] if resume else 0
 best_val_loss = checkpoint["best_val_loss"] if resume else float("inf")
 evals_since_best = checkpoint.get("evals_since_best", 0) if resume else 0
-if resume:
-    check_trained_on(data_dir, meta, checkpoint["data"], ckpt_path, "dataset", "dataset" in given)
+model = build_model(model_type, config | {"d_emb": meta["d_emb"]})
+if resume or finetune:
+    # the checkpoint's weights and normalizer; resuming, its data too, unless another is named
+    check_trained_on(data_dir, meta, checkpoint["data"], source, "dataset", finetune or "dataset" in given)
+    model.load_state_dict(trained.state_dict())
 else:
-    model_args = {k: config[k] for k in LCMConfig.__dataclass_fields__ if k in config}
-    model = BaseLCM(LCMConfig(d_emb=meta["d_emb"], **model_args))
     model.normalizer.load_state_dict({k: torch.tensor(v) for k, v in meta["normalizer"].items()})
 model.to(device)
 scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")
@@ -147,11 +149,10 @@ if ddp:
 
 # the model and the baselines of every evaluation: copy the last concept, predict the training mean
 predict = predictors(raw_model, ctx, torch.tensor(meta["mean"], device=device))
-baselines = {k: predict[k] for k in ("copy", "mean")}
 if eval_only:
     if master:
-        eval_report(raw_model.eval(), predict, val_batches(), data_dir, meta, iter_num,
-                    checkpoint["data"]["dir"], out_dir, device, (sonar_hf_encoder, sonar_hf_decoder), mi_model)
+        eval_report(raw_model.eval(), predict, val_batches(), data_dir, meta, iter_num, checkpoint["data"]["dir"],
+                    out_dir, device, (sonar_hf_encoder, sonar_hf_decoder), mi_model)
     end_distributed()
     sys.exit(0)
 
@@ -172,12 +173,11 @@ if master:
     wandb = wandb_log and start_wandb(wandb_project, wandb_run_name or out_dir, config,
                                       checkpoint.get("wandb_id") if resume else None)
     # the baselines do not change: measured once
-    baseline_metrics = evaluate(baselines, val_batches(), raw_model.normalizer)
-    procs = f", {world} processes" if ddp else ""
+    baseline_metrics = evaluate({k: predict[k] for k in ("copy", "mean")}, val_batches(), raw_model.normalizer)
     print(f"{sum(p.numel() for p in raw_model.parameters()) / 1e6:.2f}M parameters, "
           f"{meta['train_rows']} train concepts ({meta['encoder']}, d_emb {meta['d_emb']}), "
           f"{max_iters} iterations ({max_iters * concepts_per_iter / meta['train_rows']:.1f} epochs), "
-          f"{device} {dtype}{procs}, peak {peak / 1e9:.1f} GFLOP/s")
+          f"{device} {dtype}{f', {world} processes' if ddp else ''}, peak {peak / 1e9:.1f} GFLOP/s")
 t0 = loop_start = time.time()
 t0_iter = first_iter = iter_num
 while True:
@@ -190,14 +190,15 @@ while True:
         rng = rng_states(device)
         if master:
             raw_model.eval()
-            r = evaluate({"model": predict["model"]}, val_batches(), raw_model.normalizer) | baseline_metrics
+            r = validate(raw_model, predict, ctx, val_batches()) | baseline_metrics
             raw_model.train()
             print(f"step {iter_num}: val loss {r['model']['loss']:.2f} (copy {r['copy']['loss']:.2f}, "
-                  f"mean {r['mean']['loss']:.2f}), l2 {r['model']['l2']:.4f}, CA {100 * r['model']['ca']:.1f}%")
+                  f"mean {r['mean']['loss']:.2f}), " + scores(r["model"]))
             log.write(json.dumps({"iter": iter_num, "val": r}) + "\n")
             log.flush()
             if wandb:
-                wandb.log({f"val/{k}/{m}": r[k][m] for k in r for m in ("loss", "l2", "ca")}, iter_num)
+                wandb.log({f"val/{k}/{m}": v for k in r for m, v in r[k].items() if m in ("loss", "l2", "ca")},
+                          iter_num)
             if iter_num > 0:
                 evals_since_best += 1
                 if r["model"]["loss"] < best_val_loss:
@@ -227,14 +228,14 @@ while True:
         break
     # one global batch, drawn alike on every rank, each taking a share in micro-batches; the loss is
     # averaged over the global batch's targets, so the gradient does not depend on the sharing
-    starts, ends = sample_windows(data_rng, train_offsets, gradient_accumulation_steps * batch_size,
-                                  block_size)
-    n_targets = int((np.minimum(ends - starts, block_size + 1) - 1).sum())
+    starts, ends, first = sample_windows(data_rng, train_offsets,
+                                         gradient_accumulation_steps * batch_size, block_size, train_answers)
+    n_targets = count_targets(starts, ends, first, block_size)
     share = np.array_split(np.arange(len(starts)), world)[rank]
     micro_batches = np.array_split(share, math.ceil(len(share) / batch_size))
     loss_sum = torch.zeros((), device=device)
     for i, micro in enumerate(micro_batches):
-        x, y, mask = get_batch(train_rows, starts[micro], ends[micro], block_size, device)
+        x, y, mask = get_batch(train_rows, starts[micro], ends[micro], first[micro], block_size, device)
         if noise:
             # a regulariser (not in the paper's Base-LCM), in the normalized space
             x = x + noise * raw_model.normalizer.scale * torch.randn_like(x)

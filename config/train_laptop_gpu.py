@@ -19,8 +19,8 @@ log_interval = 50
 warmup_iters = 2000
 learning_rate = 4e-4
 min_lr = 4e-5
-dtype = ""                # auto: bf16 on GPUs that have it in hardware (Ampere and up), else fp16 with a
-                          # GradScaler; on a Mac (MPS) fp32
-compile = True            # where it cannot work (no triton: Windows, GPUs below compute capability 7.0)
-                          # train.py says so in one line and runs eager
+dtype = ""                # auto: bf16 on GPUs that have it in hardware (Ampere and up), else
+                          # fp16 with a GradScaler; on a Mac (MPS) fp32
+compile = True            # where it cannot work (Windows: no triton; GPUs below compute
+                          # capability 7.0), train.py says so in one line and runs eager
 always_save_checkpoint = True

@@ -1,18 +1,27 @@
 """
-Writes the two corpora beside Lee on which the defaults were checked (docs/results.md), from text
-on this machine:
+Writes the corpora beside Lee on which the defaults and the diffusion model were checked
+(docs/results.md), from text on this machine:
 - corpora/pydocs.jsonl: the docstrings of Python's standard library of 300+ characters, one document
   each (read with ast: nothing is imported; docstrings with doctests are left out);
 - corpora/nodedocs.jsonl: the sections of Node.js's API reference (Debian's nodejs package puts its
   markdown in /usr/share/doc/nodejs/api), one document per section of 300+ characters, code blocks
-  and tables left out.
+  and tables left out;
+- corpora/pyref.jsonl: the prose of Python's documentation (Debian's python3-doc: the
+  reStructuredText sources of the tutorial, library reference, HOWTOs, What's New), a document
+  per section;
+- corpora/kernel.jsonl: the prose of the Linux kernel's documentation (Debian's linux-doc-6.1), one
+  document per section, the first 20,000 sections in path order.
+$ sudo apt-get install python3-doc linux-doc-6.1     # for pyref and kernel
 $ python scripts/corpora.py
-$ python embed.py --dataset=corpora/pydocs.jsonl && python embed.py --dataset=corpora/nodedocs.jsonl
+$ python embed.py --dataset=corpora/pyref.jsonl      # and so on for each
 """
-import ast, glob, json, os, re, sysconfig
+import ast, glob, gzip, json, os, re, sysconfig
 
-def write(name, docs):
-    docs = list(dict.fromkeys(" ".join(d.split()) for d in docs if len(d) >= 300))
+def write(name, docs, limit=None):
+    docs = list(dict.fromkeys(" ".join(d.split()) for d in docs if len(d) >= 300))[:limit]
+    if not docs:
+        print(f"corpora/{name}.jsonl: no source text on this machine, skipped")
+        return
     os.makedirs("corpora", exist_ok=True)
     with open(f"corpora/{name}.jsonl", "w") as f:
         f.writelines(json.dumps({"text": d}) + "\n" for d in docs)
@@ -41,3 +50,48 @@ for path in sorted(glob.glob("/usr/share/doc/nodejs/api/*.md")):
         lines = [line for line in section.splitlines() if line.strip()]
         sections.append(" ".join(line for line in lines if line.lstrip()[0] not in "|*-<>"))
 write("nodedocs", sections)
+
+# directives whose bodies are prose (an API entry's description, a note); other directives (code,
+# tables, images, tables of contents) and literal blocks (after '::') are left out
+PROSE = {"function", "class", "method", "attribute", "data", "exception", "decorator",
+         "classmethod", "staticmethod", "abstractmethod", "coroutinefunction", "coroutinemethod",
+         "describe", "option", "cmdoption", "envvar", "note", "warning", "important", "tip", "hint",
+         "caution", "attention", "seealso", "versionadded", "versionchanged", "deprecated",
+         "impl-detail", "c:function", "c:macro", "c:type", "c:member", "c:var"}
+RULE = re.compile(r"([=\-~^\"'`#*+])\1{2,}")
+
+def rst_sections(text):
+    """reStructuredText -> the prose of each section (headings split it): the text of paragraphs, list
+    items and prose directives; code, literal blocks, tables, field lists and comments left out;
+    inline markup keeps its text (:func:`len` -> len, `name <url>`_ -> name)."""
+    out = [[]]
+    skip = None  # lines indented deeper than this belong to a block that is not prose
+    lines = text.splitlines()
+    for i, line in enumerate(lines):
+        stripped = line.strip()
+        indent = len(line) - len(line.lstrip())
+        if skip is not None and (not stripped or indent > skip):
+            continue
+        skip = None
+        if RULE.fullmatch(stripped) or i + 1 < len(lines) and RULE.fullmatch(lines[i + 1].strip()):
+            out.append([])
+        elif stripped.startswith(".."):
+            directive = re.match(r"\.\. ([\w:-]+)::", stripped)
+            if not directive or directive.group(1) not in PROSE:
+                skip = indent
+        elif stripped.endswith("::"):
+            out[-1].append(stripped.rstrip(":") + ".")
+            skip = indent
+        elif stripped and stripped[0] not in "|+:" and not stripped.startswith(">>>"):
+            out[-1].append(re.sub(r"^[*\-] |^#\. |^\d+\. ", "", stripped))
+    prose = [" ".join(s) for s in out]
+    prose = [re.sub(r":[\w:+-]+:`~?([^`<]*?)(?: <[^>]*>)?`", r"\1", p) for p in prose]
+    prose = [re.sub(r"`([^`<]*?)(?: <[^>]*>)?`_{0,2}", r"\1", p).replace("``", "") for p in prose]
+    return [re.sub(r"\*\*?([^*]+)\*\*?", r"\1", p) for p in prose]
+
+pyref = sorted(glob.glob("/usr/share/doc/python3*/html/_sources/**/*.rst.txt", recursive=True))
+write("pyref", [s for p in pyref for s in rst_sections(open(p, encoding="utf-8").read())])
+kernel = sorted(glob.glob("/usr/share/doc/linux-doc-*/Documentation/**/*.rst.gz", recursive=True))
+write("kernel", [s for p in kernel for s in rst_sections(gzip.open(p, "rt", encoding="utf-8",
+                                                                      errors="replace").read())],
+      limit=20_000)

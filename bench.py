@@ -3,7 +3,8 @@ Measures baselcm on the current device and writes bench.json: the device's matmu
 training dtype (measured now), training concepts/s and MFU against it (compile off and on, and a
 15-line reference step of the same shapes), the forward / backward / optimizer split, the whole
 train.py loop against the bare model step, generation with and without the KV cache (and compiled),
-and embed.py against the bare encoder (speed and peak memory for a corpus and for 4x).
+the diffusion LCM's training step and generation against the Base-LCM's, and embed.py against the
+bare encoder (speed and peak memory for a corpus and for 4x).
 
 $ python bench.py                       # everything (CPU: about 5 minutes)
 $ python bench.py --embed=False --compile=False
@@ -16,6 +17,7 @@ import torch
 from torch.nn import functional as F
 
 from baselcm import BaseLCM, LCMConfig, RMSNorm
+from diffusion import DiffusionConfig, DiffusionLCM
 from common import configure, get_device, has_bf16, measure_peak_flops, synchronize
 
 device = ""              # '' = autodetect
@@ -174,6 +176,38 @@ for name, use_cache in runs:
     gen[name] = 200 / timed(run)
     print(f"generate 200 concepts, d512 L8, float32, {name:14}: {gen[name]:5.0f} concepts/s, "
           f"{gen[name] / gen['no_cache']:.1f}x")
+
+# -----------------------------------------------------------------------------
+# the diffusion LCM (diffusion.py) against the Base-LCM of the same width and depth (the default
+# model): a training step (its sequence interleaves a clean and a noisy concept for each), and
+# generation at the default 40 DDIM steps with guidance (two passes a step), in fp32 as sample.py runs
+shape = dict(d_emb=1024, n_embd=256, n_layer=4, n_head=4, block_size=16, dropout=0.0)
+models = {"baselcm": BaseLCM(LCMConfig(**shape)), "diffusion": DiffusionLCM(DiffusionConfig(**shape))}
+x = torch.randn(32, 16, 1024, device=device)
+y = torch.randn(32, 16, 1024, device=device)
+d = results["diffusion"] = {}
+for name, m in models.items():
+    m.to(device)
+    opt = torch.optim.AdamW(m.parameters(), lr=4e-4)
+
+    def train_step():
+        with autocast(dtype):
+            _, loss = m(x, y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    for _ in range(3):
+        train_step()
+    d[f"{name}_step_ms"] = 1000 * timed(lambda: [train_step() for _ in range(steps)]) / steps
+    m.eval()
+    n = 200 if name == "baselcm" else 20
+    m.generate(prompt, 2, eot, stop_eot=2.0)
+    d[f"{name}_generate_per_s"] = n / timed(lambda: m.generate(prompt, n, eot, stop_eot=2.0))
+print(f"diffusion LCM, d256 L4 T16 B32, {dtype}: training step {d['diffusion_step_ms']:.1f} ms against "
+      f"the Base-LCM's {d['baselcm_step_ms']:.1f} ms ({d['diffusion_step_ms'] / d['baselcm_step_ms']:.1f}x); "
+      f"generation (fp32, 40 DDIM steps, guidance) {d['diffusion_generate_per_s']:.1f} concepts/s against "
+      f"{d['baselcm_generate_per_s']:.0f} with the KV cache "
+      f"({d['baselcm_generate_per_s'] / d['diffusion_generate_per_s']:.0f}x slower)")
 
 # -----------------------------------------------------------------------------
 # embed.py against the bare encoder on the same sentences, and its peak memory on a corpus and on 4x

@@ -376,12 +376,13 @@ def take_checkpoint_settings(g, keys, given, ckpt, ckpt_path, finetune=False):
     refused. Finetuning takes the model's settings alone, and its dropout may change too."""
     here = ("out_dir", "init_from", "eval_only", "device", "backend")
     old = ckpt["config"]
-    model = (set(ckpt["model_args"]) | {"model_type"}) - set(SAMPLING) - ({"dropout"} if finetune else set())
+    model = set(ckpt["model_args"]) | {"model_type"}
+    fixed = model - set(SAMPLING) - ({"dropout"} if finetune else set())
     g.update({k: old[k] for k in keys if k in old and k not in given and k not in here
               and (k in model or not finetune)})
     changed = [k for k in keys if k in given and k in old and old[k] != g[k] and k not in here]
     for k in changed:
-        if k in model:
+        if k in fixed:
             die(f"--{k}={g[k]}, but {ckpt_path} was made with {k}={old[k]}: the model's settings "
                 "cannot change; train a new model in another --out_dir")
     if changed and not finetune:

@@ -128,24 +128,26 @@ class DiffusionLCM(BaseLCM):
         """A next concept sampled after each position of concepts (B, T, d_emb) -> (B, T, d_emb),
         normalized (called by generate, pos given: after the last position only, (B, 1, d_emb)).
         DDIM (deterministic, "trailing" timesteps) from init_noise * N(0, I) drawn from generator,
-        with classifier-free guidance and its rescale (Lin et al. 2024)."""
+        with classifier-free guidance and its rescale (Lin et al. 2024): each step runs the
+        conditional and the unconditional halves in one batch."""
         c = self.config
         B, T, _ = concepts.shape
         # the clean concepts never see a noisy one: their keys and values are computed once
         hs = c.n_embd // c.n_head
-        kv = [concepts.new_zeros(2, B, c.n_head, 2 * T, hs) for _ in self.blocks]
+        kv = [concepts.new_zeros(2, 2 * B, c.n_head, 2 * T, hs) for _ in self.blocks]
         j = torch.arange(T, device=concepts.device)
-        clean = self.prenet(self.normalizer.normalize(concepts))
+        clean = self.prenet(self.normalizer.normalize(concepts)).repeat(2, 1, 1)
         self.run(clean, j, attention_mask(2 * j, 2 * T), kv, 2 * j)
         j = j[-1:] if pos is not None else j  # the positions whose next concept is sampled
-        sees = attention_mask(2 * j + 1, 2 * T)
-        alone = torch.eye(len(j), dtype=torch.bool, device=j.device)
+        # the second half sees no context
+        free = (torch.arange(2 * B, device=j.device) >= B)[:, None].expand(2 * B, len(j))
+        sees = attention_mask(2 * j + 1, 2 * T, free)
         steps = (torch.arange(c.ddim_steps, 0, -1) * c.n_steps / c.ddim_steps).round().long() - 1
         z = torch.randn(B, len(j), c.d_emb, generator=generator, device=j.device) * c.init_noise
         for i, t in enumerate(steps.tolist()):
-            x = self.noisy_input(z, torch.full((B, len(j)), t, device=j.device))
-            cond = self.postnet(self.ln_f(self.run(x, j + 1, sees, kv, 2 * j + 1))).float()
-            free = self.postnet(self.ln_f(self.run(x, j + 1, alone))).float()
+            x = self.noisy_input(z, torch.full((B, len(j)), t, device=j.device)).repeat(2, 1, 1)
+            x = self.postnet(self.ln_f(self.run(x, j + 1, sees, kv, 2 * j + 1))).float()
+            cond, free = x.chunk(2)
             x0 = free + c.guidance * (cond - free)
             # rescaled to the conditional prediction's spread, against guidance's over-saturation
             rescaled = x0 * cond.std(-1, keepdim=True) / x0.std(-1, keepdim=True)

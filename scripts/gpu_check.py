@@ -5,7 +5,7 @@ minutes, and prints one line per check; the first failure stops it with a non-ze
   2. a run killed after a checkpoint and resumed replays the uninterrupted run's losses
   3. two processes with DDP log the losses of one (where there are two GPUs)
   4. sample.py with --compile=True
-  5. the diffusion LCM trains the same way (compiled) and samples
+  5. the diffusion LCM trains and samples the same way (compiled)
   6. bench.py's training and generation figures
 $ python scripts/gpu_check.py
 $ python scripts/gpu_check.py --device=cpu --compile=False   # the same checks, quicker, on a CPU
@@ -44,6 +44,16 @@ def losses(out):
     log = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
     return {r["iter"]: r["loss"] for r in log if "loss" in r}
 
+def trained(p, out, last, what):
+    """the losses of a finished training run; it fails where compile fell back to eager or the loss
+    did not fall"""
+    if "cannot compile" in p.stdout:
+        fail(p.stdout[p.stdout.index("compile=True"):].splitlines()[0])
+    loss = losses(out)
+    if not loss[last] < 0.9 * loss[5]:
+        fail(f"{what} did not learn: loss {loss[5]:.2f} at 5, {loss[last]:.2f} at {last}")
+    return loss
+
 def close(a, b, tol):
     """the largest relative difference of the losses both runs logged, and whether it is within tol"""
     worst = max(abs(a[i] - b[i]) / abs(a[i]) for i in a.keys() & b.keys())
@@ -62,11 +72,7 @@ shrunk = ["train.py", "config/train_laptop_gpu.py", f"--data_root={tmp}", "--dat
           f"--compile={compile}", "--patience=0"]
 p = run([*shrunk, f"--out_dir={tmp}/a", f"--max_iters={max_iters}"])
 dtype = next(w for w in ("bfloat16", "float16", "float32") if f"{device} {w}" in p.stdout)
-a = losses(f"{tmp}/a")
-if "cannot compile" in p.stdout:
-    fail(p.stdout[p.stdout.index("compile=True"):].splitlines()[0])
-if not a[max_iters] < 0.9 * a[5]:
-    fail(f"training did not learn: loss {a[5]:.2f} at 5, {a[max_iters]:.2f} at {max_iters}")
+a = trained(p, f"{tmp}/a", max_iters, "training")
 ok(f"train.py, laptop config shrunk: {dtype}, compile={compile}, loss {a[5]:.1f} -> {a[max_iters]:.1f}")
 
 # 2. killed once a checkpoint is on disk, then resumed with --init_from=resume alone
@@ -107,11 +113,12 @@ ok(f"sample.py --compile={compile}: {p.stdout.strip().splitlines()[-2]}")
 
 # 5. the diffusion LCM, compiled, then sampled
 p = run([*shrunk, "--model_type=diffusion", f"--out_dir={tmp}/d", "--max_iters=20"])
-d = losses(f"{tmp}/d")
-p = run(["sample.py", f"--out_dir={tmp}/d", f"--device={device}", "--max_new_concepts=4"])
-if "concepts, stopped by" not in p.stdout:
+d = trained(p, f"{tmp}/d", 20, "the diffusion LCM")
+p = run(["sample.py", f"--out_dir={tmp}/d", f"--device={device}", f"--compile={compile}",
+         "--max_new_concepts=4"])
+if "cannot compile" in p.stdout or "concepts, stopped by" not in p.stdout:
     fail(f"sample.py on the diffusion model: {p.stdout.strip()[-500:]}")
-ok(f"diffusion LCM: loss {d[5]:.1f} -> {d[20]:.1f}, then 4 sampled concepts")
+ok(f"diffusion LCM, compile={compile}: loss {d[5]:.1f} -> {d[20]:.1f}, then 4 sampled concepts")
 
 # 6. bench.py's figures, shortened
 p = run(["bench.py", f"--device={device}", "--embed=False", "--steps=5", f"--compile={compile}",

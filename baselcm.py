@@ -56,7 +56,7 @@ class CausalSelfAttention(nn.Module):
         self.n_head = config.n_head
         self.dropout = config.dropout
 
-    def forward(self, x, cos, sin, cache=None, pos=None, mask=None):
+    def forward(self, x, cos, sin, attn_mask=None, cache=None, pos=None):
         B, T, C = x.size()
         qkv = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)  # (B, nh, T, hs) each
@@ -68,11 +68,11 @@ class CausalSelfAttention(nn.Module):
             cache[0].index_copy_(2, pos, k.to(cache.dtype))
             cache[1].index_copy_(2, pos, v.to(cache.dtype))
             k, v = cache
-            if mask is None:
-                mask = torch.arange(cache.size(3), device=x.device) <= pos[:, None]  # (T, block_size)
+            if attn_mask is None:
+                attn_mask = torch.arange(cache.size(3), device=x.device) <= pos[:, None]  # (T, block_size)
         dropout = self.dropout if self.training else 0.0
-        causal = mask is None and T > 1
-        y = F.scaled_dot_product_attention(q, k, v, mask, dropout, is_causal=causal)
+        causal = attn_mask is None and T > 1
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask, dropout, is_causal=causal)
         return self.resid_dropout(self.c_proj(y.transpose(1, 2).reshape(B, T, C)))
 
 class SwiGLU(nn.Module):
@@ -96,13 +96,15 @@ class Block(nn.Module):
         self.ln_2 = RMSNorm(config.n_embd)
         self.mlp = SwiGLU(config)
 
-    def forward(self, x, cos, sin, cache=None, pos=None, mask=None):
-        x = x + self.attn(self.ln_1(x), cos, sin, cache, pos, mask)
+    def forward(self, x, cos, sin, attn_mask=None, cache=None, pos=None):
+        x = x + self.attn(self.ln_1(x), cos, sin, attn_mask, cache, pos)
         return x + self.mlp(self.ln_2(x))
 
-class BaseLCM(nn.Module):
-    supports_cache = True
+def masked_mean(err, mask=None):
+    """err (B, T) averaged over the real targets, where mask (B, T) is True (all, if None)"""
+    return err.mean() if mask is None else (err * mask).sum() / mask.sum()
 
+class BaseLCM(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.config = config
@@ -113,11 +115,8 @@ class BaseLCM(nn.Module):
         self.ln_f = RMSNorm(config.n_embd)
         self.postnet = nn.Linear(config.n_embd, config.d_emb)
         hs = config.n_embd // config.n_head
-        inv_freq = config.rope_theta ** (-torch.arange(0, hs, 2).float() / hs)
-        # one position more than the context: the diffusion LCM's last noisy concept
-        angles = torch.outer(torch.arange(config.block_size + 1).float(), inv_freq)  # (T_max, hs/2)
-        self.register_buffer("rope_cos", angles.cos(), persistent=False)
-        self.register_buffer("rope_sin", angles.sin(), persistent=False)
+        self.register_buffer("inv_freq", config.rope_theta ** (-torch.arange(0, hs, 2).float() / hs),
+                             persistent=False)
         # GPT-2's init: matrices N(0, 0.02), residual projections scaled down by depth, biases 0
         # (the norms' weights stay 1)
         for name, p in self.named_parameters():
@@ -127,6 +126,16 @@ class BaseLCM(nn.Module):
                 scaled = name.endswith("c_proj.weight")
                 nn.init.normal_(p, std=0.02 / math.sqrt(2 * config.n_layer) if scaled else 0.02)
 
+    def transformer(self, x, pos, attn_mask=None, cache=None):
+        """The blocks on x (B, T, n_embd) at the positions pos (T,) (RoPE), causal unless attn_mask
+        says otherwise; with a cache (a tensor per layer), x's keys and values are kept at pos."""
+        angles = pos[:, None].float() * self.inv_freq  # (T, hs/2)
+        cos = angles.cos()
+        sin = angles.sin()
+        for i, block in enumerate(self.blocks):
+            x = block(x, cos, sin, attn_mask, None if cache is None else cache[i], pos)
+        return self.ln_f(x)
+
     def forward(self, concepts, targets=None, mask=None, cache=None, pos=None):
         """concepts (B, T, d_emb) in the encoder's space -> predictions (B, T, d_emb) in the normalized
         space, and the loss: the squared error against the normalized next concept, summed over the
@@ -134,36 +143,36 @@ class BaseLCM(nn.Module):
         concepts' positions in the window."""
         T = concepts.size(1)
         assert T <= self.config.block_size, f"{T} concepts > block_size {self.config.block_size}"
+        pos = torch.arange(T, device=concepts.device) if pos is None else pos
         x = self.drop(self.prenet(self.normalizer.normalize(concepts)))  # (B, T, n_embd)
-        positions = slice(0, T) if pos is None else pos
-        cos = self.rope_cos[positions]
-        sin = self.rope_sin[positions]
-        for i, block in enumerate(self.blocks):
-            x = block(x, cos, sin, None if cache is None else cache[i], pos)
-        pred = self.postnet(self.ln_f(x))  # (B, T, d_emb)
+        pred = self.postnet(self.transformer(x, pos, cache=cache))  # (B, T, d_emb)
         if targets is None:
             return pred, None
         # in fp32, whatever the autocast dtype
         err = (pred.float() - self.normalizer.normalize(targets.float())).pow(2).sum(-1)  # (B, T)
-        if mask is None:
-            return pred, err.mean()
-        return pred, (err * mask).sum() / mask.sum()
-
-    def predict(self, concepts, cache=None, pos=None, generator=None):
-        """The next concept after each of concepts (B, T, d_emb), normalized. The Base-LCM regresses
-        it; the diffusion LCM samples it, from generator."""
-        return self(concepts, cache=cache, pos=pos)[0]
+        return pred, masked_mean(err, mask)
 
     @torch.no_grad()
-    def generate(self, prompt, max_new_concepts, eot, stop_eot=0.9, stop_repeat=0.0, noise=0.0,
-                 use_cache=True, generator=None, feed=None):
+    def predict(self, concepts, cache=None, pos=None, last=False, noise=0.0, generator=None):
+        """The next concept after each of concepts (B, T, d_emb) (last: after the last one only),
+        normalized: the regression, plus Gaussian noise of std noise (none by default) drawn from
+        generator, as the official inference can add."""
+        pred = self(concepts, cache=cache, pos=pos)[0].float()
+        pred = pred[:, -1:] if last else pred
+        if noise > 0:
+            pred = pred + noise * torch.randn(pred.shape, generator=generator, device=pred.device)
+        return pred
+
+    @torch.no_grad()
+    def generate(self, prompt, max_new_concepts, eot, stop_eot=0.9, stop_repeat=0.0, use_cache=True,
+                 feed=None, **sampling):
         """prompt (T, d_emb) -> (new concepts (n, d_emb), cosine of each to eot, stop reason). Each
-        prediction joins the context as feed(prediction), if given, makes it (sample.py: the decoded
-        sentence's concept); a context over block_size is cut to its last block_size // 2."""
+        prediction (predict's, with the sampling settings) joins the context as feed(prediction), if
+        given, makes it (sample.py: the decoded sentence's concept); a context over block_size is
+        cut to its last block_size // 2."""
         c = self.config
         seq = prompt.float()
         cosines = []
-        use_cache = use_cache and self.supports_cache
         # a tensor per layer, updated in place (compiled, a slice of a big one is copied whole)
         shape = (2, 1, c.n_head, c.block_size, c.n_embd // c.n_head)
         cache = [torch.zeros(shape, device=seq.device) for _ in self.blocks] if use_cache else None
@@ -175,13 +184,9 @@ class BaseLCM(nn.Module):
                 cached = 0
             # the rows not in the cache yet, at their positions in the window
             pos = torch.arange(cached, seq.size(0) - start, device=seq.device)
-            pred = self.predict(seq[None, start + cached:], cache, pos, generator)
-            if use_cache:
-                cached = seq.size(0) - start
-            z = pred[0, -1].float()
-            if noise > 0:
-                # variety comes from noise in the normalized space; none by default
-                z = z + noise * torch.randn(z.shape, generator=generator, device=z.device)
+            kv = {"cache": cache, "pos": pos} if use_cache else {}
+            z = self.predict(seq[None, start + cached:], last=True, **kv, **sampling)[0, 0]
+            cached = seq.size(0) - start if use_cache else 0
             new = self.normalizer.denormalize(z)
             cosines.append(F.cosine_similarity(new, eot, dim=0).item())
             if cosines[-1] < stop_eot and feed is not None:
@@ -193,13 +198,13 @@ class BaseLCM(nn.Module):
                 return seq[prompt.size(0):], cosines, stop
         return seq[prompt.size(0):], cosines, "max_new_concepts"
 
-    def configure_optimizers(self, weight_decay, learning_rate, betas, eps, device_type):
+    def configure_optimizers(self, weight_decay, learning_rate, betas, eps):
         params = [p for p in self.parameters() if p.requires_grad]
         # weight decay on the matrices only, not on biases and norms
         groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-        fused = device_type in ("cuda", "cpu", "mps")
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps, fused=fused)
+        # fused AdamW: one kernel for all parameters (cuda, cpu and mps have it)
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps, fused=True)
 
     def flops_per_concept(self):
         """Training FLOPs per concept: 6N for the weights, plus attention (PaLM, appendix B)."""

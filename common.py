@@ -1,16 +1,14 @@
 """
 The plumbing the scripts share: their configuration (module globals, a config file, then --key=value),
-one-line errors, devices, the measured matmul peak, atomic saves and loading a checkpoint.
+one-line errors and settings checks, devices and processes, the measured matmul peak, atomic saves.
+The floor of the project: it imports nothing of it.
 """
-import ast, difflib, io, os, sys, tempfile, time, tokenize
+import ast, difflib, io, os, re, sys, tempfile, time, tokenize
 from contextlib import nullcontext
 from datetime import timedelta
 
 import torch
 from torch.nn import functional as F
-
-from baselcm import BaseLCM, LCMConfig
-from diffusion import SAMPLING, DiffusionConfig, DiffusionLCM
 
 def die(msg):
     """An expected mistake: one line on stderr, a non-zero exit, no traceback."""
@@ -104,17 +102,21 @@ def require_positive(g, keys):
         if g[k] < 1:
             die(f"--{k}={g[k]} must be at least 1")
 
-def check_train_settings(c, finetuned, ckpt_path):
-    """train.py's settings (c) that no run could use: one line each, before any work is done.
-    finetuned: the checkpoint a finetuning starts from, which must not be the one it writes."""
+def check_lang(lang, flag="--lang"):
+    require(re.fullmatch(r"[a-z]{3}_[A-Z][a-z]{3}", lang), f"unknown language code '{lang}' for {flag}: use a "
+            "FLORES-200 code such as eng_Latn or fra_Latn")
+
+def check_train_settings(c):
+    """train.py's settings (c) that no run could use: one line each, before any work is done."""
     require_positive(c, ("batch_size", "block_size", "n_layer", "n_head", "n_embd",
                          "gradient_accumulation_steps", "eval_iters"))
     require(c["n_embd"] % c["n_head"] == 0 and (c["n_embd"] // c["n_head"]) % 2 == 0,
             f"--n_embd={c['n_embd']} must be a multiple of --n_head={c['n_head']} with an even head size (RoPE)")
     require(0 <= c["dropout"] < 1, f"--dropout={c['dropout']} must be in [0, 1)")
-    require(c["model_type"] in ("baselcm", "diffusion"), f"--model_type={c['model_type']}: use baselcm or diffusion")
-    require(not finetuned or os.path.realpath(finetuned) != os.path.realpath(ckpt_path),
+    init = os.path.join(c["init_from"], "ckpt.pt") if os.path.isdir(c["init_from"]) else c["init_from"]
+    require(os.path.realpath(init) != os.path.realpath(os.path.join(c["out_dir"], "ckpt.pt")),
             f"--init_from={c['init_from']} is --out_dir's own checkpoint: finetune into another --out_dir")
+    require(c["model_type"] in ("baselcm", "diffusion"), f"--model_type={c['model_type']}: use baselcm or diffusion")
     # torchrun's processes
     world = int(os.environ.get("WORLD_SIZE", 1))
     windows = c["gradient_accumulation_steps"] * c["batch_size"]
@@ -125,7 +127,6 @@ def check_train_settings(c, finetuned, ckpt_path):
 
 def check_embed_settings(c):
     """embed.py's settings (c) that no run could use: one line each, before any work is done."""
-    from concepts import check_lang
     check_lang(c["lang"])
     require(c["dtype"] in ("float16", "float32"), f"--dtype={c['dtype']} is not a storage type: use float16 "
             "or float32")
@@ -164,6 +165,11 @@ def init_distributed(device, backend="", timeout_hours=0):
         device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
         torch.cuda.set_device(device)
     backend = backend or ("nccl" if cuda else "gloo")
+    # imported after the group exists, dynamo keeps references to it, so that leaving the group does
+    # not end gloo's threads: they would then release their last tensors while Python shuts down, and
+    # a thread that needs the GIL then aborts the process ("terminate called without an active
+    # exception"). Imported before, nothing outlives end_distributed.
+    import torch._dynamo  # noqa: F401
     timeout = timedelta(hours=timeout_hours) if timeout_hours else None
     # a bound device: NCCL knows each rank's GPU from the start (and does not warn at exit)
     torch.distributed.init_process_group(backend=backend, timeout=timeout,
@@ -171,7 +177,8 @@ def init_distributed(device, backend="", timeout_hours=0):
     return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), device
 
 def end_distributed():
-    """Leaves the process group, if any, once every process is done with it."""
+    """Leaves the process group, if any, once every process is done with it; its threads end here.
+    Whatever holds the group (a DDP model) must be dropped first."""
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
@@ -294,96 +301,3 @@ def atomic_save(obj, path):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-
-def build_model(model_type, settings):
-    """-> a new model: 'baselcm' (baselcm.py) or 'diffusion' (diffusion.py), with the settings of
-    its config that are in settings (a dict; the others at their defaults)."""
-    model, config = {"baselcm": (BaseLCM, LCMConfig), "diffusion": (DiffusionLCM, DiffusionConfig)}[model_type]
-    return model(config(**{k: v for k, v in settings.items() if k in config.__dataclass_fields__}))
-
-def set_sampling(model, where, **settings):
-    """A diffusion model's sampling settings, those given (not 0), in place of its checkpoint's."""
-    given = {k: v for k, v in settings.items() if v}
-    require(given.keys() <= vars(model.config).keys(), f"--{', --'.join(given)}: the model in {where} is "
-            "a Base-LCM, which does not sample; these are the diffusion model's")
-    vars(model.config).update(given)
-
-def load_checkpoint(path, mmap=True):
-    """path: a checkpoint, or a folder that holds ckpt.pt -> (model on the CPU, checkpoint dict, its
-    "path" the file's). Weights only: a shared checkpoint cannot run code. Memory-mapped: what a
-    caller does not use (sample.py: the optimizer) is never read; a run that goes on to replace the
-    file (resume) reads it whole instead (Windows cannot replace a mapped file)."""
-    given = path
-    path = os.path.join(path, "ckpt.pt") if os.path.isdir(path) else path
-    if not os.path.isfile(path):
-        die(f"no checkpoint at {given}: train one with `python train.py` or pass --out_dir=DIR")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-        ckpt["path"] = path
-        # a foreign checkpoint has no such keys
-        ckpt["config"], ckpt["data"]
-        model = build_model(ckpt["config"].get("model_type", "baselcm"), ckpt["model_args"])
-        # torch.compile's prefix
-        model.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()})
-        # checkpoints up to 711f3d5 keep one CPU random state (up to d41f47d in a one-element list)
-        if "torch_rng" in ckpt:
-            rng = ckpt.pop("torch_rng")
-            ckpt["rng"] = [{"device": "cpu", "cpu": rng[0] if isinstance(rng, list) else rng}]
-    except Exception as e:
-        die(f"{path} is not a readable baselcm checkpoint ({type(e).__name__}): retrain it, "
-            "or pass the --out_dir of another run")
-    return model, ckpt
-
-def rng_states(device):
-    """The random states of every process, by rank: the CPU's and the accelerator's (dropout and
-    noise draw from the GPU's on a GPU). A checkpoint keeps them all: each rank's draws replay."""
-    kind = torch.device(device).type
-    state = {"device": kind, "cpu": torch.get_rng_state()}
-    if kind != "cpu":
-        state[kind] = getattr(torch, kind).get_rng_state()
-    if not torch.distributed.is_initialized():
-        return [state]
-    states = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(states, state)
-    return states
-
-def set_rng_states(states, device, rank, world):
-    """Restores this rank's states from rng_states(); where they came from another number of
-    processes or another kind of device, rank 0 says that dropout and noise draw anew."""
-    kind = torch.device(device).type
-    if rank < len(states):
-        torch.set_rng_state(states[rank]["cpu"])
-        if kind != "cpu" and kind in states[rank]:
-            getattr(torch, kind).set_rng_state(states[rank][kind])
-    if rank == 0 and (len(states), states[0]["device"]) != (world, kind):
-        print(f"the checkpoint holds the random states of {len(states)} process(es) on "
-              f"{states[0]['device']}, this run is {world} on {kind}: dropout and noise draw anew")
-
-def load_optimizer(optimizer, scaler, ckpt):
-    """The optimizer's and the GradScaler's states from a checkpoint, but the kernel choice (fused
-    or not) of this device; a scaler that the checkpoint's run had off (bf16, fp32) starts fresh."""
-    fused = [g["fused"] for g in optimizer.param_groups]
-    optimizer.load_state_dict(ckpt["optimizer"])
-    for g, f in zip(optimizer.param_groups, fused):
-        g["fused"] = f
-    if ckpt["scaler"]:
-        scaler.load_state_dict(ckpt["scaler"])
-
-def take_checkpoint_settings(g, keys, given, ckpt, ckpt_path, finetune=False):
-    """Resuming or evaluating a run takes its checkpoint's settings (ckpt["config"]) into the
-    script's globals g, but for those given on the command line and those of the machine; what was
-    given and differs is printed, and a change of the model's settings (but its sampling's) is
-    refused. Finetuning takes the model's settings alone, and its dropout may change too."""
-    here = ("out_dir", "init_from", "eval_only", "device", "backend")
-    old = ckpt["config"]
-    model = set(ckpt["model_args"]) | {"model_type"}
-    fixed = model - set(SAMPLING) - ({"dropout"} if finetune else set())
-    g.update({k: old[k] for k in keys if k in old and k not in given and k not in here
-              and (k in model or not finetune)})
-    changed = [k for k in keys if k in given and k in old and old[k] != g[k] and k not in here]
-    for k in changed:
-        if k in fixed:
-            die(f"--{k}={g[k]}, but {ckpt_path} was made with {k}={old[k]}: the model's settings "
-                "cannot change; train a new model in another --out_dir")
-    if changed and not finetune:
-        print("changed from the checkpoint: " + ", ".join(f"{k} {old[k]} -> {g[k]}" for k in changed))

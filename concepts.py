@@ -56,10 +56,6 @@ def split_sentences(nlp, texts, max_chars=256):
         out.append(sents)
     return out
 
-def check_lang(lang, flag="--lang"):
-    if not re.fullmatch(r"[a-z]{3}_[A-Z][a-z]{3}", lang):
-        die(f"unknown language code '{lang}' for {flag}: use a FLORES-200 code such as eng_Latn or fra_Latn")
-
 def unknown_sonar_lang(lang):
     # SONAR's tokenizer is what knows its 200 languages, in either implementation
     die(f"SONAR does not know the language '{lang}': use a FLORES-200 code it lists, such as fra_Latn")
@@ -211,9 +207,10 @@ class SonarPort:
 # the community ports on the Hugging Face hub; their weights are SONAR's, licence CC-BY-NC-4.0
 SONAR_HF = ("cointegrated/SONAR_200_text_encoder", "raxtemur/SONAR_200_text_decoder")
 
-def load_encoder(name, device="cpu", sonar_hf=SONAR_HF):
-    """'sonar': sonar-space if installed, else its transformers port; 'sonar_hf': the port;
-    anything else: a sentence-transformers model ('minilm': the offline one)."""
+def load_encoder(name, device="cpu", sonar_hf=("", "")):
+    """'sonar': sonar-space if installed, else its transformers port; 'sonar_hf': the port (sonar_hf:
+    its encoder and decoder, '' for SONAR_HF's); anything else: a sentence-transformers model
+    ('minilm': the offline one)."""
     import transformers
     # bars for loading weights are noise around our own output
     transformers.logging.disable_progress_bar()
@@ -223,7 +220,7 @@ def load_encoder(name, device="cpu", sonar_hf=SONAR_HF):
     if name == "sonar":
         return SonarEncoder(device)
     if name == "sonar_hf":
-        return SonarPort(device, *sonar_hf)
+        return SonarPort(device, *(given or port for given, port in zip(sonar_hf, SONAR_HF)))
     return SentenceTransformerEncoder(name, device)
 
 class SentenceBank:
@@ -261,13 +258,13 @@ class SentenceBank:
     def decode(self, concepts, avoid=(), repeats=False, k=64):
         """-> (the nearest sentence of each concept, its cosine, its concept (n, d_emb)), never end
         of text; unless repeats, a sentence in avoid or decoded before is passed over for the next
-        nearest (of k). repeats=None: the plain nearest row, end of text included (round trips)."""
-        idx, cos = self.nearest(concepts, k if repeats is False else 1, eot=repeats is None)
+        nearest (of k)."""
+        idx, cos = self.nearest(concepts, 1 if repeats else k, eot=False)
         seen = set(avoid)
         picked = []
         for cand, c in zip(idx, cos):
             texts = self.texts(cand)
-            ok = [c[j] > -2 and (repeats is not False or t not in seen) for j, t in enumerate(texts)]
+            ok = [c[j] > -2 and (repeats or t not in seen) for j, t in enumerate(texts)]
             # if all k are taken, the nearest (never an end-of-text row, whose cosine is -2)
             j = ok.index(True) if True in ok else 0
             seen.add(texts[j])
@@ -298,6 +295,40 @@ def decoder(enc, bank=None, lang="eng_Latn", repeats=False):
         texts = enc.decode(concepts.cpu(), lang=lang)
         return texts, [None] * len(texts), enc.encode(texts, lang=lang) if back else None
     return decode
+
+def roundtrip(enc, bank=None, lang="eng_Latn"):
+    """-> concepts (n, d_emb) -> (their texts, the texts' concepts (n, d_emb)): decoded by SONAR and
+    encoded again, or the nearest sentence of the bank, end of text included (what retrieval could
+    give at best)."""
+    if bank is None:
+        decode = decoder(enc, None, lang)
+        return lambda concepts: decode(concepts, back=True)[::2]
+
+    def nearest(concepts):
+        rows = bank.nearest(concepts.cpu())[0][:, 0]
+        return bank.texts(rows), np.asarray(bank.rows[rows], dtype=np.float32)
+    return nearest
+
+class Transcript:
+    """What model.generate feeds back, as sample.py and the evaluations generate: each concept is
+    decoded at once (decode: decoder()'s, passing over the sentences of avoid and those said so far),
+    its text, retrieval cosine and decoded concept kept; the context takes the decoded sentence's
+    concept (feedback 'decoded') or the prediction itself ('raw')."""
+
+    def __init__(self, decode, avoid=(), feedback="decoded"):
+        self.decode = decode
+        self.avoid = list(avoid)
+        self.feedback = feedback
+        self.texts = []
+        self.sims = []
+        self.concepts = []
+
+    def __call__(self, z):
+        texts, sims, back = self.decode(z[None], self.avoid + self.texts, back=True)
+        self.texts += texts
+        self.sims += sims
+        self.concepts += list(back)
+        return torch.as_tensor(back[0], device=z.device) if self.feedback == "decoded" else z
 
 # -----------------------------------------------------------------------------
 # documents in: local files or a hub dataset, streamed through Hugging Face datasets

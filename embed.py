@@ -35,7 +35,8 @@ name = ""                # output goes to data_root/name; '' = derived from data
 data_root = "data"
 encoder = "minilm"       # 'minilm' (offline), 'sonar', 'sonar_hf' (its transformers port), or a
                          # sentence-transformers model name
-sonar_hf_encoder = "cointegrated/SONAR_200_text_encoder"  # the port's encoder (hub name or folder)
+sonar_hf_encoder = ""    # SONAR's transformers port: its encoder (hub name or folder); '' = the
+                         # community port's (docs/sonar.md)
 lang = "eng_Latn"        # FLORES-200 code of the text (SONAR uses it)
 spacy_model = ""         # '' = rule-based sentencizer; or an installed pipeline (en_core_web_sm)
 max_chars = 256          # longer sentences are cut on word boundaries
@@ -55,9 +56,9 @@ configure(globals(), sys.argv[1:])
 check_embed_settings(globals())
 source, files, default_name = find_source(dataset)
 out = os.path.join(data_root, name or default_name)
-# what decides the output: every knob but these five. A dataset folder and its partial work are
-# used again only for the same settings.
-not_output = ("name", "data_root", "device", "batch_size", "overwrite")
+# what decides the output: every knob but these (SONAR is one space in either implementation). A
+# dataset folder and its partial work are used again only for the same settings.
+not_output = ("name", "data_root", "device", "batch_size", "overwrite", "sonar_hf_encoder")
 settings = settings_of({k: globals()[k] for k in defaults if k not in not_output}, source, files)
 device = get_device(device)
 writable_dir(data_root, "data_root")

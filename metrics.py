@@ -10,7 +10,7 @@ import torch
 from torch.nn import functional as F
 
 from common import die, first_line
-from concepts import SentenceBank, decoder, load_encoder
+from concepts import SentenceBank, Transcript, decoder, load_encoder, roundtrip
 from datafiles import load_split, same_space
 from diffusion import DiffusionLCM
 
@@ -86,8 +86,8 @@ def closeness(generated, real):
     return cos.amax(1).mean().item()
 
 @torch.no_grad()
-def continuations(model, rows, offsets, texts, eot, decoders, train_rows, train_offsets, k=3, n=8,
-                  stop_eot=0.9, stop_repeat=0.95):
+def continuations(model, rows, offsets, texts, eot, decoders, train_rows, train_offsets, sampling, k=3,
+                  n=8, stop_eot=0.9, stop_repeat=0.95):
     """Generation against the real text: the first k sentences of each validation document of at
     least k + 2 are the prompt; up to n sentences are generated with sample.py's default stops, the
     context taking the decoded sentences' concepts or the raw predictions; decoders: repeats ->
@@ -95,6 +95,7 @@ def continuations(model, rows, offsets, texts, eot, decoders, train_rows, train_
     document's real rest, and the share of distinct sentences per sample. Baselines: n random
     training sentences; the prompt's last, repeated."""
     rng = np.random.default_rng(0)
+    generator = torch.Generator(eot.device).manual_seed(0)
     train_eot = set(train_offsets[1:] - 1)
     sums = {name: [] for name in ("decoded", "raw", "raw, repeats", "random", "repeat last")}
     distinct = {"decoded": [], "raw": [], "raw, repeats": []}
@@ -106,21 +107,13 @@ def continuations(model, rows, offsets, texts, eot, decoders, train_rows, train_
         real = torch.as_tensor(np.asarray(rows[lo:end], dtype=np.float32))
         prompt = real[:k].to(eot.device)
         for mode in distinct:
-            said = []
-            back = []
-            decode = decode_of[mode]
-
-            def feed(z):
-                # as sample.py does
-                t, _, b = decode(z[None], texts[lo:lo + k] + said, back=True)
-                said.extend(t)
-                back.extend(b)
-                return torch.as_tensor(b[0], device=eot.device) if mode == "decoded" else z
-            model.generate(prompt, n, eot, stop_eot, stop_repeat, feed=feed)
-            lengths[mode].append(len(said))
-            if len(said):
-                sums[mode].append(closeness(back, real[k:]))
-                distinct[mode].append(len(set(said)) / len(said))
+            said = Transcript(decode_of[mode], texts[lo:lo + k], mode.split(",")[0])
+            model.generate(prompt, n, eot, stop_eot, stop_repeat, feed=said, generator=generator,
+                           **sampling)
+            lengths[mode].append(len(said.texts))
+            if said.texts:
+                sums[mode].append(closeness(said.concepts, real[k:]))
+                distinct[mode].append(len(set(said.texts)) / len(said.texts))
         pick = [i for i in rng.integers(0, len(train_rows), 2 * n) if i not in train_eot][:n]
         sums["random"].append(closeness(train_rows[np.sort(pick)], real[k:]))
         sums["repeat last"].append(closeness(real[k - 1:k], real[k:]))
@@ -131,22 +124,21 @@ def continuations(model, rows, offsets, texts, eot, decoders, train_rows, train_
             for name, s in sums.items()}
 
 @torch.no_grad()
-def answers(model, rows, offsets, starts, texts, eot, decoders, train_texts, train_offsets,
-            train_starts, prompt_end="", n=8, stop_eot=0.9, stop_repeat=0.95):
+def answers(model, rows, offsets, starts, texts, eot, decode, nearest, train_texts, train_offsets,
+            train_starts, sampling, prompt_end="", n=8, stop_eot=0.9, stop_repeat=0.95):
     """Prompt -> answer pairs, scored as the paper does (summarization): each validation answer is
     generated from its prompt (its last block_size - 1 sentences) until end of text or n sentences,
-    as sample.py does (decoders: repeats -> decode, concepts.decoder), joined with spaces and scored
+    as sample.py does (decode: concepts.decoder's), joined with spaces and scored
     against the reference with Google's rouge-score: the F-measure of ROUGE-1, ROUGE-2 and ROUGE-L,
     no stemming. starts: the row where each answer starts. Baselines: lead-k, the prompt's first k
     sentences (k: the references' mean length in sentences); a random training answer; the decoder's
-    best, the reference's own concepts decoded (retrieval: the nearest training sentences; SONAR: a
-    round trip). -> name -> the means over the pairs of "rouge1", "rouge2", "rougeL",
+    best, the reference's own concepts decoded (nearest: concepts.roundtrip's; retrieval: the nearest
+    training sentences; SONAR: decoded). -> name -> the means over the pairs of "rouge1", "rouge2", "rougeL",
     "sentences"."""
     from rouge_score.rouge_scorer import RougeScorer
     scorer = RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=False, split_summaries=True)
     rng = np.random.default_rng(0)
-    decode = decoders(False)
-    nearest = decoders(None)
+    generator = torch.Generator(eot.device).manual_seed(0)
     # (where its prompt starts, where its answer starts, its end of text) for each pair with an answer
     pairs = [(lo, a, end - 1) for lo, a, end in zip(offsets[:-1], starts, offsets[1:])
              if end - 1 > a]
@@ -155,18 +147,12 @@ def answers(model, rows, offsets, starts, texts, eot, decoders, train_texts, tra
     scores = {name: [] for name in ("model", f"lead-{k}", "random answer", "decoder's best")}
     for lo, a, end in pairs:
         prompt = texts[lo:a]
-        said = []
-
-        def feed(z):
-            # as sample.py does: decoded at once, the decoded sentence's concept fed back
-            t, _, back = decode(z[None], prompt + said, back=True)
-            said.extend(t)
-            return torch.as_tensor(back[0], device=eot.device)
+        said = Transcript(decode, prompt)
         concepts = torch.as_tensor(np.asarray(rows[lo:a], dtype=np.float32), device=eot.device)
         context = concepts[-(model.config.block_size - 1):]
-        model.generate(context, n, eot, stop_eot, stop_repeat, feed=feed)
+        model.generate(context, n, eot, stop_eot, stop_repeat, feed=said, generator=generator, **sampling)
         picked = train[rng.integers(len(train))]
-        candidates = {"model": said, f"lead-{k}": [s for s in prompt if s != prompt_end][:k],
+        candidates = {"model": said.texts, f"lead-{k}": [s for s in prompt if s != prompt_end][:k],
                       "random answer": train_texts[picked[0]:picked[1]],
                       "decoder's best": nearest(torch.as_tensor(np.asarray(rows[a:end],
                                                                            np.float32)))[0]}
@@ -177,47 +163,57 @@ def answers(model, rows, offsets, starts, texts, eot, decoders, train_texts, tra
     return {name: dict(zip(("rouge1", "rouge2", "rougeL", "sentences"), np.mean(v, 0).tolist()))
             for name, v in scores.items()} | {"pairs": len(pairs)}
 
-def predictors(model, ctx, mean):
-    """The model and the paper's two baselines as predictors of the next concept, in the encoder's
-    space: name -> function (B, T, d_emb) -> (B, T, d_emb). copy: the last concept; mean: the
-    training mean. ctx: the autocast context of the model's forward."""
+def baselines(mean):
+    """The paper's two baselines as predictors: copy the last concept; predict the training mean."""
+    return {"copy": lambda x: x, "mean": lambda x: mean.expand_as(x)}
+
+def predictor(model, ctx, **sampling):
+    """The model as a predictor of the next concept at every position, in the encoder's space:
+    (B, T, d_emb) -> (B, T, d_emb). Its draws (a diffusion model's) come from a seeded generator, so
+    that evaluations are repeatable and training's own random state stays untouched."""
     def predict(x):
-        # a diffusion model samples: from a seeded generator, so that evaluations are repeatable
         generator = torch.Generator(x.device).manual_seed(0)
         with ctx:
-            pred = model.predict(x, generator=generator)
+            pred = model.predict(x, generator=generator, **sampling)
         return model.normalizer.denormalize(pred.float())
-    return {"model": predict, "copy": lambda x: x, "mean": lambda x: mean.expand_as(x)}
+    return predict
 
 @torch.no_grad()
-def validate(model, predictors, ctx, batches):
-    """train.py's periodic evaluation of the model: {"model": metrics}. The Base-LCM's predictions
-    are scored (evaluate). A diffusion model is judged by its training loss on the held-out windows:
-    its samples spread over the plausible next concepts, and their squared error would reward a
-    model that predicts their mean; sampling is left to --eval_only. Its draws come from a seeded
-    generator: the same at every evaluation, and training's own untouched."""
-    if not isinstance(model, DiffusionLCM):
-        return evaluate({"model": predictors["model"]}, batches, model.normalizer)
-    total = 0.0
-    n = 0
-    generator = None
-    for x, y, mask, _, _ in batches:
-        generator = generator or torch.Generator(x.device).manual_seed(0)
-        with ctx:
-            _, loss = model(x, y, mask, generator=generator)
-        total += loss.item() * mask.sum().item()
-        n += mask.sum().item()
-    return {"model": {"loss": total / n}}
+def validate(model, ctx, batches):
+    """train.py's periodic evaluation of the model: {"model": metrics} of its next-concept
+    prediction, as evaluate scores the baselines'. A diffusion model's is its estimate of the
+    conditional mean (one denoising step from pure noise, no guidance): comparable with the
+    baselines' and the Base-LCM's, at the cost of one forward pass. Its own loss on the held-out
+    windows, the denoising loss (seeded noise), is added as "denoising": it chooses the best
+    checkpoint."""
+    batches = list(batches)
+    diffusion = isinstance(model, DiffusionLCM)
+    r = evaluate({"model": predictor(model, ctx, **({"ddim_steps": 1, "guidance": 1.0} if diffusion else {}))},
+                 batches, model.normalizer)
+    if diffusion:
+        total = 0.0
+        n = 0
+        generator = torch.Generator(batches[0][0].device).manual_seed(0)
+        for x, y, mask, _, _ in batches:
+            with ctx:
+                _, loss = model(x, y, mask, generator=generator)
+            total += loss.item() * mask.sum().item()
+            n += mask.sum().item()
+        r["model"]["denoising"] = total / n
+    return r
 
 def scores(r):
-    """A predictor's metrics in a few words, for the training log."""
-    return f"l2 {r['l2']:.4f}, CA {100 * r['ca']:.1f}%" if "ca" in r else "the denoising loss"
+    """An evaluation in a line, for the training log."""
+    denoising = f", denoising loss {r['model']['denoising']:.2f}" if "denoising" in r["model"] else ""
+    return (f"val loss {r['model']['loss']:.2f} (copy {r['copy']['loss']:.2f}, mean {r['mean']['loss']:.2f}), "
+            f"l2 {r['model']['l2']:.4f}, CA {100 * r['model']['ca']:.1f}%{denoising}")
 
 @torch.no_grad()
 def evaluate(predictors, batches, normalizer, roundtrip=None, mi=None):
     """Teacher-forced next-concept metrics for each predictor, name -> function x -> predictions
     (B, T, d_emb) in the encoder's space, over batches from datafiles.eval_batches.
-    roundtrip: predictions (n, d_emb) -> (their texts, the texts' concepts), for rt_l2.
+    roundtrip: predictions (n, d_emb) -> (their texts, the texts' concepts), for rt_l2
+    (concepts.roundtrip).
     mi: (causal LM, its tokenizer, the split's sentences, its offsets), for MI on those texts."""
     sums = {}
     for x, y, mask, doc, row in batches:
@@ -230,7 +226,7 @@ def evaluate(predictors, batches, normalizer, roundtrip=None, mi=None):
             p = predict(x)
             m = concept_metrics(p, x, y, mask, normalizer, doc, row)
             if roundtrip:
-                texts, _, back = roundtrip(p[mask].float(), back=True)
+                texts, back = roundtrip(p[mask].float())
                 back = torch.as_tensor(back, device=y.device)
                 m["rt_l2"] = (back - y[mask]).norm(dim=-1).sum().item()
             if mi:
@@ -238,11 +234,13 @@ def evaluate(predictors, batches, normalizer, roundtrip=None, mi=None):
             sums[name] = {k: sums.get(name, {}).get(k, 0) + v for k, v in m.items()}
     return {name: finish_metrics(s) for name, s in sums.items()}
 
-def eval_report(model, predictors, batches, data_dir, meta, iter_num, trained_on, out_dir, device,
-                sonar_hf, mi_model=""):
-    """train.py --eval_only=True: prints every metric for each predictor, the predictions decoded to
-    text (SONAR's decoder, else retrieval of the nearest training sentence) and encoded again, and
-    the continuations; writes them to out_dir/eval.json. trained_on: the model's dataset folder."""
+def eval_report(model, ctx, sampling, baselines, batches, data_dir, meta, ckpt, out_dir, sonar_hf,
+                mi_model=""):
+    """train.py --eval_only=True: prints every metric for the model (sampling: its sampler's
+    settings) and the baselines, the predictions decoded to text (SONAR's decoder, else retrieval of
+    the nearest training sentence) and encoded again, and the continuations (or, on prompt -> answer
+    pairs, the answers and their ROUGE); writes them to out_dir/eval.json. ckpt: the model's."""
+    device = model.normalizer.center.device
     enc = None
     bank = None
     decoded_by = "SONAR's decoder"
@@ -252,7 +250,7 @@ def eval_report(model, predictors, batches, data_dir, meta, iter_num, trained_on
     else:
         bank = SentenceBank(data_dir, meta)
         decoded_by = "retrieval of the nearest training sentence"
-    roundtrip = decoder(enc, bank, meta["lang"], repeats=None)
+    nearest = roundtrip(enc, bank, meta["lang"])
     sentences = open(os.path.join(data_dir, "val.txt"), encoding="utf-8").read().splitlines()
     rows, offsets, starts = load_split(data_dir, "val", meta)
     mi = None
@@ -267,7 +265,10 @@ def eval_report(model, predictors, batches, data_dir, meta, iter_num, trained_on
         mi = (lm, tokenizer, sentences, offsets)
     batches = list(batches)
     windows = sum(len(b[0]) for b in batches)
-    results = evaluate(predictors, batches, model.normalizer, roundtrip, mi)
+    results = evaluate({"model": predictor(model, ctx, **sampling)} | baselines, batches, model.normalizer,
+                       nearest, mi)
+    iter_num = ckpt["iter_num"]
+    trained_on = ckpt["data"]["dir"]
     where = "" if os.path.abspath(data_dir) == trained_on else f" (trained on {trained_on})"
     print(f"{windows} validation windows, {meta['val_docs']} documents of {data_dir}, iter "
           f"{iter_num}{where}; decoded text: {decoded_by}" + (f"; MI with {mi_model}" if mi_model else ""))
@@ -282,15 +283,15 @@ def eval_report(model, predictors, batches, data_dir, meta, iter_num, trained_on
     if starts is None:
         kind = "continuations"
         gen = continuations(model, rows, offsets, sentences, eot, decoders, train_rows,
-                            train_offsets)
+                            train_offsets, sampling)
         print_continuations(gen)
     else:
         # prompt -> answer pairs: the answers, scored by ROUGE
         kind = "answers"
         with open(os.path.join(data_dir, "train.txt"), encoding="utf-8") as f:
             train_texts = f.read().splitlines()
-        gen = answers(model, rows, offsets, starts, sentences, eot, decoders, train_texts,
-                      train_offsets, train_starts, meta.get("prompt_end", ""))
+        gen = answers(model, rows, offsets, starts, sentences, eot, decoders(False), nearest, train_texts,
+                      train_offsets, train_starts, sampling, meta.get("prompt_end", ""))
         print_answers(gen)
     with open(os.path.join(out_dir, "eval.json"), "w") as f:
         json.dump({"iter": iter_num, "dataset": data_dir, "windows": windows,

@@ -12,9 +12,10 @@ import json as jsonlib, os, sys
 
 import torch
 
-from common import can_compile, configure, die, get_device, load_checkpoint, require, set_sampling
-from concepts import (SentenceBank, check_lang, decoder, load_encoder, prompt_text,
-                      sentence_splitter, split_sentences)
+from checkpoints import load_model, sampling_settings
+from common import can_compile, check_lang, configure, die, get_device, require
+from concepts import (SentenceBank, Transcript, decoder, load_encoder, prompt_text, sentence_splitter,
+                      split_sentences)
 
 out_dir = "out"          # holds ckpt.pt
 start = "Hundreds of people have been forced to leave their homes as a bushfire moves towards the town."
@@ -31,19 +32,20 @@ prompt_lang = ""         # FLORES-200 code of the prompt; '' = the training data
 lang = ""                # FLORES-200 code of the output (SONAR decoder); '' = prompt_lang
 data_dir = ""            # sentence bank for retrieval; '' = the dataset the model was trained on
 use_cache = True         # KV cache: each new concept costs one position
-guidance = 0.0           # diffusion model: classifier-free guidance scale; 0 = the checkpoint's
-ddim_steps = 0           # diffusion model: denoising steps; 0 = the checkpoint's
+guidance = 0.0           # diffusion model: classifier-free guidance scale; 0 = the paper's 3
+ddim_steps = 0           # diffusion model: denoising steps; 0 = the paper's 40
 compile = False          # torch.compile the model: the one-concept step compiles once (for GPUs)
-sonar_hf_encoder = "cointegrated/SONAR_200_text_encoder"  # SONAR's transformers port, used
-sonar_hf_decoder = "raxtemur/SONAR_200_text_decoder"      # without sonar-space
+sonar_hf_encoder = ""    # SONAR's transformers port, used without sonar-space: its encoder and
+sonar_hf_decoder = ""    # decoder (hub names or folders); '' = the community port's (docs/sonar.md)
 device = ""
 json = False             # one JSON object per sample: each step's text, cosine to end of text, stop
 configure(globals(), sys.argv[1:])
 
 device = get_device(device)
-model, ckpt = load_checkpoint(os.path.join(out_dir, "ckpt.pt"))
+model, ckpt = load_model(os.path.join(out_dir, "ckpt.pt"))
 model.to(device).eval()
-set_sampling(model, out_dir, guidance=guidance, ddim_steps=ddim_steps)
+# the sampler's settings given (0: the model's own)
+sampling = sampling_settings(model, out_dir, noise=noise, guidance=guidance, ddim_steps=ddim_steps)
 if compile and can_compile(device):
     model.compile()
 data = ckpt["data"]
@@ -69,24 +71,16 @@ eot = torch.tensor(data["eot"], device=device)
 generator = torch.Generator(device=device).manual_seed(seed)
 
 for k in range(num_samples):
-    texts = []
-    sims = []
-
-    def feed(z):
-        # each concept is decoded as it comes (end of text is a signal, not a sentence)
-        t, s, back = decode(z[None], prompt + texts, back=feedback == "decoded")
-        texts.extend(t)
-        sims.extend(s)
-        return torch.as_tensor(back[0], device=device) if feedback == "decoded" else z
+    # each concept decoded as it comes (end of text is a signal, not a sentence)
+    said = Transcript(decode, prompt, feedback)
     new, cosines, reason = model.generate(concepts, max_new_concepts, eot, stop_eot, stop_repeat,
-                                          noise, use_cache, generator, feed)
+                                          use_cache=use_cache, feed=said, generator=generator, **sampling)
     if json:
         steps = [{"text": t, "cos_eot": c} | ({"retrieved_cos": s} if s is not None else {})
-                 for t, c, s in zip(texts, cosines, sims)]
-        sample = {"sample": k, "prompt": prompt, "steps": steps, "stop": reason}
-        print(jsonlib.dumps(sample, ensure_ascii=False))
+                 for t, c, s in zip(said.texts, cosines, said.sims)]
+        print(jsonlib.dumps({"sample": k, "prompt": prompt, "steps": steps, "stop": reason}, ensure_ascii=False))
         continue
     print("\n".join(prompt))
-    for t, s in zip(texts, sims):
+    for t, s in zip(said.texts, said.sims):
         print(f"[retrieved, cos {s:.2f}] {t}" if s is not None else t)
-    print(f"({len(texts)} concepts, stopped by {reason})\n---------------")
+    print(f"({len(said.texts)} concepts, stopped by {reason})\n---------------")

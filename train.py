@@ -15,13 +15,7 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from common import (atomic_save, autocast, build_model, can_compile, check_train_settings,
-                    configure, end_distributed, get_device, init_distributed, knobs, load_checkpoint,
-                    load_optimizer, measure_peak_flops, rng_states, set_rng_states, start_wandb,
-                    take_checkpoint_settings, writable_dir)
-from datafiles import (check_trained_on, count_targets, data_facts, eval_batches, get_batch,
-                       load_meta, load_split, sample_windows)
-from metrics import eval_report, evaluate, predictors, scores, validate
+import checkpoints, common, datafiles, metrics
 
 # I/O
 out_dir = "out"
@@ -30,8 +24,8 @@ log_interval = 10
 eval_iters = 20          # evaluation batches of fixed validation windows
 eval_only = False        # evaluate (model, copy and mean baselines, round-trip l2) and exit
 mi_model = ""            # eval_only: a Hugging Face causal LM (gpt2 in the paper) for the MI metric
-sonar_hf_encoder = "cointegrated/SONAR_200_text_encoder"  # eval_only: SONAR's transformers port
-sonar_hf_decoder = "raxtemur/SONAR_200_text_decoder"
+sonar_hf_encoder = ""    # eval_only: SONAR's transformers port, its encoder and decoder (hub names
+sonar_hf_decoder = ""    # or folders); '' = the community port's (docs/sonar.md)
 always_save_checkpoint = False  # False: keep the best val loss (small data overfits); True: latest
 init_from = "scratch"    # 'scratch', 'resume' (out_dir/ckpt.pt, its settings unless given), or to
                          # finetune, a run's out_dir or checkpoint: its weights, normalizer, shape
@@ -49,16 +43,15 @@ n_embd = 256
 dropout = 0.3            # paper: 0.1 on a large corpus; the Lee corpus has 2.7k sentences
 bias = False
 rope_theta = 10000.0
-guidance = 3.0           # diffusion sampling: guidance scale (1 = none) and its rescale, DDIM
-guidance_rescale = 0.7   # steps, the starting noise's scale (paper: 3, 0.7, 40, 0.6); they may
-ddim_steps = 40          # change on --eval_only and in sample.py
-init_noise = 0.6
+n_steps = 100            # diffusion: timesteps of the noise schedule (paper: 100)
+cfg_dropout = 0.15       # diffusion: share of noisy concepts trained without context (guidance)
+guidance = 0.0           # diffusion sampling (evaluation): guidance scale, 1 = none; 0 = the paper's 3
+ddim_steps = 0           # diffusion sampling (evaluation): DDIM steps; 0 = the paper's 40
 # AdamW, warm-up then cosine decay (paper: lr 4e-4, betas 0.9/0.95, eps 1e-5, weight decay 0.1)
 learning_rate = 4e-4
 max_iters = 0            # 0 = follow the data: `epochs` passes over the training concepts
 epochs = 20.0
 patience = 4             # stop after this many evaluations without a better val loss; 0 = never
-noise = 0.0              # std of Gaussian noise on the training inputs, in the normalized space
 weight_decay = 0.1
 beta1 = 0.9
 beta2 = 0.95
@@ -77,39 +70,56 @@ dtype = ""               # '' = bf16 on GPUs that have it, else fp16; CPU: bf16 
 compile = False          # torch.compile the model
 backend = ""             # DDP: '' = nccl on cuda, gloo otherwise
 seed = 1337
-config_keys = knobs(globals())
-given = configure(globals(), sys.argv[1:])
+config_keys = common.knobs(globals())
+given = common.configure(globals(), sys.argv[1:])
+
+# -----------------------------------------------------------------------------
+# a new model; or a run's checkpoint, to go on with (resume, eval_only) or to finetune (another run's)
 ckpt_path = os.path.join(out_dir, "ckpt.pt")
 resume = init_from == "resume" or eval_only
-# finetuning: another run's checkpoint (or out_dir), on another dataset of the same concept space
 finetune = not resume and init_from != "scratch"
 if resume or finetune:
     source = ckpt_path if resume else init_from
-    trained, checkpoint = load_checkpoint(source, mmap=eval_only)
-    take_checkpoint_settings(globals(), config_keys, given, checkpoint, source, finetune)
+    checkpoint = checkpoints.load(source, mmap=eval_only)
+    old = checkpoints.settings(checkpoint)
+    # resuming, all its settings but this machine's; finetuning, its model's
+    take = checkpoints.model_settings(checkpoint) if finetune else [
+        k for k in old if k not in ("out_dir", "init_from", "eval_only", "device", "backend")]
+    for k in take:
+        if k in config_keys and k not in given:
+            globals()[k] = old[k]
+    # those given here stay, but the model's settings cannot change (but for finetuning's dropout)
+    changed = [k for k in take if k in given and old[k] != globals()[k]]
+    checkpoints.check_unchanged(checkpoint, source, {k: globals()[k] for k in changed}, finetune)
+    if changed and resume:
+        print("changed from the checkpoint: " + ", ".join(f"{k} {old[k]} -> {globals()[k]}" for k in changed))
 config = {k: globals()[k] for k in config_keys}
-check_train_settings(config, finetune and checkpoint["path"], ckpt_path)
+common.check_train_settings(config)
 
 # -----------------------------------------------------------------------------
 # devices and processes
-device = get_device(device)
-rank, world, device = init_distributed(device, backend)
+device = common.get_device(device)
+rank, world, device = common.init_distributed(device, backend)
 ddp = torch.distributed.is_initialized()
 master = rank == 0
 device_type = torch.device(device).type
-ctx, dtype = autocast(dtype, device, n_embd)
+ctx, dtype = common.autocast(dtype, device, n_embd)
 torch.manual_seed(seed + rank)
 torch.backends.cuda.matmul.allow_tf32 = True
 if master:
-    writable_dir(out_dir, "out_dir")
+    common.writable_dir(out_dir, "out_dir")
 
 # -----------------------------------------------------------------------------
 # data: memmaps, never the whole set in RAM
 data_dir = os.path.join(data_root, dataset)
-meta = load_meta(data_dir)
+meta = datafiles.load_meta(data_dir)
+if resume or finetune:
+    # the checkpoint's concept space; resuming, its data too, unless another is named
+    datafiles.check_trained_on(data_dir, meta, checkpoint["data"], source, "dataset",
+                               finetune or "dataset" in given)
 # answers: prompt -> answer pairs' (the loss covers the answers only), else None
-train_rows, train_offsets, train_answers = load_split(data_dir, "train", meta)
-val_rows, val_offsets, val_answers = load_split(data_dir, "val", meta)
+train_rows, train_offsets, train_answers = datafiles.load_split(data_dir, "train", meta)
+val_rows, val_offsets, val_answers = datafiles.load_split(data_dir, "val", meta)
 concepts_per_iter = gradient_accumulation_steps * batch_size * block_size
 if not max_iters:
     # the same number of passes over the data, whatever its size
@@ -118,42 +128,43 @@ lr_decay_iters = lr_decay_iters or max_iters
 # the same on every rank: together they draw one global batch
 data_rng = np.random.default_rng(seed)
 
-val_batches = lambda: eval_batches(val_rows, val_offsets, block_size, batch_size,
-                                   eval_iters * batch_size, device, val_answers)
+val_batches = lambda: datafiles.eval_batches(val_rows, val_offsets, block_size, batch_size,
+                                             eval_iters * batch_size, device, val_answers)
 
 # -----------------------------------------------------------------------------
 # model
+if resume or finetune:
+    # its weights and normalizer (finetuning: a dropout of its own)
+    model = checkpoints.model_from(checkpoint, dropout=dropout)
+else:
+    model = checkpoints.build_model(model_type, config | {"d_emb": meta["d_emb"]})
+    model.normalizer.load_state_dict({k: torch.tensor(v) for k, v in meta["normalizer"].items()})
+model.to(device)
+# the evaluations' sampling settings given (0: the model's own)
+sampling = checkpoints.sampling_settings(model, ckpt_path, guidance=guidance, ddim_steps=ddim_steps)
 # a resumed run goes on from its checkpoint's counts (older checkpoints did not count evaluations)
 iter_num = checkpoint["iter_num"] if resume else 0
 best_val_loss = checkpoint["best_val_loss"] if resume else float("inf")
 evals_since_best = checkpoint.get("evals_since_best", 0) if resume else 0
-model = build_model(model_type, config | {"d_emb": meta["d_emb"]})
-if resume or finetune:
-    # the checkpoint's weights and normalizer; resuming, its data too, unless another is named
-    check_trained_on(data_dir, meta, checkpoint["data"], source, "dataset", finetune or "dataset" in given)
-    model.load_state_dict(trained.state_dict())
-else:
-    model.normalizer.load_state_dict({k: torch.tensor(v) for k, v in meta["normalizer"].items()})
-model.to(device)
 scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")
-optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), eps, device_type)
+optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), eps)
 if resume and not eval_only:
-    load_optimizer(optimizer, scaler, checkpoint)
+    checkpoints.load_optimizer(optimizer, scaler, checkpoint)
     data_rng.bit_generator.state = checkpoint["data_rng"]
-    set_rng_states(checkpoint["rng"], device, rank, world)
+    checkpoints.set_rng_states(checkpoint["rng"], device, rank, world)
 raw_model = model
-if compile and can_compile(device):
+if compile and common.can_compile(device):
     model = torch.compile(model)
 if ddp:
     model = DDP(model, device_ids=[torch.device(device)] if device_type == "cuda" else None)
 
-# the model and the baselines of every evaluation: copy the last concept, predict the training mean
-predict = predictors(raw_model, ctx, torch.tensor(meta["mean"], device=device))
+# the paper's two baselines of every evaluation: copy the last concept, predict the training mean
+baselines = metrics.baselines(torch.tensor(meta["mean"], device=device))
 if eval_only:
     if master:
-        eval_report(raw_model.eval(), predict, val_batches(), data_dir, meta, iter_num, checkpoint["data"]["dir"],
-                    out_dir, device, (sonar_hf_encoder, sonar_hf_decoder), mi_model)
-    end_distributed()
+        metrics.eval_report(raw_model.eval(), ctx, sampling, baselines, val_batches(), data_dir, meta,
+                            checkpoint, out_dir, (sonar_hf_encoder, sonar_hf_decoder), mi_model)
+    common.end_distributed()
     sys.exit(0)
 
 def get_lr(it):
@@ -169,11 +180,11 @@ def get_lr(it):
 # training loop
 if master:
     log = open(os.path.join(out_dir, "log.jsonl"), "a" if init_from == "resume" else "w")
-    peak = measure_peak_flops(device, getattr(torch, dtype))
-    wandb = wandb_log and start_wandb(wandb_project, wandb_run_name or out_dir, config,
-                                      checkpoint.get("wandb_id") if resume else None)
+    peak = common.measure_peak_flops(device, getattr(torch, dtype))
+    wandb = wandb_log and common.start_wandb(wandb_project, wandb_run_name or out_dir, config,
+                                             checkpoint.get("wandb_id") if resume else None)
     # the baselines do not change: measured once
-    baseline_metrics = evaluate({k: predict[k] for k in ("copy", "mean")}, val_batches(), raw_model.normalizer)
+    baseline_metrics = metrics.evaluate(baselines, val_batches(), raw_model.normalizer)
     print(f"{sum(p.numel() for p in raw_model.parameters()) / 1e6:.2f}M parameters, "
           f"{meta['train_rows']} train concepts ({meta['encoder']}, d_emb {meta['d_emb']}), "
           f"{max_iters} iterations ({max_iters * concepts_per_iter / meta['train_rows']:.1f} epochs), "
@@ -187,13 +198,12 @@ while True:
     if iter_num % eval_interval == 0 or iter_num == max_iters:
         stop = torch.zeros((), device=device)
         # every rank's, for the checkpoint
-        rng = rng_states(device)
+        rng = checkpoints.rng_states(device)
         if master:
             raw_model.eval()
-            r = validate(raw_model, predict, ctx, val_batches()) | baseline_metrics
+            r = metrics.validate(raw_model, ctx, val_batches()) | baseline_metrics
             raw_model.train()
-            print(f"step {iter_num}: val loss {r['model']['loss']:.2f} (copy {r['copy']['loss']:.2f}, "
-                  f"mean {r['mean']['loss']:.2f}), " + scores(r["model"]))
+            print(f"step {iter_num}: " + metrics.scores(r))
             log.write(json.dumps({"iter": iter_num, "val": r}) + "\n")
             log.flush()
             if wandb:
@@ -201,17 +211,19 @@ while True:
                           iter_num)
             if iter_num > 0:
                 evals_since_best += 1
-                if r["model"]["loss"] < best_val_loss:
-                    best_val_loss = r["model"]["loss"]
+                # a diffusion model: its denoising loss
+                val_loss = r["model"].get("denoising", r["model"]["loss"])
+                if val_loss < best_val_loss:
+                    best_val_loss = val_loss
                     evals_since_best = 0
                 if evals_since_best == 0 or always_save_checkpoint:
-                    atomic_save({"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
-                                 "scaler": scaler.state_dict(), "model_args": raw_model.config.__dict__,
-                                 "iter_num": iter_num, "best_val_loss": best_val_loss,
-                                 "evals_since_best": evals_since_best, "config": config,
-                                 "data_rng": data_rng.bit_generator.state, "rng": rng,
-                                 "data": data_facts(data_dir, meta),
-                                 "wandb_id": wandb.id if wandb else None}, ckpt_path)
+                    common.atomic_save({"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+                                        "scaler": scaler.state_dict(), "model_args": raw_model.config.__dict__,
+                                        "iter_num": iter_num, "best_val_loss": best_val_loss,
+                                        "evals_since_best": evals_since_best, "config": config,
+                                        "data_rng": data_rng.bit_generator.state, "rng": rng,
+                                        "data": datafiles.data_facts(data_dir, meta),
+                                        "wandb_id": wandb.id if wandb else None}, ckpt_path)
             stop.fill_(patience > 0 and evals_since_best >= patience)
         if ddp:
             # the processes stop together
@@ -228,17 +240,15 @@ while True:
         break
     # one global batch, drawn alike on every rank, each taking a share in micro-batches; the loss is
     # averaged over the global batch's targets, so the gradient does not depend on the sharing
-    starts, ends, first = sample_windows(data_rng, train_offsets,
-                                         gradient_accumulation_steps * batch_size, block_size, train_answers)
-    n_targets = count_targets(starts, ends, first, block_size)
+    windows = gradient_accumulation_steps * batch_size
+    starts, ends, first = datafiles.sample_windows(data_rng, train_offsets, windows, block_size, train_answers)
+    n_targets = datafiles.count_targets(starts, ends, first, block_size)
     share = np.array_split(np.arange(len(starts)), world)[rank]
     micro_batches = np.array_split(share, math.ceil(len(share) / batch_size))
     loss_sum = torch.zeros((), device=device)
     for i, micro in enumerate(micro_batches):
-        x, y, mask = get_batch(train_rows, starts[micro], ends[micro], first[micro], block_size, device)
-        if noise:
-            # a regulariser (not in the paper's Base-LCM), in the normalized space
-            x = x + noise * raw_model.normalizer.scale * torch.randn_like(x)
+        x, y, mask = datafiles.get_batch(train_rows, starts[micro], ends[micro], first[micro], block_size,
+                                         device)
         if ddp:
             # sync gradients on the last micro-step only
             model.require_backward_grad_sync = i == len(micro_batches) - 1
@@ -278,4 +288,6 @@ if master:
     print(f"{iter_num - first_iter} iterations, {loop_ms:.1f} ms each with everything")
     log.write(json.dumps({"iter": iter_num, "loop_ms": loop_ms}) + "\n")
     log.close()
-end_distributed()
+# the DDP wrapper holds the process group: dropped first, so that the group ends with the run
+del model
+common.end_distributed()

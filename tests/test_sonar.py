@@ -4,7 +4,7 @@ encoder of model_dim 1024 like the real one, a small decoder, a SentencePiece to
 registered under the standard card names with fairseq2's `@user` cards, so the real card lookup, model factory,
 checkpoint loader, NLLB tokenizer and beam search run; then the project runs on it as a user would.
 Skipped where sonar-space does not import (CI builds an environment for it: README, "SONAR").
-$ .venv-sonar/bin/python -m pytest -q test_sonar.py
+$ .venv-sonar/bin/python -m pytest -q -m slow tests/test_sonar.py
 """
 import json, os, pathlib
 
@@ -19,7 +19,9 @@ except Exception as e:  # not installed, or broken: the main suite still runs
                 allow_module_level=True)
 
 import concepts, datafiles
-from test_baselcm import ENV, HERE, run
+from conftest import ENV, HERE, run
+
+pytestmark = pytest.mark.slow
 
 CARDS = """name: text_sonar_basic_encoder@user
 checkpoint: file://{root}/encoder.pt

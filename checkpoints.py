@@ -1,0 +1,124 @@
+"""
+Checkpoints, as train.py writes them to out_dir/ckpt.pt: the model's weights and settings (model_args),
+the run's settings (config), the optimizer's and every process's random states (to resume exactly) and
+the facts of the dataset it was trained on. Loading them, and building the models they hold.
+"""
+import inspect, os
+
+import torch
+
+from baselcm import BaseLCM, LCMConfig
+from common import die, require
+from diffusion import DiffusionConfig, DiffusionLCM
+
+MODELS = {"baselcm": (BaseLCM, LCMConfig), "diffusion": (DiffusionLCM, DiffusionConfig)}
+
+def build_model(model_type, settings):
+    """-> a new model of model_type (MODELS), with the settings of its config that are in settings
+    (a dict; the others at their defaults)."""
+    model, config = MODELS[model_type]
+    return model(config(**{k: v for k, v in settings.items() if k in config.__dataclass_fields__}))
+
+def load(path, mmap=True):
+    """path: a checkpoint, or a folder that holds ckpt.pt -> the checkpoint (a dict, its "path" the
+    file's). Weights only: a shared checkpoint cannot run code. Memory-mapped: what a caller does not
+    use (sample.py: the optimizer) is never read; a run that goes on to replace the file (resume)
+    reads it whole instead (Windows cannot replace a mapped file)."""
+    given = path
+    path = os.path.join(path, "ckpt.pt") if os.path.isdir(path) else path
+    if not os.path.isfile(path):
+        die(f"no checkpoint at {given}: train one with `python train.py` or pass --out_dir=DIR")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        # a foreign checkpoint has no such keys
+        ckpt["config"], ckpt["data"], ckpt["model_args"], ckpt["model"]
+    except Exception as e:
+        unreadable(path, e)
+    ckpt["path"] = path
+    # checkpoints up to 711f3d5 keep one CPU random state (up to d41f47d in a one-element list)
+    if "torch_rng" in ckpt:
+        rng = ckpt.pop("torch_rng")
+        ckpt["rng"] = [{"device": "cpu", "cpu": rng[0] if isinstance(rng, list) else rng}]
+    return ckpt
+
+def unreadable(path, e):
+    die(f"{path} is not a readable baselcm checkpoint ({type(e).__name__}): retrain it, "
+        "or pass the --out_dir of another run")
+
+def model_from(ckpt, **changes):
+    """-> the checkpoint's model with its weights, on the CPU; changes: settings that may differ from
+    its own (finetuning's dropout)."""
+    try:
+        model = build_model(ckpt["config"].get("model_type", "baselcm"), ckpt["model_args"] | changes)
+        # torch.compile's prefix
+        model.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()})
+    except Exception as e:
+        unreadable(ckpt["path"], e)
+    return model
+
+def model_settings(ckpt):
+    """-> the names of the settings of the checkpoint's model: its type and its config's fields
+    (not d_emb, which its data decides)"""
+    config = MODELS[ckpt["config"].get("model_type", "baselcm")][1]
+    return ["model_type"] + [k for k in ckpt["model_args"] if k in config.__dataclass_fields__ and k != "d_emb"]
+
+def settings(ckpt):
+    """-> the settings a checkpoint was made with: its run's, and its model's"""
+    return {"model_type": "baselcm"} | ckpt["config"] | ckpt["model_args"]
+
+def check_unchanged(ckpt, source, changed, finetune):
+    """One line and an exit if changed (setting -> new value) holds a setting of the checkpoint's
+    model: they cannot change (but for a finetuning's dropout)."""
+    old = settings(ckpt)
+    for k in set(changed) & set(model_settings(ckpt)) - {"dropout" if finetune else ""}:
+        die(f"--{k}={changed[k]}, but {source} was made with {k}={old[k]}: the model's settings cannot "
+            "change; train a new model in another --out_dir")
+
+def sampling_settings(model, where, **settings):
+    """-> the sampler's settings given (not 0) for the model's predict; one of another model's (a
+    Base-LCM's noise, a diffusion LCM's steps) is one line."""
+    given = {k: v for k, v in settings.items() if v}
+    unknown = [k for k in given if k not in inspect.signature(model.predict).parameters]
+    require(not unknown, f"--{', --'.join(unknown)}: not a sampling setting of the {type(model).__name__} "
+            f"in {where}")
+    return given
+
+def load_model(path):
+    """-> (the model of the checkpoint at path, the checkpoint)"""
+    ckpt = load(path)
+    return model_from(ckpt), ckpt
+
+def rng_states(device):
+    """The random states of every process, by rank: the CPU's and the accelerator's (dropout and
+    noise draw from the GPU's on a GPU). A checkpoint keeps them all: each rank's draws replay."""
+    kind = torch.device(device).type
+    state = {"device": kind, "cpu": torch.get_rng_state()}
+    if kind != "cpu":
+        state[kind] = getattr(torch, kind).get_rng_state()
+    if not torch.distributed.is_initialized():
+        return [state]
+    states = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(states, state)
+    return states
+
+def set_rng_states(states, device, rank, world):
+    """Restores this rank's states from rng_states(); where they came from another number of
+    processes or another kind of device, rank 0 says that dropout and noise draw anew."""
+    kind = torch.device(device).type
+    if rank < len(states):
+        torch.set_rng_state(states[rank]["cpu"])
+        if kind != "cpu" and kind in states[rank]:
+            getattr(torch, kind).set_rng_state(states[rank][kind])
+    if rank == 0 and (len(states), states[0]["device"]) != (world, kind):
+        print(f"the checkpoint holds the random states of {len(states)} process(es) on "
+              f"{states[0]['device']}, this run is {world} on {kind}: dropout and noise draw anew")
+
+def load_optimizer(optimizer, scaler, ckpt):
+    """The optimizer's and the GradScaler's states from a checkpoint, but the kernel choice (fused
+    or not) of this device; a scaler that the checkpoint's run had off (bf16, fp32) starts fresh."""
+    fused = [g["fused"] for g in optimizer.param_groups]
+    optimizer.load_state_dict(ckpt["optimizer"])
+    for g, f in zip(optimizer.param_groups, fused):
+        g["fused"] = f
+    if ckpt["scaler"]:
+        scaler.load_state_dict(ckpt["scaler"])

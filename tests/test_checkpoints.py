@@ -1,0 +1,83 @@
+"""
+Checkpoints (checkpoints.py, common.atomic_save): atomic writes, compiled models, every rank's random
+states, and what an older baselcm wrote.
+"""
+import json, os, shutil
+
+import pytest
+import torch
+
+import checkpoints, common
+from baselcm import BaseLCM
+from conftest import HERE, log_of, run, tiny_config
+
+def test_failed_checkpoint_write_leaves_the_previous_loadable(tmp_path, monkeypatch):
+    path = str(tmp_path / "ckpt.pt")
+    common.atomic_save({"iter_num": 1}, path)
+    real_save = torch.save
+
+    def crash(obj, f):
+        real_save({"half": "written"}, f)
+        raise OSError("disk full")
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(OSError):
+        common.atomic_save({"iter_num": 2}, path)
+    assert torch.load(path)["iter_num"] == 1 and os.listdir(tmp_path) == ["ckpt.pt"]
+
+def test_checkpoint_of_a_compiled_model_loads(tmp_path):
+    model = BaseLCM(tiny_config())
+    compiled = torch.compile(model)
+    assert all(k.startswith("_orig_mod.") for k in compiled.state_dict())
+    common.atomic_save({"model": compiled.state_dict(), "model_args": model.config.__dict__,
+                        "config": {}, "data": {}},
+                        tmp_path / "c.pt")
+    loaded, _ = checkpoints.load_model(str(tmp_path / "c.pt"))
+    x = torch.randn(1, 5, 16)
+    assert torch.equal(loaded.eval()(x)[0], model.eval()(x)[0])
+
+def test_rng_states_restore_each_generator_of_the_device_a_run_drew_from(monkeypatch, capsys):
+    torch.manual_seed(3)
+    states = checkpoints.rng_states("cpu")
+    drawn = torch.rand(4)
+    torch.manual_seed(4)
+    checkpoints.set_rng_states(states, "cpu", 0, 1)
+    assert torch.equal(torch.rand(4), drawn)
+    assert capsys.readouterr().out == ""
+    # a GPU's generator (torch.cuda's functions stand in for one): saved, and restored on that kind only
+    gpu = {"state": torch.tensor([1, 2], dtype=torch.uint8)}
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda: gpu["state"])
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s: gpu.update(state=s))
+    states = checkpoints.rng_states("cuda")
+    assert states[0]["device"] == "cuda" and torch.equal(states[0]["cuda"], torch.tensor([1, 2]))
+    gpu["state"] = torch.tensor([9, 9], dtype=torch.uint8)
+    checkpoints.set_rng_states(states, "cuda", 0, 1)
+    assert torch.equal(gpu["state"], torch.tensor([1, 2]))
+    checkpoints.set_rng_states(states, "cpu", 0, 2)
+    assert "states of 1 process(es) on cuda, this run is 2 on cpu" in capsys.readouterr().out
+
+@pytest.mark.slow
+def test_a_dataset_and_checkpoint_written_by_d41f47d_still_work(tmp_path):
+    fixture = os.path.join(HERE, "fixtures", "d41f47d")
+    shutil.copytree(os.path.join(fixture, "data"), tmp_path / "data")
+    shutil.copytree(os.path.join(fixture, "out"), tmp_path / "out")
+    meta = json.load(open(tmp_path / "data" / "tiny" / "meta.json"))
+    # the source where it was embedded, with the size and time it had: embed.py sees the same settings
+    source = meta["settings"]["dataset"]
+    os.makedirs(os.path.dirname(source), exist_ok=True)
+    shutil.copy(os.path.join(fixture, "docs.txt"), source)
+    _, size, mtime_ns = meta["settings"]["files"][0]
+    assert os.path.getsize(source) == size
+    os.utime(source, ns=(mtime_ns, mtime_ns))
+    p = run("embed.py", f"--dataset={source}", "--name=tiny", "--val_fraction=0.2", cwd=tmp_path)
+    assert "already built with these settings" in p.stdout
+    p = run("sample.py", "--start=The fire spread. Residents left.", "--json=True",
+            "--max_new_concepts=2",
+            "--data_dir=data/tiny", cwd=tmp_path)
+    steps = json.loads(p.stdout.strip().splitlines()[-1])["steps"]
+    bank = set((tmp_path / "data" / "tiny" / "train.txt").read_text().splitlines())
+    assert 1 <= len(steps) <= 2 and all(s["text"] in bank for s in steps)
+    run("train.py", "--eval_only=True", cwd=tmp_path)
+    assert json.load(open(tmp_path / "out" / "eval.json"))["iter"] == 6
+    p = run("train.py", "--init_from=resume", "--max_iters=9", cwd=tmp_path)
+    assert "changed from the checkpoint: max_iters 6 -> 9" in p.stdout
+    assert max(r["iter"] for r in log_of(tmp_path / "out")) == 9

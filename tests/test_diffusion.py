@@ -1,0 +1,141 @@
+"""
+The diffusion LCM (diffusion.py): what a noisy concept sees, the schedule, the sampler against the
+training path's network, the paper's two-mode argument, and a diffusion run of train.py.
+"""
+import json, os
+
+import numpy as np
+import pytest
+import torch
+
+import checkpoints, diffusion
+from baselcm import BaseLCM
+from conftest import TRAIN, log_of, run, tiny_config
+from diffusion import DiffusionLCM
+
+def tiny_diffusion(**kw):
+    return DiffusionLCM(diffusion.DiffusionConfig(**tiny_config(**kw).__dict__))
+
+def test_a_noisy_concept_sees_neither_its_clean_target_nor_later_concepts_nor_other_noisy_ones():
+    torch.manual_seed(0)
+    model = tiny_diffusion().eval()
+    B, T, k = 2, 10, 4
+    concepts, noisy = torch.randn(B, T, 16), torch.randn(B, T, 16)
+    t = torch.randint(0, 100, (B, T))
+    cond = torch.zeros(B, T, dtype=torch.bool)
+    # the one network of training and sampling, on the clean concepts' context
+    denoise = lambda concepts, noisy, t, uncond: model.denoise(model.contextualize(concepts), noisy, t, uncond)
+    with torch.no_grad():
+        pred = denoise(concepts, noisy, t, cond)
+        # position k denoises the concept after c_k: c_{k+1} on is its target and the future
+        later = concepts.clone()
+        later[:, k + 1:] += torch.randn(B, T - k - 1, 16)
+        other = noisy.clone()
+        other[:, torch.arange(T) != k] += torch.randn(B, T - 1, 16)
+        assert torch.allclose(denoise(later, noisy, t, cond)[:, :k + 1], pred[:, :k + 1], atol=1e-5)
+        assert torch.allclose(denoise(concepts, other, t, cond)[:, k], pred[:, k], atol=1e-5)
+        # the context does reach it, unless it is unconditional (guidance)
+        earlier = concepts.clone()
+        earlier[:, :k + 1] += torch.randn(B, k + 1, 16)
+        assert not torch.allclose(denoise(earlier, noisy, t, cond)[:, k], pred[:, k], atol=1e-3)
+        free = cond.clone()
+        free[:, k] = True
+        alone = denoise(concepts, noisy, t, free)[:, k]
+        assert torch.allclose(denoise(earlier, noisy, t, free)[:, k], alone, atol=1e-5)
+        # generation keeps the context's keys and values (a cache) for the one next concept: the same
+        cache = [torch.zeros(2, B, 2, T + 1, 16) for _ in model.blocks]
+        last = torch.tensor([[False], [True]])
+        kept = model.denoise(model.contextualize(concepts, cache), noisy[:, -1:], t[:, -1:], last)
+        assert torch.allclose(kept, model.denoise(model.contextualize(concepts), noisy[:, -1:], t[:, -1:], last),
+                              atol=1e-5)
+
+def test_the_schedule_goes_from_almost_clean_to_pure_noise():
+    alpha_bar = diffusion.cosine_schedule(100)
+    assert alpha_bar.shape == (100,) and alpha_bar[-1] == 0  # zero terminal SNR
+    assert alpha_bar[0] > 0.999 and (alpha_bar[1:] < alpha_bar[:-1]).all()
+
+def test_ddim_with_guidance_1_equals_sampling_without_guidance():
+    torch.manual_seed(0)
+    model = tiny_diffusion().eval()
+    concepts = torch.randn(3, 7, 16)
+
+    def ddim_by_hand(z):
+        # DDIM written out on the training path's network, the conditional half only
+        steps = [99, 87, 74, 61, 49, 37, 24, 11]  # "trailing" (diffusers): 8 of 100, the first pure noise
+        with torch.no_grad():
+            for t, t_next in zip(steps, steps[1:] + [None]):
+                x0 = model.denoise(model.contextualize(concepts), z, torch.full(z.shape[:2], t),
+                                   torch.zeros(z.shape[:2], dtype=torch.bool))
+                a = model.alpha_bar[t]
+                a_next = model.alpha_bar[t_next] if t_next is not None else torch.tensor(1.0)
+                z = a_next.sqrt() * x0 + (1 - a_next).sqrt() * (z - a.sqrt() * x0) / (1 - a).sqrt()
+        return z
+    sampled = model.predict(concepts, generator=torch.Generator().manual_seed(5), ddim_steps=8, guidance=1.0)
+    z = torch.randn(3, 7, 16, generator=torch.Generator().manual_seed(5)) * 0.6  # the paper's initial noise
+    assert torch.allclose(sampled, ddim_by_hand(z), atol=1e-5)
+    # generation samples after the last position only, the context's keys and values computed once:
+    # the same network
+    last = model.predict(concepts, last=True, generator=torch.Generator().manual_seed(5), ddim_steps=8,
+                         guidance=1.0)
+    z = torch.randn(3, 1, 16, generator=torch.Generator().manual_seed(5)) * 0.6
+    assert last.shape == (3, 1, 16) and torch.allclose(last, ddim_by_hand(z), atol=1e-5)
+    # guided, the conditional and unconditional halves go through the same network
+    guided = model.predict(concepts, generator=torch.Generator().manual_seed(5), ddim_steps=8, guidance=3.0)
+    assert not torch.allclose(guided, sampled, atol=1e-3)
+
+def test_where_two_next_concepts_are_equally_likely_diffusion_samples_one_and_mse_predicts_the_mean():
+    """The paper's argument for the diffusion LCM in one test: after the same context, A or B."""
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    a, b = torch.tensor(rng.normal(size=(2, 16)), dtype=torch.float32) * 2
+    start = torch.tensor(rng.normal(size=16), dtype=torch.float32)
+    models = {"mse": BaseLCM(tiny_config(block_size=2)), "diffusion": tiny_diffusion(block_size=2)}
+    for model in models.values():
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        for _ in range(400):
+            nxt = torch.where(torch.rand(64, 1) < 0.5, a, b)
+            docs = torch.stack([start.expand(64, 16), nxt], 1)  # (64, 2, 16): start, then A or B
+            _, loss = model(docs[:, :1], docs[:, 1:])
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+        model.eval()
+    context = start.expand(200, 1, 16)
+    mean = models["mse"].normalizer.denormalize(models["mse"].predict(context)[0, 0])
+    assert torch.dist(mean, (a + b) / 2) < 0.1 * torch.dist(a, b)
+    sampled = models["diffusion"].predict(context, generator=torch.Generator().manual_seed(0))
+    samples = models["diffusion"].normalizer.denormalize(sampled[:, 0])
+    to_a, to_b = (samples - a).norm(dim=-1), (samples - b).norm(dim=-1)
+    near = torch.minimum(to_a, to_b) < 0.25 * torch.dist(a, b)
+    assert near.float().mean() > 0.9  # each sample lands by A or by B, not between them
+    assert 0.2 < (to_a < to_b).float().mean() < 0.8  # and both appear
+
+@pytest.mark.slow
+def test_a_diffusion_run_resumes_exactly_and_evaluates_with_sampling_settings_changed(rotation_data,
+                                                                                     tmp_path):
+    args = [*TRAIN, f"--data_root={rotation_data}", "--model_type=diffusion", "--eval_interval=10",
+              "--ddim_steps=4", "--dropout=0.1", "--lr_decay_iters=20", "--always_save_checkpoint=True",
+              "--patience=0", "--eval_iters=2"]
+    run("train.py", *args, "--max_iters=20", "--out_dir=a", cwd=tmp_path)
+    run("train.py", *args, "--max_iters=10", "--out_dir=b", cwd=tmp_path)
+    run("train.py", "--init_from=resume", "--out_dir=b", "--max_iters=20", cwd=tmp_path)
+    losses = lambda out: {r["iter"]: r["loss"] for r in log_of(tmp_path / out) if "loss" in r}
+    a, b = losses("a"), losses("b")
+    assert sorted(b) == list(range(1, 21))
+    assert all(abs(a[i] - b[i]) <= 1e-5 * abs(a[i]) for i in range(11, 21)), (a, b)
+    model, ckpt = checkpoints.load_model(str(tmp_path / "b" / "ckpt.pt"))
+    assert isinstance(model, DiffusionLCM) and ckpt["config"]["ddim_steps"] == 4
+    # its periodic evaluations report the conditional mean's metrics, comparable with the baselines',
+    # and the denoising loss that chooses the checkpoint
+    val = [r["val"] for r in log_of(tmp_path / "b") if "val" in r]
+    assert all({"loss", "l2", "ca", "denoising"} <= set(v["model"]) for v in val)
+    assert ckpt["best_val_loss"] == min(v["model"]["denoising"] for v in val[1:])
+    # sampling's settings may change after training; the model's may not
+    p = run("train.py", "--eval_only=True", "--out_dir=b", "--guidance=1.5", cwd=tmp_path)
+    assert "changed from the checkpoint: guidance 0.0 -> 1.5" in p.stdout
+    assert 0.5 < json.load(open(tmp_path / "b" / "eval.json"))["model"]["ca"] <= 1
+    p = run("train.py", "--init_from=resume", "--out_dir=b", "--n_embd=64", cwd=tmp_path, check=False)
+    assert p.returncode == 1 and "the model's settings cannot change" in p.stderr
+    p = run("train.py", "--init_from=resume", "--out_dir=b", "--model_type=baselcm", cwd=tmp_path,
+            check=False)
+    assert p.returncode == 1 and "the model's settings cannot change" in p.stderr

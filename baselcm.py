@@ -155,8 +155,7 @@ class BaseLCM(nn.Module):
     @torch.no_grad()
     def predict(self, concepts, cache=None, pos=None, last=False, noise=0.0, generator=None):
         """The next concept after each of concepts (B, T, d_emb) (last: after the last one only),
-        normalized: the regression, plus Gaussian noise of std noise (none by default) drawn from
-        generator, as the official inference can add."""
+        normalized: the regression, plus Gaussian noise of std noise (official inference) if given."""
         pred = self(concepts, cache=cache, pos=pos)[0].float()
         pred = pred[:, -1:] if last else pred
         if noise > 0:
@@ -168,8 +167,7 @@ class BaseLCM(nn.Module):
                  feed=None, **sampling):
         """prompt (T, d_emb) -> (new concepts (n, d_emb), cosine of each to eot, stop reason). Each
         prediction (predict's, with the sampling settings) joins the context as feed(prediction), if
-        given, makes it (sample.py: the decoded sentence's concept); a context over block_size is
-        cut to its last block_size // 2."""
+        given, makes it (the decoded sentence's concept); a context over block_size keeps its end."""
         c = self.config
         seq = prompt.float()
         cosines = []

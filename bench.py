@@ -1,10 +1,9 @@
 """
 Measures baselcm on the current device and writes bench.json: the device's matmul peak in the
 training dtype (measured now), training concepts/s and MFU against it (compile off and on, and a
-15-line reference step of the same shapes), the forward / backward / optimizer split, the whole
-train.py loop against the bare model step, generation with and without the KV cache (and compiled),
-the diffusion LCM's training step and generation against the Base-LCM's, and embed.py against the
-bare encoder (speed and peak memory for a corpus and for 4x).
+15-line reference step of the same shapes), the forward / backward / optimizer split, generation
+with and without the KV cache (and compiled), the diffusion LCM's training step and generation
+against the Base-LCM's, and embed.py against the bare encoder (speed and peak memory, corpus, 4x).
 
 $ python bench.py                       # everything (CPU: about 5 minutes)
 $ python bench.py --embed=False --compile=False
@@ -12,7 +11,6 @@ $ python bench.py --embed=False --compile=False
 import json, os, re, subprocess, sys, tempfile, time
 from functools import partial
 
-import numpy as np
 import torch
 from torch.nn import functional as F
 
@@ -46,7 +44,7 @@ results = {"device": device_name, "torch": torch.__version__, "peak_tflops": {}}
 for d in dtypes:
     results["peak_tflops"][d] = measure_peak_flops(device, getattr(torch, d), seconds=2.0) / 1e12
     print(f"{device_name}, {d}: matmul peak {results['peak_tflops'][d]:.3f} TFLOP/s (F.linear)")
-# the faster: for the train.py loop figure
+# the faster: for the diffusion figures
 dtype = max(dtypes, key=results["peak_tflops"].get)
 
 def timed(fn):
@@ -130,35 +128,6 @@ for (name, c), d, kind in [(nc, d, k) for nc in configs.items() for d in dtypes 
           f"MFU {100 * mfu:5.1f}%  fwd/bwd/opt " + "/".join(f"{100 * v:.0f}" for v in shares.values()))
 
 # -----------------------------------------------------------------------------
-# the whole train.py loop (batches, logging, evaluation, checkpoints) against the bare step
-with tempfile.TemporaryDirectory() as tmp:
-    rng = np.random.default_rng(0)
-    os.makedirs(f"{tmp}/syn")
-    for split, n_docs in (("train", 400), ("val", 40)):
-        lengths = rng.integers(20, 60, n_docs)
-        rng.normal(size=(lengths.sum(), 1024)).astype(np.float16).tofile(f"{tmp}/syn/{split}.bin")
-        np.save(f"{tmp}/syn/{split}_offsets.npy", np.concatenate([[0], np.cumsum(lengths)]))
-    zeros = [0.0] * 1024
-    json.dump({"encoder": "synthetic", "d_emb": 1024, "lang": "eng_Latn", "dtype": "float16",
-               "spacy_model": "", "max_chars": 256, "train_rows": int(lengths.sum()), "val_docs": 40,
-               "normalizer": {"center": zeros, "scale": [1.0] * 1024}, "mean": zeros, "eot": zeros},
-              open(f"{tmp}/syn/meta.json", "w"))
-    c = configs["d512 L8 T64 B16"]
-    bare = next(r for r in results["train"]
-                if r["config"] == "d512 L8 T64 B16" and r["dtype"] == dtype and r["kind"] == "eager")
-    subprocess.run([sys.executable, "train.py", f"--data_root={tmp}", "--dataset=syn",
-                    f"--out_dir={tmp}/out", "--max_iters=100", "--eval_interval=50", "--eval_iters=4",
-                    "--log_interval=10", "--dropout=0.0", f"--device={device}", f"--dtype={dtype}"]
-                   + [f"--{k}={v}" for k, v in c.items()], check=True, capture_output=True)
-    loop_ms = [json.loads(line) for line in open(f"{tmp}/out/log.jsonl")][-1]["loop_ms"]
-overhead = loop_ms / bare["step_ms"] - 1
-results["train_loop"] = {"config": bare["config"], "loop_ms": loop_ms,
-                         "bare_step_ms": bare["step_ms"], "overhead": overhead}
-print(f"train.py loop, d512 L8 T64 B16: {loop_ms:.1f} ms/iter with batches, logging, evaluation "
-      f"(every 50) and checkpoints, against {bare['step_ms']:.1f} ms for the bare step: "
-      f"{100 * overhead:+.1f}%")
-
-# -----------------------------------------------------------------------------
 # generation: 200 concepts with and without the KV cache, and compiled; in fp32, as sample.py runs
 torch.manual_seed(0)
 config = LCMConfig(d_emb=1024, block_size=256, n_layer=8, n_head=8, n_embd=512, dropout=0.0)
@@ -221,18 +190,6 @@ if embed:
     e = results["embed"] = {"sentences": len(sentences)}
     bare = []
     ours = []
-    # embed.py in a child process, and that process's peak memory (resource: not on Windows;
-    # ru_maxrss: kilobytes on Linux, bytes on macOS)
-    measure = "\n".join([
-        "import subprocess, sys",
-        "p = subprocess.run(sys.argv[1:], capture_output=True, text=True)",
-        "print(p.stdout, p.stderr[-500:] if p.returncode else '')",
-        "try:",
-        "    import resource",
-        "    rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss",
-        "    print('peak_mb', rss / 2**20 if sys.platform == 'darwin' else rss / 2**10)",
-        "except ImportError:",
-        "    print('peak_mb nan')"])
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     with tempfile.TemporaryDirectory() as tmp:
         # the corpus three times, each right after a bare pass (the host is noisy), then 4x
@@ -241,12 +198,13 @@ if embed:
                 f.write("\n".join(docs * k) + "\n")
             if k == 1:
                 bare.append(len(sentences) / timed(lambda: enc.encode(sentences, batch_size=128)))
-            p = subprocess.run([sys.executable, "-c", measure, sys.executable, "embed.py",
-                                f"--dataset={tmp}/corpus{k}.txt", f"--data_root={tmp}",
-                                f"--device={device}", "--batch_size=128", "--overwrite=True"],
-                               capture_output=True, text=True, env=env)
-            ours.append(float(re.search(r"([\d.]+) sentences/s", p.stdout).group(1)))
-            rss_mb = float(re.search(r"peak_mb (\S+)", p.stdout).group(1))
+            p = subprocess.Popen([sys.executable, "embed.py", f"--dataset={tmp}/corpus{k}.txt",
+                                  f"--data_root={tmp}", f"--device={device}", "--batch_size=128",
+                                  "--overwrite=True"], stdout=subprocess.PIPE, text=True, env=env)
+            ours.append(float(re.search(r"([\d.]+) sentences/s", p.stdout.read()).group(1)))
+            # this child's own peak memory (KB on Linux, bytes on macOS; Windows has no wait4)
+            rss = os.wait4(p.pid, 0)[2].ru_maxrss if hasattr(os, "wait4") else float("nan")
+            rss_mb = rss / 2**20 if sys.platform == "darwin" else rss / 2**10
             e[f"{k}x"] = {"sentences_per_s": ours[-1], "peak_rss_mb": rss_mb}
     e["bare_sentences_per_s"] = bare
     e["overhead"] = [1 - b / a for a, b in zip(bare, ours)]

@@ -1,7 +1,6 @@
 """
-Checkpoints, as train.py writes them to out_dir/ckpt.pt: the model's weights and settings (model_args),
-the run's settings (config), the optimizer's and every process's random states (to resume exactly) and
-the facts of the dataset it was trained on. Loading them, and building the models they hold.
+Checkpoints (train.py's out_dir/ckpt.pt: the model's weights and settings, the run's settings, the
+optimizer's and every process's random states, the facts of its dataset), and the models they hold.
 """
 import inspect, os
 
@@ -21,9 +20,9 @@ def build_model(model_type, settings):
 
 def load(path, mmap=True):
     """path: a checkpoint, or a folder that holds ckpt.pt -> the checkpoint (a dict, its "path" the
-    file's). Weights only: a shared checkpoint cannot run code. Memory-mapped: what a caller does not
-    use (sample.py: the optimizer) is never read; a run that goes on to replace the file (resume)
-    reads it whole instead (Windows cannot replace a mapped file)."""
+    file's). Weights only: a shared checkpoint cannot run code. Memory-mapped: what a caller does
+    not use (sample.py: the optimizer) is never read; a run that goes on to replace the file
+    (resume) reads it whole instead (Windows cannot replace a mapped file)."""
     given = path
     path = os.path.join(path, "ckpt.pt") if os.path.isdir(path) else path
     if not os.path.isfile(path):
@@ -46,8 +45,8 @@ def unreadable(path, e):
         "or pass the --out_dir of another run")
 
 def model_from(ckpt, **changes):
-    """-> the checkpoint's model with its weights, on the CPU; changes: settings that may differ from
-    its own (finetuning's dropout)."""
+    """-> the checkpoint's model with its weights, on the CPU; changes: settings that may differ
+    from its own (finetuning's dropout)."""
     try:
         model = build_model(ckpt["config"].get("model_type", "baselcm"), ckpt["model_args"] | changes)
         # torch.compile's prefix
@@ -66,13 +65,17 @@ def settings(ckpt):
     """-> the settings a checkpoint was made with: its run's, and its model's"""
     return {"model_type": "baselcm"} | ckpt["config"] | ckpt["model_args"]
 
-def check_unchanged(ckpt, source, changed, finetune):
-    """One line and an exit if changed (setting -> new value) holds a setting of the checkpoint's
-    model: they cannot change (but for a finetuning's dropout)."""
+def check_changes(ckpt, source, given, finetune):
+    """given: the settings given on the command line that the run takes from the checkpoint at
+    source (name -> value). Those of its model cannot change (but for a finetuning's dropout): one
+    line and an exit; the others, resuming, are printed."""
     old = settings(ckpt)
+    changed = {k: v for k, v in given.items() if v != old[k]}
     for k in set(changed) & set(model_settings(ckpt)) - {"dropout" if finetune else ""}:
         die(f"--{k}={changed[k]}, but {source} was made with {k}={old[k]}: the model's settings cannot "
             "change; train a new model in another --out_dir")
+    if changed and not finetune:
+        print("changed from the checkpoint: " + ", ".join(f"{k} {old[k]} -> {v}" for k, v in changed.items()))
 
 def sampling_settings(model, where, **settings):
     """-> the sampler's settings given (not 0) for the model's predict; one of another model's (a
@@ -114,11 +117,10 @@ def set_rng_states(states, device, rank, world):
               f"{states[0]['device']}, this run is {world} on {kind}: dropout and noise draw anew")
 
 def load_optimizer(optimizer, scaler, ckpt):
-    """The optimizer's and the GradScaler's states from a checkpoint, but the kernel choice (fused
-    or not) of this device; a scaler that the checkpoint's run had off (bf16, fp32) starts fresh."""
-    fused = [g["fused"] for g in optimizer.param_groups]
+    """The optimizer's and the GradScaler's states from a checkpoint, fused as this run is (an older
+    run on a Mac was not); a scaler the checkpoint's run had off (bf16, fp32) starts fresh."""
     optimizer.load_state_dict(ckpt["optimizer"])
-    for g, f in zip(optimizer.param_groups, fused):
-        g["fused"] = f
+    for g in optimizer.param_groups:
+        g["fused"] = True
     if ckpt["scaler"]:
         scaler.load_state_dict(ckpt["scaler"])

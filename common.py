@@ -1,9 +1,9 @@
 """
-The plumbing the scripts share: their configuration (module globals, a config file, then --key=value),
-one-line errors and settings checks, devices and processes, the measured matmul peak, atomic saves.
-The floor of the project: it imports nothing of it.
+The plumbing the scripts share: their configuration (module globals, a config file, then
+--key=value), one-line errors and settings checks, devices and processes, the measured matmul peak,
+atomic saves. The floor of the project: it imports nothing of it.
 """
-import ast, difflib, io, os, re, sys, tempfile, time, tokenize
+import ast, difflib, os, re, sys, tempfile, time
 from contextlib import nullcontext
 from datetime import timedelta
 
@@ -27,28 +27,21 @@ def knobs(g):
 
 def print_help(g):
     """--help: the script's docstring, then each knob with its default and the comment beside it,
-    read from the script's source (a comment may go on over the lines below it)."""
-    src = open(g["__file__"], encoding="utf-8").read()
-    comments = {}
-    for t in tokenize.generate_tokens(io.StringIO(src).readline):
-        if t.type == tokenize.COMMENT:
-            comments[t.start[0]] = (t.start[1], t.string.lstrip("# "))
-    lines = src.splitlines()
+    read from the script's source (a comment may go on, indented, over the lines below it)."""
     print(g["__doc__"].strip() + "\n\noptions (--key=value), with their defaults:")
+    lines = open(g["__file__"], encoding="utf-8").read().splitlines()
     todo = knobs(g)
-    for node in ast.parse(src).body:
-        names = [t.id for t in getattr(node, "targets", []) if isinstance(t, ast.Name)]
-        if not names or names[0] not in todo:
+    for i, line in enumerate(lines):
+        knob = re.match(r"(\w+) = [^#]*(?:# (.*))?$", line)
+        if not knob or knob[1] not in todo:
             continue
-        todo.remove(names[0])
-        text = [comments[node.lineno][1]] if node.lineno in comments else []
-        # a comment continued on the next lines, indented (a comment at column 0 is a heading)
-        at = node.end_lineno + 1
-        while at in comments and comments[at][0] > 0 and not lines[at - 1].strip()[0].isalnum():
-            text.append(comments[at][1])
-            at += 1
-        value = g[names[0]]
-        option = f"--{names[0]}={value if value != '' else repr(value)}"
+        todo.remove(knob[1])
+        text = [knob[2]] if knob[2] else []
+        for more in lines[i + 1:]:
+            if not re.match(r" +# ", more):
+                break
+            text.append(more.strip()[2:])
+        option = f"--{knob[1]}={g[knob[1]] if g[knob[1]] != '' else repr('')}"
         gap = "\n" + " " * 37 if len(option) > 34 and text else " "
         print(f"  {option:34}{gap}{' '.join(text)}".rstrip())
 
@@ -165,10 +158,10 @@ def init_distributed(device, backend="", timeout_hours=0):
         device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
         torch.cuda.set_device(device)
     backend = backend or ("nccl" if cuda else "gloo")
-    # imported after the group exists, dynamo keeps references to it, so that leaving the group does
-    # not end gloo's threads: they would then release their last tensors while Python shuts down, and
-    # a thread that needs the GIL then aborts the process ("terminate called without an active
-    # exception"). Imported before, nothing outlives end_distributed.
+    # imported after the group exists, dynamo keeps references to it, so that leaving the group
+    # does not end gloo's threads: they would then release their last tensors while Python shuts
+    # down, and a thread that needs the GIL then aborts the process ("terminate called without an
+    # active exception"). Imported before, nothing outlives end_distributed.
     import torch._dynamo  # noqa: F401
     timeout = timedelta(hours=timeout_hours) if timeout_hours else None
     # a bound device: NCCL knows each rank's GPU from the start (and does not warn at exit)
@@ -222,29 +215,24 @@ def autocast(dtype, device, n_embd):
     """-> (the autocast context of a training dtype, the dtype). '' (auto): bf16 on GPUs that have
     it, fp16 on older ones. CPUs differ (bf16 matmuls from 0.2x to 10x fp32's speed), so on a CPU
     it is measured at the model's sizes, bf16 taken when 1.5x faster; rank 0's choice holds."""
-    dtype = dtype or auto_dtype(device, n_embd)
+    kind = torch.device(device).type
+    if not dtype and kind == "cpu":
+        rate = {d: measure_peak_flops(device, getattr(torch, d), (n_embd, 4 * n_embd), 0.1)
+                for d in ("float32", "bfloat16")}
+        faster = torch.tensor(float(rate["bfloat16"] > 1.5 * rate["float32"]))
+        if torch.distributed.is_initialized():
+            torch.distributed.broadcast(faster, 0)
+        dtype = "bfloat16" if faster else "float32"
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"dtype: {dtype} (F.linear at this model's sizes: float32 {rate['float32'] / 1e9:.0f}, "
+                  f"bfloat16 {rate['bfloat16'] / 1e9:.0f} GFLOP/s; bf16 is used when 1.5x faster)")
+    elif not dtype:
+        dtype = "float32" if kind != "cuda" else "bfloat16" if has_bf16(device) else "float16"
     if dtype not in ("float32", "bfloat16", "float16"):
         die(f"--dtype={dtype}: use float32, bfloat16 or float16")
     if dtype == "float32":
         return nullcontext(), dtype
-    return torch.autocast(device_type=torch.device(device).type, dtype=getattr(torch, dtype)), dtype
-
-def auto_dtype(device, n_embd):
-    device_type = torch.device(device).type
-    if device_type == "cuda":
-        return "bfloat16" if has_bf16(device) else "float16"
-    if device_type != "cpu":
-        return "float32"
-    rate = {d: measure_peak_flops(device, getattr(torch, d), (n_embd, 4 * n_embd), 0.1)
-            for d in ("float32", "bfloat16")}
-    faster = torch.tensor(float(rate["bfloat16"] > 1.5 * rate["float32"]))
-    if torch.distributed.is_initialized():
-        torch.distributed.broadcast(faster, 0)
-    dtype = "bfloat16" if faster else "float32"
-    if int(os.environ.get("RANK", 0)) == 0:
-        print(f"dtype: {dtype} (F.linear at this model's sizes: float32 {rate['float32'] / 1e9:.0f}, "
-              f"bfloat16 {rate['bfloat16'] / 1e9:.0f} GFLOP/s; bf16 is used when 1.5x faster)")
-    return dtype
+    return torch.autocast(device_type=kind, dtype=getattr(torch, dtype)), dtype
 
 def has_bf16(device):
     """bf16 in hardware: compute capability 8.0 (Ampere) and up, or AMD.

@@ -281,19 +281,17 @@ class SentenceBank:
         return [bytes(self.text[s:self.ends[i]]).decode() for s, i in zip(starts, idx)]
 
 def decoder(enc, bank=None, lang="eng_Latn", repeats=False):
-    """-> decode(concepts (n, d_emb), avoid=(), back=False) -> (texts, their retrieval cosines or
-    Nones, the texts' concepts (n, d_emb) if back): SONAR's decoder, else retrieval from the bank,
-    which passes over the sentences in avoid unless repeats."""
+    """-> decode(concepts (n, d_emb), avoid=()) -> (texts, their retrieval cosines or Nones, the
+    texts' concepts (n, d_emb)): SONAR's decoder (the texts encoded again), else retrieval from the
+    bank, which passes over the sentences in avoid unless repeats."""
     if bank is not None:
-        return lambda concepts, avoid=(), back=False: bank.decode(concepts.cpu(), avoid, repeats)
+        return lambda concepts, avoid=(): bank.decode(concepts.cpu(), avoid, repeats)
     # the output language, checked now: SONAR's decoder shares the encoder's tokenizer
     enc.encode([EOT_TEXT], lang=lang)
 
-    def decode(concepts, avoid=(), back=False):
-        if not len(concepts):
-            return [], [], None
-        texts = enc.decode(concepts.cpu(), lang=lang)
-        return texts, [None] * len(texts), enc.encode(texts, lang=lang) if back else None
+    def decode(concepts, avoid=()):
+        texts = enc.decode(concepts.cpu(), lang=lang) if len(concepts) else []
+        return texts, [None] * len(texts), enc.encode(texts, lang=lang) if texts else None
     return decode
 
 def roundtrip(enc, bank=None, lang="eng_Latn"):
@@ -302,7 +300,7 @@ def roundtrip(enc, bank=None, lang="eng_Latn"):
     give at best)."""
     if bank is None:
         decode = decoder(enc, None, lang)
-        return lambda concepts: decode(concepts, back=True)[::2]
+        return lambda concepts: decode(concepts)[::2]
 
     def nearest(concepts):
         rows = bank.nearest(concepts.cpu())[0][:, 0]
@@ -324,7 +322,7 @@ class Transcript:
         self.concepts = []
 
     def __call__(self, z):
-        texts, sims, back = self.decode(z[None], self.avoid + self.texts, back=True)
+        texts, sims, back = self.decode(z[None], self.avoid + self.texts)
         self.texts += texts
         self.sims += sims
         self.concepts += list(back)
@@ -335,26 +333,6 @@ class Transcript:
 
 READERS = {".txt": "text", ".cor": "text", ".jsonl": "json", ".json": "json", ".csv": "csv",
            ".parquet": "parquet"}
-
-def source_files(source):
-    """A file, or all files of a folder in name order; [] for a hub dataset name."""
-    ext = lambda f: os.path.splitext(f)[1].lower()
-    if os.path.isdir(source):
-        found = sorted(glob.glob(os.path.join(source, "**", "*"), recursive=True))
-        files = [f for f in found if ext(f) in READERS]
-        if len({READERS[ext(f)] for f in files}) > 1:
-            kinds = " and ".join(sorted({ext(f) for f in files}))
-            die(f"{source} mixes {kinds} files: use a folder of one kind")
-        if not files:
-            die(f"{source} holds no {', '.join(READERS)} files")
-        return files
-    if os.path.isfile(source):
-        if ext(source) not in READERS:
-            die(f"cannot read {source}: use a {', '.join(READERS)} file, or a folder of them")
-        return [source]
-    if ext(source) in READERS or source.startswith((".", "/")):
-        die(f"no such file or folder: {source}")
-    return []
 
 def not_utf8(what, e):
     die(f"{what} is not valid UTF-8 ({e.reason} at byte {e.start}): re-save it as UTF-8")
@@ -380,7 +358,24 @@ def find_source(dataset):
         from gensim.test.utils import datapath
         source = datapath("lee_background.cor")
     name = os.path.splitext(os.path.basename(os.path.normpath(dataset)))[0].replace("/", "_")
-    return source, source_files(source), name
+    # a file, or all files of a folder in name order; none for a hub dataset's name
+    ext = lambda f: os.path.splitext(f)[1].lower()
+    if os.path.isdir(source):
+        found = sorted(glob.glob(os.path.join(source, "**", "*"), recursive=True))
+        files = [f for f in found if ext(f) in READERS]
+        if len({READERS[ext(f)] for f in files}) > 1:
+            kinds = " and ".join(sorted({ext(f) for f in files}))
+            die(f"{source} mixes {kinds} files: use a folder of one kind")
+        if not files:
+            die(f"{source} holds no {', '.join(READERS)} files")
+        return source, files, name
+    if os.path.isfile(source):
+        if ext(source) not in READERS:
+            die(f"cannot read {source}: use a {', '.join(READERS)} file, or a folder of them")
+        return source, [source], name
+    if ext(source) in READERS or source.startswith((".", "/")):
+        die(f"no such file or folder: {source}")
+    return source, [], name
 
 def read_documents(dataset, source, files, hf_config, hf_split, columns):
     """-> (an iterator over the rows, and where they hold the official LCM parquet schema, sentences

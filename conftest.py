@@ -1,7 +1,8 @@
 """
-What the tests share: running the scripts as a user does, tiny datasets in the real on-disk format, a
-stand-in `sonar` package that records how it was called, tiny models and language models. Offline.
-The fast tests: `python -m pytest -q`; the end-to-end runs, marked slow: `python -m pytest -q -m slow`.
+What the tests share: running the scripts as a user does, tiny datasets in the real on-disk format,
+a stand-in `sonar` package that records how it was called, tiny models and language models. Offline.
+The fast tests: `python -m pytest -q`; the end-to-end runs, marked slow: `python -m pytest -q -m
+slow`.
 """
 import json, os, subprocess, sys
 
@@ -42,7 +43,8 @@ def write_dataset(root, name, train_docs, val_docs, eot, encoder="stand-in"):
         np.concatenate(docs).astype(np.float16).tofile(os.path.join(out, f"{split}.bin"))
         np.save(os.path.join(out, f"{split}_offsets.npy"), np.cumsum([0] + [len(d) for d in docs]))
         with open(os.path.join(out, f"{split}.txt"), "w") as f:
-            f.writelines(f"doc {i} sentence {j}\n" for i, d in enumerate(docs) for j in range(len(d)))
+            f.writelines(f"doc {i} sentence {j}\n" for i, d in enumerate(docs)
+                         for j in range(len(d)))
     rows = np.concatenate(train_docs).astype(np.float16).astype(np.float32)
     center, scale = fit_normalizer(rows)
     meta = {"encoder": encoder, "d_emb": rows.shape[1], "lang": "eng_Latn", "dtype": "float16",
@@ -66,7 +68,8 @@ def save_checkpoint(out, model, data):
                         str(out / "ckpt.pt"))
 
 def rotation_docs(rng, n_docs, d=16, lo=6, hi=20):
-    """Documents whose next concept is a fixed rotation of the current one: learnable, and far from a copy."""
+    """Documents whose next concept is a fixed rotation of the current one: learnable, and far from
+    a copy."""
     rot, _ = np.linalg.qr(np.random.default_rng(0).normal(size=(d, d)))
     eot = np.full(d, 0.5, dtype=np.float32)
     docs = []
@@ -148,7 +151,8 @@ def tiny_lm():
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers, decoders
     from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
     tok.train_from_iterator(["The fire spread. Residents left.\nThe wind changed.\n"] * 20,
                             trainers.BpeTrainer(vocab_size=300,
                                                 initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))

@@ -3,8 +3,7 @@ The on-disk dataset format that embed.py writes and train.py and sample.py read,
 drawn from it. data_root/name/ holds:
   train.bin, val.bin                   concepts, raw float16 or float32, (n_rows, d_emb): a memmap
   train_offsets.npy, val_offsets.npy   int64 (n_docs + 1,): document i is rows offsets[i]:offsets[i+1]
-  train_answers.npy, val_answers.npy   int64 (n_docs,): the row where each document's answer starts
-                                       (pairs; a plain document's first row)
+  train_answers.npy, val_answers.npy   int64 (n_docs,): the row where each pair's answer starts
   train.txt, val.txt                   the sentence of each row, one a line
   meta.json                            encoder, d_emb, normalizer, mean, eot, settings, ... (written last)
 Every document ends with the row of "End of text.".
@@ -110,9 +109,8 @@ def write_splits(work, seed, val_fraction):
             lengths = z["lengths"]
             text = str(z["text"]).split("\n")
             n_empty += int(z["n_empty"])
-            # chunks of an unfinished run of an older baselcm have neither
-            answers = z["answers"] if "answers" in z else np.zeros(len(lengths), np.int64)
-            held_out = z["held_out"] if "held_out" in z else np.full(len(lengths), -1)
+            answers = z["answers"]
+            held_out = z["held_out"]
         at = 0
         for length, answer, h in zip(lengths, answers, held_out):
             if h < 0:

@@ -1,11 +1,11 @@
 """
-The One-Tower diffusion LCM (Meta, "Large Concept Models", 2024, section 2.3). The Base-LCM regresses
-the next concept, and an MSE model predicts the mean of the plausible next sentences, a point between
-them. The diffusion LCM samples one instead: given the clean concepts before it, one causal transformer
-turns a Gaussian sample into the next concept in a few dozen denoising steps. It is trained to predict
-the clean concept from a noisy one (x0, MSE) at a random noise level (forward: the paper's Algorithm 1);
-it samples with DDIM and classifier-free guidance (predict: Algorithm 2). Both call one network,
-denoise. It reuses baselcm.py's normalizer, pre-net, blocks and post-net.
+The One-Tower diffusion LCM (Meta, "Large Concept Models", 2024, section 2.3). The Base-LCM
+regresses the next concept, and an MSE model predicts the mean of the plausible next sentences, a
+point between them. The diffusion LCM samples one instead: given the clean concepts before it, one
+causal transformer turns a Gaussian sample into the next concept in a few dozen denoising steps. It
+is trained to predict the clean concept from a noisy one (x0, MSE) at a random noise level (forward:
+the paper's Algorithm 1); it samples with DDIM and classifier-free guidance (predict: Algorithm 2).
+Both call one network, denoise. It reuses baselcm.py's normalizer, pre-net, blocks and post-net.
 """
 import math
 from dataclasses import dataclass
@@ -82,24 +82,22 @@ class DiffusionLCM(BaseLCM):
         pass: the clean concepts never see a noisy one. With a cache, the one next concept after it
         (K = 1) runs alone against its keys and values."""
         x = self.drop(self.prenet(noisy) + self.time(t))  # (B, K, n_embd)
-        if isinstance(context, list):
-            T = context[0].size(3) - 1
-            keys = torch.arange(T + 1, device=x.device)
-            sees = (keys < T) & ~uncond[..., None] | (keys == T)  # (B, 1, T + 1)
-            return self.postnet(self.transformer(x, keys[T:], sees[:, None], context))
-        T = context.size(1)
-        follows = torch.arange(T - noisy.size(1), T, device=noisy.device)
-        x = torch.cat([context, x], 1)  # (B, T + K, n_embd)
+        cached = isinstance(context, list)
+        T = context[0].size(3) - 1 if cached else context.size(1)
+        follows = torch.arange(T - noisy.size(1), T, device=x.device)
+        mask = attention_mask(T, follows, uncond)
         # RoPE positions: c_j at j, the concept after it at j + 1
+        if cached:
+            return self.postnet(self.transformer(x, follows + 1, mask[:, :, T:], context))
         pos = torch.cat([torch.arange(T, device=x.device), follows + 1])
-        x = self.transformer(x, pos, attention_mask(T, follows, uncond))
+        x = self.transformer(torch.cat([context, x], 1), pos, mask)  # (B, T + K, n_embd)
         return self.postnet(x[:, T:])
 
     def forward(self, concepts, targets, mask=None, generator=None):
         """Training (Algorithm 1): every next concept noised to its own random timestep, denoised;
-        -> (predicted clean targets, the loss): the squared error against the clean ones (normalized,
-        summed over the dimensions, averaged over the targets where mask is True), every timestep
-        weighted alike. The draws come from generator, if given."""
+        -> (predicted clean targets, the loss): the squared error against the clean ones
+        (normalized, summed over the dimensions, averaged over the targets where mask is True),
+        every timestep weighted alike. The draws come from generator, if given."""
         x0 = self.normalizer.normalize(targets.float())  # (B, T, d_emb)
         B, T, d = x0.shape
         t = torch.randint(0, self.config.n_steps, (B, T), generator=generator, device=x0.device)
@@ -138,7 +136,7 @@ class DiffusionLCM(BaseLCM):
             x0 = cond
             if halves == 2:
                 x0 = x[B:] + guidance * (cond - x[B:])
-                # rescaled to the conditional prediction's spread, against guidance's over-saturation
+                # rescaled to the conditional prediction's spread, against over-saturation
                 rescaled = x0 * cond.std(-1, keepdim=True) / x0.std(-1, keepdim=True)
                 x0 = rescale * rescaled + (1 - rescale) * x0
             a = self.alpha_bar[t]

@@ -35,8 +35,7 @@ name = ""                # output goes to data_root/name; '' = derived from data
 data_root = "data"
 encoder = "minilm"       # 'minilm' (offline), 'sonar', 'sonar_hf' (its transformers port), or a
                          # sentence-transformers model name
-sonar_hf_encoder = ""    # SONAR's transformers port: its encoder (hub name or folder); '' = the
-                         # community port's (docs/sonar.md)
+sonar_hf_encoder = ""    # SONAR's transformers port's encoder (hub name, folder); '' = docs/sonar.md's
 lang = "eng_Latn"        # FLORES-200 code of the text (SONAR uses it)
 spacy_model = ""         # '' = rule-based sentencizer; or an installed pipeline (en_core_web_sm)
 max_chars = 256          # longer sentences are cut on word boundaries

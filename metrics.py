@@ -43,7 +43,8 @@ def concept_metrics(pred, x, y, mask, normalizer, doc, row):
 
     def context_cos(a):
         # the cosine of each position to the closest of its context s <= t: (B, T)
-        return (F.normalize(a, dim=-1) @ inputs).masked_fill(~causal, -1).amax(-1)[mask].sum().item()
+        cos = (F.normalize(a, dim=-1) @ inputs).masked_fill(~causal, -1)
+        return cos.amax(-1)[mask].sum().item()
     return {"n": mask.sum().item(), "loss": err.sum().item(), "l2": d_true[mask].sum().item(),
             "ca_hits": (further & paper).sum().item(), "ca_pairs": paper.sum().item(),
             "ca_doc_hits": (further & official).sum().item(), "ca_doc_pairs": official.sum().item(),
@@ -64,7 +65,8 @@ def finish_metrics(sums):
 @torch.no_grad()
 def coherence_mi(lm, tokenizer, texts, contexts):
     """MI as sums: (log p(s | its context sentences) - log p(s), summed over the texts s; their
-    length in tokens); MI is the first over the second. A newline starts and ends a text (official)."""
+    length in tokens); MI is the first over the second. A newline starts and ends a text
+    (official)."""
     gain = 0.0
     n_tokens = 0
     for text, context in zip(texts, contexts):
@@ -86,76 +88,75 @@ def closeness(generated, real):
     return cos.amax(1).mean().item()
 
 @torch.no_grad()
-def continuations(model, rows, offsets, texts, eot, decoders, train_rows, train_offsets, sampling, k=3,
-                  n=8, stop_eot=0.9, stop_repeat=0.95):
-    """Generation against the real text: the first k sentences of each validation document of at
-    least k + 2 are the prompt; up to n sentences are generated with sample.py's default stops, the
-    context taking the decoded sentences' concepts or the raw predictions; decoders: repeats ->
-    decode (concepts.decoder). -> name -> closeness (above) of the generated sentences to the
-    document's real rest, and the share of distinct sentences per sample. Baselines: n random
-    training sentences; the prompt's last, repeated."""
-    rng = np.random.default_rng(0)
+def generations(model, prompts, eot, decode, sampling, feedback="decoded", n=8, stop_eot=0.9,
+                stop_repeat=0.95):
+    """As sample.py generates: after each prompt, (its concepts (T, d_emb), its sentences), up to
+    n sentences decoded as they come (decode: concepts.decoder's) and fed back, with sample.py's
+    stops; a diffusion model's draws from a seeded generator. -> a Transcript of each (.stop)."""
     generator = torch.Generator(eot.device).manual_seed(0)
-    train_eot = set(train_offsets[1:] - 1)
-    sums = {name: [] for name in ("decoded", "raw", "raw, repeats", "random", "repeat last")}
-    distinct = {"decoded": [], "raw": [], "raw, repeats": []}
-    lengths = {"decoded": [], "raw": [], "raw, repeats": []}
-    decode_of = {mode: decoders(mode == "raw, repeats") for mode in distinct}
-    for lo, end in zip(offsets[:-1], offsets[1:] - 1):
-        if end - lo < k + 2:
-            continue
-        real = torch.as_tensor(np.asarray(rows[lo:end], dtype=np.float32))
-        prompt = real[:k].to(eot.device)
-        for mode in distinct:
-            said = Transcript(decode_of[mode], texts[lo:lo + k], mode.split(",")[0])
-            model.generate(prompt, n, eot, stop_eot, stop_repeat, feed=said, generator=generator,
-                           **sampling)
-            lengths[mode].append(len(said.texts))
-            if said.texts:
-                sums[mode].append(closeness(said.concepts, real[k:]))
-                distinct[mode].append(len(set(said.texts)) / len(said.texts))
-        pick = [i for i in rng.integers(0, len(train_rows), 2 * n) if i not in train_eot][:n]
-        sums["random"].append(closeness(train_rows[np.sort(pick)], real[k:]))
-        sums["repeat last"].append(closeness(real[k - 1:k], real[k:]))
-    return {name: {"closeness": float(np.mean(s)) if s else float("nan"), "samples": len(s)}
-            | ({"distinct": float(np.mean(distinct[name])) if s else float("nan"),
-                "sentences": float(np.mean(lengths[name])) if s else float("nan")}
-               if name in distinct else {})
-            for name, s in sums.items()}
+    said = []
+    for concepts, texts in prompts:
+        said.append(Transcript(decode, texts, feedback))
+        said[-1].stop = model.generate(concepts.to(eot.device), n, eot, stop_eot, stop_repeat,
+                                       feed=said[-1], generator=generator, **sampling)[2]
+    return said
 
-@torch.no_grad()
+def continuations(model, rows, offsets, texts, eot, decoders, train_rows, train_offsets, sampling,
+                  k=3):
+    """Generation against the real text: the first k sentences of each validation document of at
+    least k + 2 are the prompt (generations), decoded sentences or raw predictions fed back;
+    decoders: repeats -> decode. -> name -> closeness (above) of the generated sentences to the
+    document's real rest, the share of distinct sentences per sample, the sentences generated.
+    Baselines: 8 random training sentences; the prompt's last, repeated."""
+    docs = [(lo, end) for lo, end in zip(offsets[:-1], offsets[1:] - 1) if end - lo >= k + 2]
+    real = [torch.as_tensor(np.asarray(rows[lo:end], dtype=np.float32)) for lo, end in docs]
+    prompts = [(r[:k], texts[lo:lo + k]) for r, (lo, _) in zip(real, docs)]
+    r = {}
+    for mode in ("decoded", "raw", "raw, repeats"):
+        decode = decoders(mode == "raw, repeats")
+        said = generations(model, prompts, eot, decode, sampling, mode.split(",")[0])
+        kept = [(s, x[k:]) for s, x in zip(said, real) if s.texts]
+        r[mode] = {"closeness": np.mean([closeness(s.concepts, x) for s, x in kept]),
+                   "distinct": np.mean([len(set(s.texts)) / len(s.texts) for s, _ in kept]),
+                   "sentences": np.mean([len(s.texts) for s in said]), "samples": len(kept)}
+    rng = np.random.default_rng(0)
+    train_eot = set(train_offsets[1:] - 1)
+    picks = [[i for i in rng.integers(0, len(train_rows), 16) if i not in train_eot][:8]
+             for _ in real]
+    r["random"] = [closeness(train_rows[np.sort(p)], x[k:]) for p, x in zip(picks, real)]
+    r["repeat last"] = [closeness(x[k - 1:k], x[k:]) for x in real]
+    for name in ("random", "repeat last"):
+        r[name] = {"closeness": np.mean(r[name]), "samples": len(real)}
+    return {name: {key: v if key == "samples" else float(v) for key, v in m.items()}
+            for name, m in r.items()}
+
 def answers(model, rows, offsets, starts, texts, eot, decode, nearest, train_texts, train_offsets,
-            train_starts, sampling, prompt_end="", n=8, stop_eot=0.9, stop_repeat=0.95):
-    """Prompt -> answer pairs, scored as the paper does (summarization): each validation answer is
-    generated from its prompt (its last block_size - 1 sentences) until end of text or n sentences,
-    as sample.py does (decode: concepts.decoder's), joined with spaces and scored
-    against the reference with Google's rouge-score: the F-measure of ROUGE-1, ROUGE-2 and ROUGE-L,
-    no stemming. starts: the row where each answer starts. Baselines: lead-k, the prompt's first k
-    sentences (k: the references' mean length in sentences); a random training answer; the decoder's
-    best, the reference's own concepts decoded (nearest: concepts.roundtrip's; retrieval: the nearest
-    training sentences; SONAR: decoded). -> name -> the means over the pairs of "rouge1", "rouge2", "rougeL",
-    "sentences"."""
+            train_starts, sampling, prompt_end=""):
+    """Prompt -> answer pairs, scored as the paper does: each validation answer (from the row
+    starts) generated from its prompt's last block_size - 1 sentences (generations), joined with
+    spaces and scored against the reference with Google's rouge-score: ROUGE-1, ROUGE-2 and ROUGE-L
+    F-measure, no stemming. Baselines: lead-k, the prompt's first k sentences (k: the references'
+    mean length); a random training answer; the decoder's best, the reference's own concepts decoded
+    (nearest: concepts.roundtrip's). -> name -> the means of rouge1, rouge2, rougeL, sentences."""
     from rouge_score.rouge_scorer import RougeScorer
     scorer = RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=False, split_summaries=True)
     rng = np.random.default_rng(0)
-    generator = torch.Generator(eot.device).manual_seed(0)
-    # (where its prompt starts, where its answer starts, its end of text) for each pair with an answer
+    # (where its prompt starts, where its answer starts, its end of text), pairs with an answer
     pairs = [(lo, a, end - 1) for lo, a, end in zip(offsets[:-1], starts, offsets[1:])
              if end - 1 > a]
     k = max(1, round(np.mean([end - a for _, a, end in pairs])))
     train = [(a, end - 1) for a, end in zip(train_starts, train_offsets[1:]) if end - 1 > a]
+    cut = model.config.block_size - 1
+    prompts = [(torch.as_tensor(np.asarray(rows[max(lo, a - cut):a], np.float32)), texts[lo:a])
+               for lo, a, _ in pairs]
+    said = generations(model, prompts, eot, decode, sampling)
     scores = {name: [] for name in ("model", f"lead-{k}", "random answer", "decoder's best")}
-    for lo, a, end in pairs:
-        prompt = texts[lo:a]
-        said = Transcript(decode, prompt)
-        concepts = torch.as_tensor(np.asarray(rows[lo:a], dtype=np.float32), device=eot.device)
-        context = concepts[-(model.config.block_size - 1):]
-        model.generate(context, n, eot, stop_eot, stop_repeat, feed=said, generator=generator, **sampling)
+    for (lo, a, end), s in zip(pairs, said):
         picked = train[rng.integers(len(train))]
-        candidates = {"model": said.texts, f"lead-{k}": [s for s in prompt if s != prompt_end][:k],
+        reference = torch.as_tensor(np.asarray(rows[a:end], np.float32))
+        candidates = {"model": s.texts, f"lead-{k}": [t for t in texts[lo:a] if t != prompt_end][:k],
                       "random answer": train_texts[picked[0]:picked[1]],
-                      "decoder's best": nearest(torch.as_tensor(np.asarray(rows[a:end],
-                                                                           np.float32)))[0]}
+                      "decoder's best": nearest(reference)[0]}
         for name, sents in candidates.items():
             r = scorer.score(" ".join(texts[a:end]), " ".join(sents))
             rouge = [r[m].fmeasure for m in ("rouge1", "rouge2", "rougeL")]
@@ -180,16 +181,15 @@ def predictor(model, ctx, **sampling):
 
 @torch.no_grad()
 def validate(model, ctx, batches):
-    """train.py's periodic evaluation of the model: {"model": metrics} of its next-concept
-    prediction, as evaluate scores the baselines'. A diffusion model's is its estimate of the
-    conditional mean (one denoising step from pure noise, no guidance): comparable with the
-    baselines' and the Base-LCM's, at the cost of one forward pass. Its own loss on the held-out
-    windows, the denoising loss (seeded noise), is added as "denoising": it chooses the best
-    checkpoint."""
+    """train.py's periodic evaluation: {"model": metrics} of the model's next-concept prediction, as
+    evaluate scores the baselines'. A diffusion model's: its conditional mean (one denoising step
+    from pure noise, no guidance), one forward pass; and its own loss on the held-out windows, the
+    denoising loss (seeded), as "denoising", which chooses the best checkpoint."""
+    model.eval()
     batches = list(batches)
     diffusion = isinstance(model, DiffusionLCM)
-    r = evaluate({"model": predictor(model, ctx, **({"ddim_steps": 1, "guidance": 1.0} if diffusion else {}))},
-                 batches, model.normalizer)
+    mean = {"ddim_steps": 1, "guidance": 1.0} if diffusion else {}
+    r = evaluate({"model": predictor(model, ctx, **mean)}, batches, model.normalizer)
     if diffusion:
         total = 0.0
         n = 0
@@ -200,13 +200,15 @@ def validate(model, ctx, batches):
             total += loss.item() * mask.sum().item()
             n += mask.sum().item()
         r["model"]["denoising"] = total / n
+    model.train()
     return r
 
 def scores(r):
     """An evaluation in a line, for the training log."""
-    denoising = f", denoising loss {r['model']['denoising']:.2f}" if "denoising" in r["model"] else ""
-    return (f"val loss {r['model']['loss']:.2f} (copy {r['copy']['loss']:.2f}, mean {r['mean']['loss']:.2f}), "
-            f"l2 {r['model']['l2']:.4f}, CA {100 * r['model']['ca']:.1f}%{denoising}")
+    model = r["model"]
+    denoising = f", denoising loss {model['denoising']:.2f}" if "denoising" in model else ""
+    return (f"val loss {model['loss']:.2f} (copy {r['copy']['loss']:.2f}, mean "
+            f"{r['mean']['loss']:.2f}), l2 {model['l2']:.4f}, CA {100 * model['ca']:.1f}%{denoising}")
 
 @torch.no_grad()
 def evaluate(predictors, batches, normalizer, roundtrip=None, mi=None):
@@ -265,13 +267,14 @@ def eval_report(model, ctx, sampling, baselines, batches, data_dir, meta, ckpt, 
         mi = (lm, tokenizer, sentences, offsets)
     batches = list(batches)
     windows = sum(len(b[0]) for b in batches)
-    results = evaluate({"model": predictor(model, ctx, **sampling)} | baselines, batches, model.normalizer,
-                       nearest, mi)
+    predictors = {"model": predictor(model, ctx, **sampling)} | baselines
+    results = evaluate(predictors, batches, model.normalizer, nearest, mi)
     iter_num = ckpt["iter_num"]
     trained_on = ckpt["data"]["dir"]
     where = "" if os.path.abspath(data_dir) == trained_on else f" (trained on {trained_on})"
     print(f"{windows} validation windows, {meta['val_docs']} documents of {data_dir}, iter "
-          f"{iter_num}{where}; decoded text: {decoded_by}" + (f"; MI with {mi_model}" if mi_model else ""))
+          f"{iter_num}{where}; decoded text: {decoded_by}"
+          + (f"; MI with {mi_model}" if mi_model else ""))
     mi_column = "      MI" if mi_model else ""
     print(f"{'':8}    loss       l2    rt_l2      CA  CA-doc     PAR{mi_column}")
     for name, r in results.items():
@@ -284,31 +287,24 @@ def eval_report(model, ctx, sampling, baselines, batches, data_dir, meta, ckpt, 
         kind = "continuations"
         gen = continuations(model, rows, offsets, sentences, eot, decoders, train_rows,
                             train_offsets, sampling)
-        print_continuations(gen)
+        print(f"continuations of {gen['random']['samples']} validation documents (prompt: 3 "
+              "sentences, up to 8 generated): closeness to the real rest, sentences, distinct share")
+        for name, r in gen.items() if gen["random"]["samples"] else ():
+            said = f"{r['sentences']:6.1f}{100 * r['distinct']:6.0f}%" if "distinct" in r else ""
+            print(f"{name:14}{r['closeness']:8.3f}{said}")
     else:
         # prompt -> answer pairs: the answers, scored by ROUGE
         kind = "answers"
         with open(os.path.join(data_dir, "train.txt"), encoding="utf-8") as f:
             train_texts = f.read().splitlines()
-        gen = answers(model, rows, offsets, starts, sentences, eot, decoders(False), nearest, train_texts,
-                      train_offsets, train_starts, sampling, meta.get("prompt_end", ""))
-        print_answers(gen)
+        gen = answers(model, rows, offsets, starts, sentences, eot, decoders(False), nearest,
+                      train_texts, train_offsets, train_starts, sampling, meta.get("prompt_end", ""))
+        print(f"answers to {gen['pairs']} validation prompts (until end of text, up to 8 "
+              "sentences): ROUGE-1, ROUGE-2, ROUGE-L (F-measure, %), sentences")
+        for name, r in list(gen.items())[:-1]:
+            rouge = "".join(f"{100 * r[k]:7.2f}" for k in ("rouge1", "rouge2", "rougeL"))
+            print(f"{name:16}{rouge}{r['sentences']:6.1f}")
     with open(os.path.join(out_dir, "eval.json"), "w") as f:
         json.dump({"iter": iter_num, "dataset": data_dir, "windows": windows,
                    "decoded_by": decoded_by, "mi_model": mi_model, **results, kind: gen}, f,
                   indent=1)
-
-def print_continuations(gen):
-    print(f"continuations of {gen['random']['samples']} validation documents (prompt: 3 sentences, "
-          "up to 8 generated): closeness to the real rest, sentences, distinct share")
-    for name, r in gen.items() if gen["random"]["samples"] else ():
-        sentences = f"{r['sentences']:6.1f}{100 * r['distinct']:6.0f}%" if "distinct" in r else ""
-        print(f"{name:14}{r['closeness']:8.3f}{sentences}")
-
-def print_answers(gen):
-    print(f"answers to {gen['pairs']} validation prompts (until end of text, up to 8 sentences): "
-          "ROUGE-1, ROUGE-2, ROUGE-L (F-measure, %), sentences")
-    for name, r in gen.items():
-        if name != "pairs":
-            rouge = "".join(f"{100 * r[m]:7.2f}" for m in ("rouge1", "rouge2", "rougeL"))
-            print(f"{name:16}{rouge}{r['sentences']:6.1f}")

@@ -13,9 +13,9 @@ import json as jsonlib, os, sys
 import torch
 
 from checkpoints import load_model, sampling_settings
-from common import can_compile, check_lang, configure, die, get_device, require
-from concepts import (SentenceBank, Transcript, decoder, load_encoder, prompt_text, sentence_splitter,
-                      split_sentences)
+from common import can_compile, check_lang, configure, get_device, require
+from concepts import (SentenceBank, Transcript, decoder, load_encoder, prompt_text,
+                      sentence_splitter, split_sentences)
 
 out_dir = "out"          # holds ckpt.pt
 start = "Hundreds of people have been forced to leave their homes as a bushfire moves towards the town."
@@ -58,10 +58,9 @@ prompt = split_sentences(nlp, [prompt_text(start)], data["max_chars"])[0]
 require(prompt, "the prompt is empty: pass --start='Some sentences.' or --start=FILE:prompt.txt")
 # a model finetuned on pairs whose prompts closed with a sentence (embed.py --prompt_end) expects it
 prompt += [data["prompt_end"]] if data.get("prompt_end") else []
-
 enc = load_encoder(data["encoder"], device, (sonar_hf_encoder, sonar_hf_decoder))
-if enc.d_emb != model.config.d_emb:
-    die(f"encoder {data['encoder']} gives d_emb {enc.d_emb}, the model wants {model.config.d_emb}")
+require(enc.d_emb == model.config.d_emb, f"encoder {data['encoder']} gives d_emb {enc.d_emb}, "
+        f"the model wants {model.config.d_emb}")
 # SONAR decodes; otherwise the nearest sentence the encoder saw is retrieved, with its cosine
 bank = None if enc.decode else SentenceBank(data_dir or data["dir"], trained_on=data)
 decode = decoder(enc, bank, lang, repeats)
@@ -73,12 +72,13 @@ generator = torch.Generator(device=device).manual_seed(seed)
 for k in range(num_samples):
     # each concept decoded as it comes (end of text is a signal, not a sentence)
     said = Transcript(decode, prompt, feedback)
-    new, cosines, reason = model.generate(concepts, max_new_concepts, eot, stop_eot, stop_repeat,
-                                          use_cache=use_cache, feed=said, generator=generator, **sampling)
+    _, cosines, reason = model.generate(concepts, max_new_concepts, eot, stop_eot, stop_repeat,
+                                        use_cache, said, generator=generator, **sampling)
     if json:
         steps = [{"text": t, "cos_eot": c} | ({"retrieved_cos": s} if s is not None else {})
                  for t, c, s in zip(said.texts, cosines, said.sims)]
-        print(jsonlib.dumps({"sample": k, "prompt": prompt, "steps": steps, "stop": reason}, ensure_ascii=False))
+        sample = {"sample": k, "prompt": prompt, "steps": steps, "stop": reason}
+        print(jsonlib.dumps(sample, ensure_ascii=False))
         continue
     print("\n".join(prompt))
     for t, s in zip(said.texts, said.sims):

@@ -27,8 +27,7 @@ mi_model = ""            # eval_only: a Hugging Face causal LM (gpt2 in the pape
 sonar_hf_encoder = ""    # eval_only: SONAR's transformers port, its encoder and decoder (hub names
 sonar_hf_decoder = ""    # or folders); '' = the community port's (docs/sonar.md)
 always_save_checkpoint = False  # False: keep the best val loss (small data overfits); True: latest
-init_from = "scratch"    # 'scratch', 'resume' (out_dir/ckpt.pt, its settings unless given), or to
-                         # finetune, a run's out_dir or checkpoint: its weights, normalizer, shape
+init_from = "scratch"    # 'scratch', 'resume' (out_dir/ckpt.pt), or a run's out_dir or ckpt to finetune
 # data
 dataset = "lee"          # reads data_root/dataset, built by embed.py
 data_root = "data"
@@ -89,10 +88,7 @@ if resume or finetune:
         if k in config_keys and k not in given:
             globals()[k] = old[k]
     # those given here stay, but the model's settings cannot change (but for finetuning's dropout)
-    changed = [k for k in take if k in given and old[k] != globals()[k]]
-    checkpoints.check_unchanged(checkpoint, source, {k: globals()[k] for k in changed}, finetune)
-    if changed and resume:
-        print("changed from the checkpoint: " + ", ".join(f"{k} {old[k]} -> {globals()[k]}" for k in changed))
+    checkpoints.check_changes(checkpoint, source, {k: globals()[k] for k in take if k in given}, finetune)
 config = {k: globals()[k] for k in config_keys}
 common.check_train_settings(config)
 
@@ -102,7 +98,6 @@ device = common.get_device(device)
 rank, world, device = common.init_distributed(device, backend)
 ddp = torch.distributed.is_initialized()
 master = rank == 0
-device_type = torch.device(device).type
 ctx, dtype = common.autocast(dtype, device, n_embd)
 torch.manual_seed(seed + rank)
 torch.backends.cuda.matmul.allow_tf32 = True
@@ -127,7 +122,6 @@ if not max_iters:
 lr_decay_iters = lr_decay_iters or max_iters
 # the same on every rank: together they draw one global batch
 data_rng = np.random.default_rng(seed)
-
 val_batches = lambda: datafiles.eval_batches(val_rows, val_offsets, block_size, batch_size,
                                              eval_iters * batch_size, device, val_answers)
 
@@ -146,7 +140,7 @@ sampling = checkpoints.sampling_settings(model, ckpt_path, guidance=guidance, dd
 iter_num = checkpoint["iter_num"] if resume else 0
 best_val_loss = checkpoint["best_val_loss"] if resume else float("inf")
 evals_since_best = checkpoint.get("evals_since_best", 0) if resume else 0
-scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")
+scaler = torch.amp.GradScaler(torch.device(device).type, enabled=dtype == "float16")
 optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), eps)
 if resume and not eval_only:
     checkpoints.load_optimizer(optimizer, scaler, checkpoint)
@@ -156,9 +150,8 @@ raw_model = model
 if compile and common.can_compile(device):
     model = torch.compile(model)
 if ddp:
-    model = DDP(model, device_ids=[torch.device(device)] if device_type == "cuda" else None)
+    model = DDP(model, device_ids=[torch.device(device)] if device.startswith("cuda") else None)
 
-# the paper's two baselines of every evaluation: copy the last concept, predict the training mean
 baselines = metrics.baselines(torch.tensor(meta["mean"], device=device))
 if eval_only:
     if master:
@@ -200,9 +193,7 @@ while True:
         # every rank's, for the checkpoint
         rng = checkpoints.rng_states(device)
         if master:
-            raw_model.eval()
             r = metrics.validate(raw_model, ctx, val_batches()) | baseline_metrics
-            raw_model.train()
             print(f"step {iter_num}: " + metrics.scores(r))
             log.write(json.dumps({"iter": iter_num, "val": r}) + "\n")
             log.flush()

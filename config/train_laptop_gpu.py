@@ -19,8 +19,6 @@ log_interval = 50
 warmup_iters = 2000
 learning_rate = 4e-4
 min_lr = 4e-5
-dtype = ""                # auto: bf16 on GPUs that have it in hardware (Ampere and up), else
-                          # fp16 with a GradScaler; on a Mac (MPS) fp32
-compile = True            # where it cannot work (Windows: no triton; GPUs below compute
-                          # capability 7.0), train.py says so in one line and runs eager
+dtype = ""                # auto: bf16 where the GPU has it, else fp16; fp32 on a Mac (README)
+compile = True            # where it cannot work, train.py says so in one line and runs eager
 always_save_checkpoint = True

@@ -24,7 +24,8 @@ def test_a_noisy_concept_sees_neither_its_clean_target_nor_later_concepts_nor_ot
     t = torch.randint(0, 100, (B, T))
     cond = torch.zeros(B, T, dtype=torch.bool)
     # the one network of training and sampling, on the clean concepts' context
-    denoise = lambda concepts, noisy, t, uncond: model.denoise(model.contextualize(concepts), noisy, t, uncond)
+    denoise = lambda concepts, noisy, t, uncond: model.denoise(model.contextualize(concepts), noisy, t,
+                                                              uncond)
     with torch.no_grad():
         pred = denoise(concepts, noisy, t, cond)
         # position k denoises the concept after c_k: c_{k+1} on is its target and the future
@@ -46,8 +47,8 @@ def test_a_noisy_concept_sees_neither_its_clean_target_nor_later_concepts_nor_ot
         cache = [torch.zeros(2, B, 2, T + 1, 16) for _ in model.blocks]
         last = torch.tensor([[False], [True]])
         kept = model.denoise(model.contextualize(concepts, cache), noisy[:, -1:], t[:, -1:], last)
-        assert torch.allclose(kept, model.denoise(model.contextualize(concepts), noisy[:, -1:], t[:, -1:], last),
-                              atol=1e-5)
+        again = model.denoise(model.contextualize(concepts), noisy[:, -1:], t[:, -1:], last)
+        assert torch.allclose(kept, again, atol=1e-5)
 
 def test_the_schedule_goes_from_almost_clean_to_pure_noise():
     alpha_bar = diffusion.cosine_schedule(100)
@@ -61,7 +62,8 @@ def test_ddim_with_guidance_1_equals_sampling_without_guidance():
 
     def ddim_by_hand(z):
         # DDIM written out on the training path's network, the conditional half only
-        steps = [99, 87, 74, 61, 49, 37, 24, 11]  # "trailing" (diffusers): 8 of 100, the first pure noise
+        # "trailing" (diffusers): 8 of 100, the first pure noise
+        steps = [99, 87, 74, 61, 49, 37, 24, 11]
         with torch.no_grad():
             for t, t_next in zip(steps, steps[1:] + [None]):
                 x0 = model.denoise(model.contextualize(concepts), z, torch.full(z.shape[:2], t),
@@ -70,8 +72,10 @@ def test_ddim_with_guidance_1_equals_sampling_without_guidance():
                 a_next = model.alpha_bar[t_next] if t_next is not None else torch.tensor(1.0)
                 z = a_next.sqrt() * x0 + (1 - a_next).sqrt() * (z - a.sqrt() * x0) / (1 - a).sqrt()
         return z
-    sampled = model.predict(concepts, generator=torch.Generator().manual_seed(5), ddim_steps=8, guidance=1.0)
-    z = torch.randn(3, 7, 16, generator=torch.Generator().manual_seed(5)) * 0.6  # the paper's initial noise
+    sampled = model.predict(concepts, generator=torch.Generator().manual_seed(5), ddim_steps=8,
+                            guidance=1.0)
+    # 0.6: the paper's initial noise
+    z = torch.randn(3, 7, 16, generator=torch.Generator().manual_seed(5)) * 0.6
     assert torch.allclose(sampled, ddim_by_hand(z), atol=1e-5)
     # generation samples after the last position only, the context's keys and values computed once:
     # the same network
@@ -80,7 +84,8 @@ def test_ddim_with_guidance_1_equals_sampling_without_guidance():
     z = torch.randn(3, 1, 16, generator=torch.Generator().manual_seed(5)) * 0.6
     assert last.shape == (3, 1, 16) and torch.allclose(last, ddim_by_hand(z), atol=1e-5)
     # guided, the conditional and unconditional halves go through the same network
-    guided = model.predict(concepts, generator=torch.Generator().manual_seed(5), ddim_steps=8, guidance=3.0)
+    guided = model.predict(concepts, generator=torch.Generator().manual_seed(5), ddim_steps=8,
+                           guidance=3.0)
     assert not torch.allclose(guided, sampled, atol=1e-3)
 
 def test_where_two_next_concepts_are_equally_likely_diffusion_samples_one_and_mse_predicts_the_mean():
@@ -125,7 +130,8 @@ def test_a_diffusion_run_resumes_exactly_and_evaluates_with_sampling_settings_ch
     assert all(abs(a[i] - b[i]) <= 1e-5 * abs(a[i]) for i in range(11, 21)), (a, b)
     model, ckpt = checkpoints.load_model(str(tmp_path / "b" / "ckpt.pt"))
     assert isinstance(model, DiffusionLCM) and ckpt["config"]["ddim_steps"] == 4
-    # its periodic evaluations report the conditional mean's metrics, comparable with the baselines',
+    # its periodic evaluations report the conditional mean's metrics, comparable with the
+    # baselines',
     # and the denoising loss that chooses the checkpoint
     val = [r["val"] for r in log_of(tmp_path / "b") if "val" in r]
     assert all({"loss", "l2", "ca", "denoising"} <= set(v["model"]) for v in val)
@@ -134,7 +140,8 @@ def test_a_diffusion_run_resumes_exactly_and_evaluates_with_sampling_settings_ch
     p = run("train.py", "--eval_only=True", "--out_dir=b", "--guidance=1.5", cwd=tmp_path)
     assert "changed from the checkpoint: guidance 0.0 -> 1.5" in p.stdout
     assert 0.5 < json.load(open(tmp_path / "b" / "eval.json"))["model"]["ca"] <= 1
-    p = run("train.py", "--init_from=resume", "--out_dir=b", "--n_embd=64", cwd=tmp_path, check=False)
+    p = run("train.py", "--init_from=resume", "--out_dir=b", "--n_embd=64", cwd=tmp_path,
+            check=False)
     assert p.returncode == 1 and "the model's settings cannot change" in p.stderr
     p = run("train.py", "--init_from=resume", "--out_dir=b", "--model_type=baselcm", cwd=tmp_path,
             check=False)

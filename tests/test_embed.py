@@ -1,6 +1,7 @@
 """
-embed.py as a user runs it, with a stand-in `sonar` that records its calls: the data format, resuming
-after kill -9, two processes, the official parquet schema, pairs, bad input, settings that must not mix.
+embed.py as a user runs it, with a stand-in `sonar` that records its calls: the data format,
+resuming after kill -9, two processes, the official parquet schema, pairs, bad input, settings that
+must not mix.
 """
 import json, os, signal, subprocess, sys, time
 
@@ -63,7 +64,8 @@ def test_embed_resumes_after_kill_9_with_identical_files(sonar_env, tmp_path):
     assert len([c for c in calls() if c["call"] == "encode"]) - n_before == 1 + 15 - n_done
     for f in ("train.bin", "val.bin", "train.txt", "val.txt", "train_offsets.npy",
               "val_offsets.npy", "meta.json"):
-        assert (tmp_path / "data" / "whole" / f).read_bytes() == (tmp_path / "data" / "docs" / f).read_bytes()
+        data = tmp_path / "data"
+        assert (data / "whole" / f).read_bytes() == (data / "docs" / f).read_bytes()
 
 @pytest.mark.slow
 def test_embed_on_two_processes_equals_one(sonar_env, tmp_path):
@@ -73,7 +75,8 @@ def test_embed_on_two_processes_equals_one(sonar_env, tmp_path):
     run("embed.py", *args, "--name=one", cwd=tmp_path, env=env)
     run(TORCHRUN + [os.path.join(HERE, "embed.py")], *args, "--name=two", cwd=tmp_path, env=env)
     for f in ("train.bin", "val.bin", "train.txt", "train_offsets.npy", "meta.json"):
-        assert (tmp_path / "data" / "one" / f).read_bytes() == (tmp_path / "data" / "two" / f).read_bytes()
+        data = tmp_path / "data"
+        assert (data / "one" / f).read_bytes() == (data / "two" / f).read_bytes()
 
 @pytest.mark.slow
 def test_official_lcm_parquet_is_imported_without_reencoding(sonar_env, tmp_path):
@@ -213,7 +216,8 @@ def test_partial_work_from_other_settings_is_never_reused(sonar_env, tmp_path):
     assert "partial work from other settings: starting clean" in p.stdout
     run("embed.py", *args, "--dtype=float32", "--name=clean", cwd=tmp_path, env=env)
     for f in ("train.bin", "val.bin", "train.txt", "val.txt", "train_offsets.npy"):
-        assert (tmp_path / "data" / "docs" / f).read_bytes() == (tmp_path / "data" / "clean" / f).read_bytes()
+        data = tmp_path / "data"
+        assert (data / "docs" / f).read_bytes() == (data / "clean" / f).read_bytes()
 
 @pytest.mark.slow
 def test_a_failed_run_does_not_block_the_fixed_rerun(sonar_env, tmp_path):

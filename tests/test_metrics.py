@@ -1,5 +1,6 @@
 """
-The paper's metrics (metrics.py): l2, CA, PAR and MI by hand, continuation closeness, and the ROUGE of
+The paper's metrics (metrics.py): l2, CA, PAR and MI by hand, continuation closeness, and the ROUGE
+of
 generated answers against their baselines.
 """
 import copy
@@ -38,9 +39,9 @@ def test_contrastive_accuracy_leaves_out_the_truth_and_its_neighbours_in_the_doc
     doc = torch.tensor([0, 1])
     row = torch.tensor([[1, 2, 3], [0, 1, 2]])
     r = finish_metrics(concept_metrics(pred, y, y, mask, baselcm.Normalizer(2), doc, row))
-    # 1.4 vs 1: all 4 distractors (3, 10, 20, 30) further; 2.9 vs 2: its neighbours 1 and 3 are left out, 3 of 3;
-    # 1.2 vs 3: 1 (not a neighbour) is closer, 3 of 4; window 1 is exact: 4 + 3 + 4 hits. The official variant
-    # takes only the other document's 3 targets: 18 of 18.
+    # 1.4 vs 1: all 4 distractors (3, 10, 20, 30) further; 2.9 vs 2: its neighbours 1 and 3 are left
+    # out, 3 of 3; 1.2 vs 3: 1 (not a neighbour) is closer, 3 of 4; window 1 is exact: 4 + 3 + 4 hits.
+    # The official variant takes only the other document's 3 targets: 18 of 18.
     assert r["ca"] == 21 / 22 and r["ca_doc"] == 1.0
 
 def test_par_is_the_max_cosine_to_the_context_of_prediction_over_truth():
@@ -89,10 +90,12 @@ def test_answers_are_scored_by_rouge_against_lead_k_a_random_answer_and_the_deco
         def generate(self, prompt, n, eot, stop_eot, stop_repeat, feed, **sampling):
             assert torch.equal(prompt, torch.as_tensor(rows[:3]))
             feed(torch.ones(4))
-    decode = lambda c, avoid=(), back=False: ([said[False]] * len(c), [None], np.zeros((len(c), 4)))
+            return None, None, "eot"
+    decode = lambda c, avoid=(): ([said[False]] * len(c), [None], np.zeros((len(c), 4)))
     nearest = lambda c: ([said[None]] * len(c), np.zeros((len(c), 4)))
     train_texts = ["Q1.", "[MODEL]:", "A dog ran.", concepts.EOT_TEXT]
-    r = metrics.answers(Model(), rows, np.array([0, 5]), np.array([3]), texts, torch.zeros(4), decode, nearest,
+    r = metrics.answers(Model(), rows, np.array([0, 5]), np.array([3]), texts, torch.zeros(4), decode,
+                        nearest,
                         train_texts, np.array([0, 4]), np.array([2]), {}, prompt_end="[MODEL]:")
     # by hand: reference "the cat sat on the mat", 6 tokens
     assert r["pairs"] == 1
@@ -105,6 +108,6 @@ def test_answers_are_scored_by_rouge_against_lead_k_a_random_answer_and_the_deco
 
 def test_the_continuation_metric_stops_as_sample_py_does_by_default():
     import inspect
-    defaults = inspect.signature(metrics.continuations).parameters
+    defaults = inspect.signature(metrics.generations).parameters
     knobs = {k: v for k, v in script_knobs("sample.py").items() if k.startswith("stop_")}
     assert knobs == {k: defaults[k].default for k in ("stop_eot", "stop_repeat")}

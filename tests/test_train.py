@@ -34,7 +34,8 @@ def test_a_killed_run_resumed_with_only_init_from_and_out_dir_continues_exactly(
                          cwd=tmp_path, env=ENV,
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     log, deadline = tmp_path / "b" / "log.jsonl", time.time() + 120
-    evaluated = lambda: log.exists() and any("val" in r and r["iter"] >= 30 for r in log_of(log.parent))
+    evaluated = lambda: log.exists() and any("val" in r and r["iter"] >= 30
+                                             for r in log_of(log.parent))
     while time.time() < deadline and not evaluated():
         time.sleep(0.01)
     os.kill(p.pid, signal.SIGKILL)
@@ -63,7 +64,8 @@ def test_training_length_follows_the_data_and_stops_when_val_loss_stops_improvin
 
 @pytest.fixture()
 def trained(tmp_path):
-    """A tiny model trained on data/rot, and beside it: rot2 (same encoder), wide (another d_emb)."""
+    """A tiny model trained on data/rot, and beside it: rot2 (same encoder), wide (another
+    d_emb)."""
     rng = np.random.default_rng(2)
     for name, d in (("rot", 16), ("rot2", 16), ("wide", 24)):
         train, eot = rotation_docs(rng, 30, d=d)
@@ -143,7 +145,8 @@ def test_ddp_on_two_gloo_processes_logs_what_one_process_logs(rotation_data, tmp
     # the global batch's loss, not rank 0's share of it
     loss = lambda out: [r["loss"] for r in log_of(tmp_path / out) if "loss" in r]
     assert len(loss("ddp")) == 15
-    assert all(abs(a - b) <= 1e-4 * b for a, b in zip(loss("ddp"), loss("single"))), (loss("ddp"), loss("single"))
+    assert all(abs(a - b) <= 1e-4 * b for a, b in zip(loss("ddp"), loss("single"))), \
+        (loss("ddp"), loss("single"))
     # the global FLOPs over the peak of both processes
     assert all(0 < r["mfu"] <= 1 for r in log_of(tmp_path / "ddp") if "mfu" in r)
 

@@ -1,8 +1,8 @@
 """
 The Base Large Concept Model (Meta, "Large Concept Models", 2024): a causal transformer over
-sentence embeddings (concepts). The pre-net normalizes each concept and projects it to the model width, the
-transformer mixes them causally, and the post-net projects back; the model is trained to predict the
-next concept with mean squared error, and generates by appending its own predictions.
+sentence embeddings (concepts). The pre-net normalizes each concept and projects it to the model
+width, the transformer mixes them causally, and the post-net projects back; the model is trained to
+predict the next concept with mean squared error, and generates by appending its own predictions.
 """
 import math
 from dataclasses import dataclass
@@ -23,8 +23,7 @@ class LCMConfig:
     rope_theta: float = 10000.0
 
 class Normalizer(nn.Module):
-    """Robust per-dimension scaling, (x - median) / (IQR / 1.349), fitted once on the training data
-    (datafiles.fit_normalizer). Its numbers are buffers, so they travel in every checkpoint."""
+    """(x - median) / (IQR / 1.349) per dimension, fitted on the training data; in checkpoints"""
 
     def __init__(self, d_emb):
         super().__init__()
@@ -114,14 +113,18 @@ class BaseLCM(nn.Module):
         self.blocks = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
         self.ln_f = RMSNorm(config.n_embd)
         self.postnet = nn.Linear(config.n_embd, config.d_emb)
+        # the stop head, P(the next concept is end of text), made without a random draw (the rest
+        # trains exactly as without it); its prior: log-odds that a text ends after i sentences
+        self.stop = nn.utils.skip_init(nn.Linear, config.n_embd, 1)
+        self.register_buffer("stop_prior", torch.zeros(128))
         hs = config.n_embd // config.n_head
         self.register_buffer("inv_freq", config.rope_theta ** (-torch.arange(0, hs, 2).float() / hs),
                              persistent=False)
         # GPT-2's init: matrices N(0, 0.02), residual projections scaled down by depth, biases 0
-        # (the norms' weights stay 1)
+        # (the norms' weights stay 1; the stop head starts at ends being rare, 5 %)
         for name, p in self.named_parameters():
-            if name.endswith(".bias"):
-                nn.init.zeros_(p)
+            if name.endswith(".bias") or name.startswith("stop."):
+                nn.init.constant_(p, -3.0 if name == "stop.bias" else 0.0)
             elif p.dim() == 2:
                 scaled = name.endswith("c_proj.weight")
                 nn.init.normal_(p, std=0.02 / math.sqrt(2 * config.n_layer) if scaled else 0.02)
@@ -136,38 +139,48 @@ class BaseLCM(nn.Module):
             x = block(x, cos, sin, attn_mask, None if cache is None else cache[i], pos)
         return self.ln_f(x)
 
-    def forward(self, concepts, targets=None, mask=None, cache=None, pos=None):
-        """concepts (B, T, d_emb) in the encoder's space -> predictions (B, T, d_emb) in the normalized
-        space, and the loss: the squared error against the normalized next concept, summed over the
-        dimensions, averaged over the targets where mask is True. With a cache, pos (T,) holds the
-        concepts' positions in the window."""
+    def forward(self, concepts, targets=None, mask=None, eot=None, cache=None, pos=None):
+        """concepts (B, T, d_emb) in the encoder's space -> predictions (B, T, d_emb), normalized,
+        and the loss: the squared error against the normalized next concept, summed over dimensions,
+        averaged over the targets where mask is True, plus the stop head's (eot); without targets,
+        its logits (B, T). With a cache, pos (T,) holds the concepts' positions in the window."""
         T = concepts.size(1)
         assert T <= self.config.block_size, f"{T} concepts > block_size {self.config.block_size}"
         pos = torch.arange(T, device=concepts.device) if pos is None else pos
         x = self.drop(self.prenet(self.normalizer.normalize(concepts)))  # (B, T, n_embd)
-        pred = self.postnet(self.transformer(x, pos, cache=cache))  # (B, T, d_emb)
+        h = self.transformer(x, pos, cache=cache)
+        pred = self.postnet(h)  # (B, T, d_emb)
         if targets is None:
-            return pred, None
+            return pred, None if self.stop is None else self.stop(h).squeeze(-1).float()
         # in fp32, whatever the autocast dtype
         err = (pred.float() - self.normalizer.normalize(targets.float())).pow(2).sum(-1)  # (B, T)
-        return pred, masked_mean(err, mask)
+        return pred, masked_mean(err, mask) + self.stop_loss(h, eot, mask)
+
+    def stop_loss(self, h, eot, mask):
+        """The stop head's cross-entropy against eot (B, T) where mask is True; h read detached."""
+        if eot is None or self.stop is None:
+            return 0.0
+        logits = self.stop(h.detach()).squeeze(-1).float()
+        return masked_mean(F.binary_cross_entropy_with_logits(logits, eot.float(), reduction="none"), mask)
 
     @torch.no_grad()
     def predict(self, concepts, cache=None, pos=None, last=False, noise=0.0, generator=None):
-        """The next concept after each of concepts (B, T, d_emb) (last: after the last one only),
-        normalized: the regression, plus Gaussian noise of std noise (official inference) if given."""
-        pred = self(concepts, cache=cache, pos=pos)[0].float()
-        pred = pred[:, -1:] if last else pred
+        """The next concept after each of concepts (B, T, d_emb) (last: the last one only),
+        normalized, plus Gaussian noise of std noise (official inference); the stop head's logits."""
+        pred, stop = self(concepts, cache=cache, pos=pos)
+        pred = pred[:, -1:].float() if last else pred.float()
         if noise > 0:
             pred = pred + noise * torch.randn(pred.shape, generator=generator, device=pred.device)
-        return pred
+        return pred, stop if stop is None or not last else stop[:, -1:]
 
     @torch.no_grad()
     def generate(self, prompt, max_new_concepts, eot, stop_eot=0.9, stop_repeat=0.0, use_cache=True,
-                 feed=None, **sampling):
+                 feed=None, stop_end=0.0, since=0, **sampling):
         """prompt (T, d_emb) -> (new concepts (n, d_emb), cosine of each to eot, stop reason). Each
         prediction (predict's, with the sampling settings) joins the context as feed(prediction), if
-        given, makes it (the decoded sentence's concept); a context over block_size keeps its end."""
+        given, makes it (the decoded sentence's concept); a context over block_size keeps its end.
+        It stops at end of text: a prediction within cosine stop_eot of eot, or, by the stop head,
+        once the text (since: its sentences in the prompt) has ended with probability stop_end."""
         c = self.config
         seq = prompt.float()
         cosines = []
@@ -176,6 +189,7 @@ class BaseLCM(nn.Module):
         cache = [torch.zeros(shape, device=seq.device) for _ in self.blocks] if use_cache else None
         start = 0  # where the window starts in seq
         cached = 0  # rows of the window already in the cache
+        ended = 0.0  # P(the text has ended by now)
         for _ in range(max_new_concepts):
             if seq.size(0) - start > c.block_size:
                 start = seq.size(0) - c.block_size // 2
@@ -183,29 +197,32 @@ class BaseLCM(nn.Module):
             # the rows not in the cache yet, at their positions in the window
             pos = torch.arange(cached, seq.size(0) - start, device=seq.device)
             kv = {"cache": cache, "pos": pos} if use_cache else {}
-            z = self.predict(seq[None, start + cached:], last=True, **kv, **sampling)[0, 0]
+            z, end = self.predict(seq[None, start + cached:], last=True, **kv, **sampling)
             cached = seq.size(0) - start if use_cache else 0
-            new = self.normalizer.denormalize(z)
+            new = self.normalizer.denormalize(z[0, 0])
             cosines.append(F.cosine_similarity(new, eot, dim=0).item())
-            if cosines[-1] < stop_eot and feed is not None:
+            if end is not None:
+                # the stop head's odds, times the odds of ending here that the texts' lengths give
+                prior = self.stop_prior[min(since + len(cosines) - 1, len(self.stop_prior) - 1)]
+                ended = 1 - (1 - ended) * (1 - torch.sigmoid(end + prior).item())
+            at_end = cosines[-1] >= stop_eot or ended >= stop_end > 0
+            if not at_end and feed is not None:
                 new = feed(new)
             near = F.cosine_similarity(new[None], seq[start:]).max() if stop_repeat > 0 else 0
             seq = torch.cat([seq, new[None]])
-            stop = "eot" if cosines[-1] >= stop_eot else "repeat" if near >= stop_repeat > 0 else None
+            stop = "eot" if at_end else "repeat" if near >= stop_repeat > 0 else None
             if stop:
                 return seq[prompt.size(0):], cosines, stop
         return seq[prompt.size(0):], cosines, "max_new_concepts"
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, eps):
-        params = [p for p in self.parameters() if p.requires_grad]
         # weight decay on the matrices only, not on biases and norms
-        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+        groups = [{"params": [p for p in self.parameters() if p.dim() >= 2], "weight_decay": weight_decay},
+                  {"params": [p for p in self.parameters() if p.dim() < 2], "weight_decay": 0.0}]
         # fused AdamW: one kernel for all parameters (cuda, cpu and mps have it)
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps, fused=True)
 
     def flops_per_concept(self):
         """Training FLOPs per concept: 6N for the weights, plus attention (PaLM, appendix B)."""
         c = self.config
-        n_params = sum(p.numel() for p in self.parameters())
-        return 6 * n_params + 12 * c.n_layer * c.n_embd * c.block_size
+        return 6 * sum(p.numel() for p in self.parameters()) + 12 * c.n_layer * c.n_embd * c.block_size

@@ -50,7 +50,12 @@ def model_from(ckpt, **changes):
     try:
         model = build_model(ckpt["config"].get("model_type", "baselcm"), ckpt["model_args"] | changes)
         # torch.compile's prefix
-        model.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()})
+        weights = {k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()}
+        if "stop.weight" not in weights:
+            print(f"{ckpt['path']} has no stop head (made before it): it stops at end of text by "
+                  "the cosine alone (stop_eot)")
+            model.stop = model.stop_prior = None
+        model.load_state_dict(weights)
     except Exception as e:
         unreadable(ckpt["path"], e)
     return model

@@ -3,7 +3,7 @@ The plumbing the scripts share: their configuration (module globals, a config fi
 --key=value), one-line errors and settings checks, devices and processes, the measured matmul peak,
 atomic saves. The floor of the project: it imports nothing of it.
 """
-import ast, difflib, os, re, sys, tempfile, time
+import ast, difflib, json, os, re, sys, tempfile, time
 from contextlib import nullcontext
 from datetime import timedelta
 
@@ -115,8 +115,6 @@ def check_train_settings(c):
     windows = c["gradient_accumulation_steps"] * c["batch_size"]
     require(world <= windows, f"{world} processes share a global batch of {windows} windows: raise "
             "--batch_size or --gradient_accumulation_steps, or use fewer processes")
-    require(not c["mi_model"] or c["eval_only"], f"--mi_model={c['mi_model']} needs --eval_only=True: MI is "
-            "measured on a checkpoint's decoded text")
 
 def check_embed_settings(c):
     """embed.py's settings (c) that no run could use: one line each, before any work is done."""
@@ -279,6 +277,26 @@ def start_wandb(project, name, config, run_id=None):
     except Exception as e:
         die(f"W&B did not start ({type(e).__name__}: {first_line(e)}): check `wandb login`, or set "
             "WANDB_MODE=offline")
+
+class RunLog:
+    """A run's log: a file with a JSON record a line (log.jsonl), and the same to a Weights &
+    Biases run, if given: evaluations as val/{predictor}/{loss,l2,ca}, training as train/loss, lr,
+    ms, mfu."""
+
+    def __init__(self, path, append, wandb_run=None):
+        self.file = open(path, "a" if append else "w")
+        self.wandb = wandb_run
+
+    def write(self, record):
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.wandb and "val" in record:
+            r = record["val"]
+            kept = {f"val/{k}/{m}": v for k in r for m, v in r[k].items() if m in ("loss", "l2", "ca")}
+            self.wandb.log(kept, record["iter"])
+        elif self.wandb and "loss" in record:
+            self.wandb.log({"train/loss": record["loss"]} | {k: record[k] for k in ("lr", "ms", "mfu")},
+                           record["iter"])
 
 def atomic_save(obj, path):
     """torch.save to a temporary file, then rename: a crash never leaves a broken checkpoint."""

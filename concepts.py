@@ -377,6 +377,18 @@ def find_source(dataset):
         die(f"no such file or folder: {source}")
     return source, [], name
 
+def official_concepts(rows, prompts, enc, prompt_end, lang):
+    """Rows of the official LCM schema, and each one's prompt sentences (with --prompt_end) -> their
+    SONAR concepts as given, prompt then text, each (n, d_emb); only prompt_end is encoded here."""
+    given = lambda r, c: np.asarray(r.get(c) or [], np.float32).reshape(-1, enc.d_emb)
+    closing = enc.encode([prompt_end], lang=lang) if prompt_end else None
+    out = []
+    for r, p in zip(rows, prompts):
+        prompt = given(r, "prompt_sentences_sonar_emb")
+        end = [closing] if len(p) > len(prompt) else []
+        out.append(np.concatenate([prompt] + end + [given(r, "text_sentences_sonar_emb")]))
+    return out
+
 def read_documents(dataset, source, files, hf_config, hf_split, columns):
     """-> (an iterator over the rows, and where they hold the official LCM parquet schema, sentences
     and their SONAR embeddings, its columns of sentences: [prompt_sentences (pairs),] text_sentences;

@@ -156,7 +156,7 @@ def finish_dataset(work, out, meta, norm_sample, seed):
 
 def data_facts(data_dir, meta):
     """What a checkpoint keeps of its dataset, for sample.py and resume."""
-    facts = ("encoder", "lang", "d_emb", "eot", "spacy_model", "max_chars", "key", "prompt_end")
+    facts = ("encoder", "lang", "d_emb", "eot", "spacy_model", "max_chars", "key", "prompt_end", "pairs")
     return {k: meta.get(k) for k in facts} | {"dir": os.path.abspath(data_dir)}
 
 def settings_of(knobs, source, files):
@@ -201,34 +201,46 @@ def sample_windows(rng, offsets, n, block_size, answers=None):
     start = lo + (rng.random(n) * (hi - lo + 1)).astype(np.int64)
     return start, end, start + 1
 
+def stop_prior(offsets, answers=None, n=128):
+    """-> (the share of the training targets that are end of text; the log-odds that a text ends
+    after i sentences, given that it has them, against that share, (n,)): the texts' lengths as a
+    prior for the stop head. A text: a document, or a pair's answer."""
+    lengths = offsets[1:] - 1 - (offsets[:-1] if answers is None else answers)
+    rate = len(lengths) / (lengths + 1).sum()
+    ends = np.array([((lengths == i).sum() + 0.5) / ((lengths >= i).sum() + 1) for i in range(n)])
+    logit = lambda p: np.log(p / (1 - p))
+    return rate, logit(ends) - logit(rate)
+
 def count_targets(starts, ends, first, block_size):
     return int((np.minimum(ends, starts + block_size + 1) - first).clip(0).sum())
 
 def get_batch(rows, starts, ends, first, block_size, device="cpu"):
     """-> x (B, T, d_emb) inputs, y (B, T, d_emb) next concepts, mask (B, T) real targets: in the
-    document and at or after first. Short documents are padded with zeros; causality keeps padding
-    out of the real positions."""
+    document and at or after first, eot (B, T) the targets that are their document's end of text.
+    Short documents are padded with zeros; causality keeps padding out of the real positions."""
     n = np.minimum(ends - starts, block_size + 1)
     buf = np.zeros((len(starts), block_size + 1, rows.shape[1]), dtype=np.float32)
     for i, (s, k) in enumerate(zip(starts, n)):
         buf[i, :k] = rows[s:s + k]
     buf = torch.from_numpy(buf)
     target_rows = torch.from_numpy(starts)[:, None] + 1 + torch.arange(block_size)  # (B, T)
-    mask = (target_rows < torch.from_numpy(ends)[:, None]) & (target_rows >= torch.from_numpy(first)[:, None])
+    ends = torch.from_numpy(ends)[:, None]
+    mask = (target_rows < ends) & (target_rows >= torch.from_numpy(first)[:, None])
+    flags = torch.stack([mask, mask & (target_rows == ends - 1)])
     # an asynchronous copy from pinned memory on CUDA only: on MPS a non-blocking copy from
     # ordinary memory can arrive corrupted (pytorch issues 139550, 189690)
     cuda = torch.device(device).type == "cuda"
     if cuda:
         buf = buf.pin_memory()
-        mask = mask.pin_memory()
+        flags = flags.pin_memory()
     buf = buf.to(device, non_blocking=cuda)
-    mask = mask.to(device, non_blocking=cuda)
-    return buf[:, :-1], buf[:, 1:], mask
+    flags = flags.to(device, non_blocking=cuda)
+    return buf[:, :-1], buf[:, 1:], flags[0], flags[1]
 
 def eval_batches(rows, offsets, block_size, batch_size, n_windows, device, answers=None):
     """Fixed windows over the first documents, every target predicted once (deterministic evals), in
-    batches: x, y, mask as get_batch, doc (B,) the document of each window and row (B, T) the row of
-    each target, which the metrics need to find a target's neighbours. Pairs (answers): a window
+    batches: x, y, mask, eot as get_batch, doc (B,) the document of each window and row (B, T) the row
+    of each target, which the metrics need to find a target's neighbours. Pairs (answers): a window
     per pair, its last rows, predicting the answer."""
     starts = []
     for lo, end in zip(offsets[:-1], offsets[1:]):
@@ -241,7 +253,7 @@ def eval_batches(rows, offsets, block_size, batch_size, n_windows, device, answe
     for i in range(0, len(starts), batch_size):
         s = starts[i:i + batch_size]
         b = slice(i, i + batch_size)
-        x, y, mask = get_batch(rows, s, offsets[docs[b] + 1], first[b], block_size, device)
+        x, y, mask, eot = get_batch(rows, s, offsets[docs[b] + 1], first[b], block_size, device)
         doc = torch.as_tensor(docs[b], device=device)
         row = torch.as_tensor(s[:, None] + np.arange(1, block_size + 1), device=device)
-        yield x, y, mask, doc, row
+        yield x, y, mask, eot, doc, row

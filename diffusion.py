@@ -77,10 +77,11 @@ class DiffusionLCM(BaseLCM):
     def denoise(self, context, noisy, t, uncond):
         """The network. context: contextualize's; noisy (B, K, d_emb), normalized: the next concepts
         after the last K positions, noised to timesteps t (B, K); uncond (B, K): those that see no
-        context -> their predicted clean concepts (B, K, d_emb), normalized. The paper concatenates
-        the timestep's embedding to the input; through the pre-net's linear layer that is a sum. One
-        pass: the clean concepts never see a noisy one. With a cache, the one next concept after it
-        (K = 1) runs alone against its keys and values."""
+        context -> (their predicted clean concepts (B, K, d_emb), normalized; the clean concepts' own
+        outputs (B, T, n_embd), which the stop head reads). The paper concatenates the timestep's
+        embedding to the input; through the pre-net's linear layer that is a sum. One pass: the
+        clean concepts never see a noisy one. With a cache, the one next concept after it (K = 1)
+        runs alone against its keys and values."""
         x = self.drop(self.prenet(noisy) + self.time(t))  # (B, K, n_embd)
         cached = isinstance(context, list)
         T = context[0].size(3) - 1 if cached else context.size(1)
@@ -88,16 +89,16 @@ class DiffusionLCM(BaseLCM):
         mask = attention_mask(T, follows, uncond)
         # RoPE positions: c_j at j, the concept after it at j + 1
         if cached:
-            return self.postnet(self.transformer(x, follows + 1, mask[:, :, T:], context))
+            return self.postnet(self.transformer(x, follows + 1, mask[:, :, T:], context)), None
         pos = torch.cat([torch.arange(T, device=x.device), follows + 1])
         x = self.transformer(torch.cat([context, x], 1), pos, mask)  # (B, T + K, n_embd)
-        return self.postnet(x[:, T:])
+        return self.postnet(x[:, T:]), x[:, :T]
 
-    def forward(self, concepts, targets, mask=None, generator=None):
+    def forward(self, concepts, targets, mask=None, eot=None, generator=None):
         """Training (Algorithm 1): every next concept noised to its own random timestep, denoised;
         -> (predicted clean targets, the loss): the squared error against the clean ones
         (normalized, summed over the dimensions, averaged over the targets where mask is True),
-        every timestep weighted alike. The draws come from generator, if given."""
+        every timestep weighted alike, and the stop head's (eot). The draws come from generator."""
         x0 = self.normalizer.normalize(targets.float())  # (B, T, d_emb)
         B, T, d = x0.shape
         t = torch.randint(0, self.config.n_steps, (B, T), generator=generator, device=x0.device)
@@ -105,15 +106,16 @@ class DiffusionLCM(BaseLCM):
         noise = torch.randn(B, T, d, generator=generator, device=x0.device)
         noisy = a.sqrt() * x0 + (1 - a).sqrt() * noise
         uncond = torch.rand(B, T, generator=generator, device=x0.device) < self.config.cfg_dropout
-        pred = self.denoise(self.contextualize(concepts), noisy, t, uncond)
+        pred, h = self.denoise(self.contextualize(concepts), noisy, t, uncond)
         err = (pred.float() - x0).pow(2).sum(-1)  # (B, T)
-        return pred, masked_mean(err, mask)
+        return pred, masked_mean(err, mask) + self.stop_loss(h, eot, mask)
 
     @torch.no_grad()
     def predict(self, concepts, last=False, generator=None, ddim_steps=40, guidance=3.0, rescale=0.7,
                 init_noise=0.6):
         """Sampling (Algorithm 2): a next concept after each of concepts (B, T, d_emb) (last: after
-        the last one only, the context's keys and values computed once), normalized. DDIM
+        the last one only, the context's keys and values computed once), normalized, and the stop
+        head's logits there (read from the clean concepts' causal pass). DDIM
         (deterministic, "trailing" timesteps) from init_noise * N(0, I) drawn from generator, with
         classifier-free guidance and its rescale (Lin et al. 2024), the paper's settings by default.
         One step without guidance gives the model's estimate of the conditional mean. The
@@ -131,7 +133,7 @@ class DiffusionLCM(BaseLCM):
         z = torch.randn(B, K, d, generator=generator, device=concepts.device) * init_noise
         for i, t in enumerate(times.tolist()):
             timestep = torch.full(uncond.shape, t, device=z.device)
-            x = self.denoise(context, z.repeat(halves, 1, 1), timestep, uncond).float()
+            x = self.denoise(context, z.repeat(halves, 1, 1), timestep, uncond)[0].float()
             cond = x[:B]
             x0 = cond
             if halves == 2:
@@ -143,12 +145,14 @@ class DiffusionLCM(BaseLCM):
             a_next = self.alpha_bar[times[i + 1]] if i + 1 < ddim_steps else self.alpha_bar.new_ones(())
             eps = (z - a.sqrt() * x0) / (1 - a).sqrt()
             z = a_next.sqrt() * x0 + (1 - a_next).sqrt() * eps
-        return z
+        stop = super().forward(concepts)[1]
+        return z, stop if stop is None or not last else stop[:, -1:]
 
     def generate(self, prompt, max_new_concepts, eot, stop_eot=0.9, stop_repeat=0.0, use_cache=True,
-                 feed=None, **sampling):
+                 feed=None, stop_end=0.0, since=0, **sampling):
         # no KV cache: each new concept is sampled against the whole window
-        return super().generate(prompt, max_new_concepts, eot, stop_eot, stop_repeat, False, feed, **sampling)
+        return super().generate(prompt, max_new_concepts, eot, stop_eot, stop_repeat, False, feed,
+                                stop_end, since, **sampling)
 
     def flops_per_concept(self):
         """Training FLOPs per concept: a clean and a noisy one in the sequence."""

@@ -16,8 +16,8 @@ from tqdm import tqdm
 
 from common import (check_embed_settings, configure, end_distributed, get_device,
                     init_distributed, knobs, writable_dir)
-from concepts import (EOT_TEXT, find_source, load_encoder, not_utf8, read_documents,
-                      sentence_splitter, split_sentences)
+from concepts import (EOT_TEXT, find_source, load_encoder, not_utf8, official_concepts,
+                      read_documents, sentence_splitter, split_sentences)
 from datafiles import (chunks_to_do, finish_dataset, same_space, settings_of, start_work,
                        write_chunk, write_splits)
 
@@ -100,11 +100,7 @@ def embed_chunk(rows, docs):
     sents = [p + text for _, p, text in kept]
     if official:
         # the concepts as given; only a closing sentence (--prompt_end) is encoded here
-        given = lambda r, c: np.asarray(r.get(c) or [], np.float32).reshape(-1, enc.d_emb)
-        closing = enc.encode([prompt_end], lang=lang) if prompt_end else eot[None]
-        prompts = [given(r, "prompt_sentences_sonar_emb") for r, _, _ in kept]
-        emb = [np.concatenate([e, closing[:len(p) - len(e)], given(r, "text_sentences_sonar_emb")])
-               for e, (r, p, _) in zip(prompts, kept)]
+        emb = official_concepts([r for r, _, _ in kept], [p for _, p, _ in kept], enc, prompt_end, lang)
     else:
         flat = [s for doc in sents for s in doc]
         emb = [enc.encode(flat, lang=lang, batch_size=batch_size)] if flat else []

@@ -88,17 +88,19 @@ def closeness(generated, real):
     return cos.amax(1).mean().item()
 
 @torch.no_grad()
-def generations(model, prompts, eot, decode, sampling, feedback="decoded", n=8, stop_eot=0.9,
-                stop_repeat=0.95):
+def generations(model, prompts, eot, decode, sampling, since=0, feedback="decoded", n=8, stop_eot=0.9,
+                stop_repeat=0.95, stop_end=0.5):
     """As sample.py generates: after each prompt, (its concepts (T, d_emb), its sentences), up to
     n sentences decoded as they come (decode: concepts.decoder's) and fed back, with sample.py's
-    stops; a diffusion model's draws from a seeded generator. -> a Transcript of each (.stop)."""
+    stops (the prompts hold since sentences of their texts); a diffusion model's draws from a seeded
+    generator. -> a Transcript of each (.stop)."""
     generator = torch.Generator(eot.device).manual_seed(0)
     said = []
     for concepts, texts in prompts:
         said.append(Transcript(decode, texts, feedback))
         said[-1].stop = model.generate(concepts.to(eot.device), n, eot, stop_eot, stop_repeat,
-                                       feed=said[-1], generator=generator, **sampling)[2]
+                                       feed=said[-1], stop_end=stop_end, since=since,
+                                       generator=generator, **sampling)[2]
     return said
 
 def continuations(model, rows, offsets, texts, eot, decoders, train_rows, train_offsets, sampling,
@@ -106,19 +108,20 @@ def continuations(model, rows, offsets, texts, eot, decoders, train_rows, train_
     """Generation against the real text: the first k sentences of each validation document of at
     least k + 2 are the prompt (generations), decoded sentences or raw predictions fed back;
     decoders: repeats -> decode. -> name -> closeness (above) of the generated sentences to the
-    document's real rest, the share of distinct sentences per sample, the sentences generated.
-    Baselines: 8 random training sentences; the prompt's last, repeated."""
+    document's real rest, the share of distinct sentences per sample, the sentences generated (mean
+    and median) and the share that ended at end of text; "real": the real rest's length. Baselines:
+    8 random training sentences; the prompt's last, repeated."""
     docs = [(lo, end) for lo, end in zip(offsets[:-1], offsets[1:] - 1) if end - lo >= k + 2]
     real = [torch.as_tensor(np.asarray(rows[lo:end], dtype=np.float32)) for lo, end in docs]
     prompts = [(r[:k], texts[lo:lo + k]) for r, (lo, _) in zip(real, docs)]
     r = {}
     for mode in ("decoded", "raw", "raw, repeats"):
         decode = decoders(mode == "raw, repeats")
-        said = generations(model, prompts, eot, decode, sampling, mode.split(",")[0])
+        said = generations(model, prompts, eot, decode, sampling, k, mode.split(",")[0])
         kept = [(s, x[k:]) for s, x in zip(said, real) if s.texts]
         r[mode] = {"closeness": np.mean([closeness(s.concepts, x) for s, x in kept]),
                    "distinct": np.mean([len(set(s.texts)) / len(s.texts) for s, _ in kept]),
-                   "sentences": np.mean([len(s.texts) for s in said]), "samples": len(kept)}
+                   "samples": len(kept)} | lengths(said)
     rng = np.random.default_rng(0)
     train_eot = set(train_offsets[1:] - 1)
     picks = [[i for i in rng.integers(0, len(train_rows), 16) if i not in train_eot][:8]
@@ -127,6 +130,7 @@ def continuations(model, rows, offsets, texts, eot, decoders, train_rows, train_
     r["repeat last"] = [closeness(x[k - 1:k], x[k:]) for x in real]
     for name in ("random", "repeat last"):
         r[name] = {"closeness": np.mean(r[name]), "samples": len(real)}
+    r["real"] = {"sentences": np.mean([len(x) - k for x in real]), "median": np.median([len(x) - k for x in real])}
     return {name: {key: v if key == "samples" else float(v) for key, v in m.items()}
             for name, m in r.items()}
 
@@ -161,8 +165,17 @@ def answers(model, rows, offsets, starts, texts, eot, decode, nearest, train_tex
             r = scorer.score(" ".join(texts[a:end]), " ".join(sents))
             rouge = [r[m].fmeasure for m in ("rouge1", "rouge2", "rougeL")]
             scores[name].append(rouge + [len(sents)])
-    return {name: dict(zip(("rouge1", "rouge2", "rougeL", "sentences"), np.mean(v, 0).tolist()))
-            for name, v in scores.items()} | {"pairs": len(pairs)}
+    r = {name: dict(zip(("rouge1", "rouge2", "rougeL", "sentences"), np.mean(v, 0).tolist()))
+         for name, v in scores.items()}
+    r["model"] |= lengths(said)
+    real = [end - a for _, a, end in pairs]
+    return r | {"pairs": len(pairs), "real": {"sentences": np.mean(real), "median": np.median(real)}}
+
+def lengths(said):
+    """Generations (Transcripts) -> the mean and median of their sentences, and the share that
+    stopped at end of text (not by a repeat, nor by the cap)."""
+    n = [len(s.texts) for s in said]
+    return {"sentences": np.mean(n), "median": np.median(n), "eot": np.mean([s.stop == "eot" for s in said])}
 
 def baselines(mean):
     """The paper's two baselines as predictors: copy the last concept; predict the training mean."""
@@ -175,7 +188,7 @@ def predictor(model, ctx, **sampling):
     def predict(x):
         generator = torch.Generator(x.device).manual_seed(0)
         with ctx:
-            pred = model.predict(x, generator=generator, **sampling)
+            pred, _ = model.predict(x, generator=generator, **sampling)
         return model.normalizer.denormalize(pred.float())
     return predict
 
@@ -194,7 +207,7 @@ def validate(model, ctx, batches):
         total = 0.0
         n = 0
         generator = torch.Generator(batches[0][0].device).manual_seed(0)
-        for x, y, mask, _, _ in batches:
+        for x, y, mask, _, _, _ in batches:
             with ctx:
                 _, loss = model(x, y, mask, generator=generator)
             total += loss.item() * mask.sum().item()
@@ -218,7 +231,7 @@ def evaluate(predictors, batches, normalizer, roundtrip=None, mi=None):
     (concepts.roundtrip).
     mi: (causal LM, its tokenizer, the split's sentences, its offsets), for MI on those texts."""
     sums = {}
-    for x, y, mask, doc, row in batches:
+    for x, y, mask, _, doc, row in batches:
         if mi:
             # each target's context: the previous 10 sentences of its document (paper: k = 10)
             lm, tokenizer, sentences, offsets = mi
@@ -287,11 +300,16 @@ def eval_report(model, ctx, sampling, baselines, batches, data_dir, meta, ckpt, 
         kind = "continuations"
         gen = continuations(model, rows, offsets, sentences, eot, decoders, train_rows,
                             train_offsets, sampling)
+        real = gen.pop("real")
         print(f"continuations of {gen['random']['samples']} validation documents (prompt: 3 "
-              "sentences, up to 8 generated): closeness to the real rest, sentences, distinct share")
+              f"sentences, up to 8 generated; the real rest: {real['sentences']:.1f} sentences, median "
+              f"{real['median']:.0f}): closeness to the real rest, sentences (mean, median), distinct "
+              "share, ended at end of text")
         for name, r in gen.items() if gen["random"]["samples"] else ():
-            said = f"{r['sentences']:6.1f}{100 * r['distinct']:6.0f}%" if "distinct" in r else ""
+            said = (f"{r['sentences']:6.1f}{r['median']:5.0f}{100 * r['distinct']:6.0f}%"
+                    f"{100 * r['eot']:6.0f}%") if "distinct" in r else ""
             print(f"{name:14}{r['closeness']:8.3f}{said}")
+        gen["real"] = real
     else:
         # prompt -> answer pairs: the answers, scored by ROUGE
         kind = "answers"
@@ -299,12 +317,14 @@ def eval_report(model, ctx, sampling, baselines, batches, data_dir, meta, ckpt, 
             train_texts = f.read().splitlines()
         gen = answers(model, rows, offsets, starts, sentences, eot, decoders(False), nearest,
                       train_texts, train_offsets, train_starts, sampling, meta.get("prompt_end", ""))
-        print(f"answers to {gen['pairs']} validation prompts (until end of text, up to 8 "
-              "sentences): ROUGE-1, ROUGE-2, ROUGE-L (F-measure, %), sentences")
-        for name, r in list(gen.items())[:-1]:
+        print(f"answers to {gen['pairs']} validation prompts (until end of text, up to 8 sentences; "
+              f"the references: {gen['real']['sentences']:.1f} sentences, median "
+              f"{gen['real']['median']:.0f}): ROUGE-1, ROUGE-2, ROUGE-L (F-measure, %), sentences "
+              "(mean, median), ended at end of text")
+        for name, r in list(gen.items())[:-2]:
             rouge = "".join(f"{100 * r[k]:7.2f}" for k in ("rouge1", "rouge2", "rougeL"))
-            print(f"{name:16}{rouge}{r['sentences']:6.1f}")
+            ended = f"{r['median']:5.0f}{100 * r['eot']:6.0f}%" if "eot" in r else ""
+            print(f"{name:16}{rouge}{r['sentences']:6.1f}{ended}")
     with open(os.path.join(out_dir, "eval.json"), "w") as f:
-        json.dump({"iter": iter_num, "dataset": data_dir, "windows": windows,
-                   "decoded_by": decoded_by, "mi_model": mi_model, **results, kind: gen}, f,
-                  indent=1)
+        json.dump({"iter": iter_num, "dataset": data_dir, "windows": windows, "decoded_by": decoded_by,
+                   "mi_model": mi_model, "sampling": sampling, **results, kind: gen}, f, indent=1)

@@ -1,8 +1,8 @@
 """
 Continues a text sentence by sentence with a trained Base-LCM: the prompt is split and encoded with
-the checkpoint's encoder, the model generates concepts, and each is decoded by SONAR, or, for
-encoders without a decoder (minilm), replaced by the nearest sentence of the training data. The
-decoded sentence's concept, not the raw prediction, joins the context (--feedback).
+the checkpoint's encoder, the model generates concepts, each decoded by SONAR or, for encoders
+without a decoder (minilm), replaced by the nearest training sentence, whose concept joins the
+context (--feedback); until the model says the text has ended.
 
 $ python sample.py --start="The fire spread overnight. Residents were told to leave."
 $ python sample.py --start=FILE:prompt.txt --num_samples=3 --noise=0.3
@@ -22,6 +22,7 @@ start = "Hundreds of people have been forced to leave their homes as a bushfire 
                          # the prompt, or FILE:path
 max_new_concepts = 16
 stop_eot = 0.9           # stop when cos(prediction, end of text) reaches this
+stop_end = 0.5           # stop when the text has ended by now with this probability (stop head)
 stop_repeat = 0.95       # stop when a new concept is this close to one in the context; 0 = off
 feedback = "decoded"     # the context takes the decoded sentence's concept; 'raw': the prediction
 repeats = False          # retrieval may return a sentence of the prompt or of the sample again
@@ -31,7 +32,6 @@ seed = 1337
 prompt_lang = ""         # FLORES-200 code of the prompt; '' = the training data's
 lang = ""                # FLORES-200 code of the output (SONAR decoder); '' = prompt_lang
 data_dir = ""            # sentence bank for retrieval; '' = the dataset the model was trained on
-use_cache = True         # KV cache: each new concept costs one position
 guidance = 0.0           # diffusion model: classifier-free guidance scale; 0 = the paper's 3
 ddim_steps = 0           # diffusion model: denoising steps; 0 = the paper's 40
 compile = False          # torch.compile the model: the one-concept step compiles once (for GPUs)
@@ -44,7 +44,6 @@ configure(globals(), sys.argv[1:])
 device = get_device(device)
 model, ckpt = load_model(os.path.join(out_dir, "ckpt.pt"))
 model.to(device).eval()
-# the sampler's settings given (0: the model's own)
 sampling = sampling_settings(model, out_dir, noise=noise, guidance=guidance, ddim_steps=ddim_steps)
 if compile and can_compile(device):
     model.compile()
@@ -58,6 +57,7 @@ prompt = split_sentences(nlp, [prompt_text(start)], data["max_chars"])[0]
 require(prompt, "the prompt is empty: pass --start='Some sentences.' or --start=FILE:prompt.txt")
 # a model finetuned on pairs whose prompts closed with a sentence (embed.py --prompt_end) expects it
 prompt += [data["prompt_end"]] if data.get("prompt_end") else []
+since = 0 if data.get("pairs") else len(prompt)  # the text's sentences in it (pairs: the answer's)
 enc = load_encoder(data["encoder"], device, (sonar_hf_encoder, sonar_hf_decoder))
 require(enc.d_emb == model.config.d_emb, f"encoder {data['encoder']} gives d_emb {enc.d_emb}, "
         f"the model wants {model.config.d_emb}")
@@ -73,7 +73,7 @@ for k in range(num_samples):
     # each concept decoded as it comes (end of text is a signal, not a sentence)
     said = Transcript(decode, prompt, feedback)
     _, cosines, reason = model.generate(concepts, max_new_concepts, eot, stop_eot, stop_repeat,
-                                        use_cache, said, generator=generator, **sampling)
+                                        True, said, stop_end, since, generator=generator, **sampling)
     if json:
         steps = [{"text": t, "cos_eot": c} | ({"retrieved_cos": s} if s is not None else {})
                  for t, c, s in zip(said.texts, cosines, said.sims)]

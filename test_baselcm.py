@@ -54,7 +54,7 @@ def test_on_pairs_the_loss_covers_the_answers_only():
     doc = np.searchsorted(offsets, starts, side="right") - 1
     # each window ends with its document's end of text and predicts its answer
     assert np.array_equal(ends, offsets[doc + 1]) and np.all(ends - starts <= 13)
-    x, y, mask = get_batch(rows, starts, ends, first, 12)
+    x, y, mask, _ = get_batch(rows, starts, ends, first, 12)
     target_rows = starts[:, None] + 1 + np.arange(12)
     assert np.array_equal(mask.numpy(), (target_rows >= starts_of_answers[doc][:, None])
                           & (target_rows < ends[:, None]))
@@ -147,3 +147,87 @@ def test_generation_feeds_back_what_feed_returns_and_raw_feedback_appends_the_pr
         for _ in range(4):
             seq = torch.cat([seq, model.normalizer.denormalize(model(seq[None])[0][0, -1])[None]])
     assert torch.allclose(new, seq[3:], atol=1e-5)
+
+def train_toy(model, docs, steps=300, lr=3e-3, stop_head=True):
+    """A few hundred AdamW steps on documents (a list of (n_i, d) tensors), in random windows as
+    train.py draws them; the stop head learns from their ends unless stop_head is False."""
+    rows = torch.cat(docs).numpy()
+    offsets = np.cumsum([0] + [len(d) for d in docs])
+    rng = np.random.default_rng(0)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    for _ in range(steps):
+        starts, ends, first = sample_windows(rng, offsets, 32, model.config.block_size)
+        x, y, mask, eot = get_batch(rows, starts, ends, first, model.config.block_size)
+        model(x, y, mask, eot if stop_head else None)[1].backward()
+        opt.step()
+        opt.zero_grad()
+    return offsets
+
+def test_generation_stops_where_a_fixed_pattern_ends_the_text_and_not_before():
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    a, b, eot = torch.tensor(rng.normal(size=(3, 16)), dtype=torch.float32)
+    rot = torch.tensor(np.linalg.qr(rng.normal(size=(16, 16)))[0], dtype=torch.float32)
+
+    def doc():  # a chain of rotations of random length, then a and b end the text
+        chain = [torch.tensor(rng.normal(size=16), dtype=torch.float32)]
+        for _ in range(rng.integers(1, 7)):
+            chain.append(rot @ chain[-1])
+        return torch.stack(chain + [a, b, eot])
+    model = BaseLCM(tiny_config(block_size=12))
+    offsets = train_toy(model, [doc() for _ in range(200)], steps=150)
+    model.eval()
+    _, prior = datafiles.stop_prior(offsets)
+    model.stop_prior.copy_(torch.from_numpy(prior))
+    x = torch.tensor(rng.normal(size=16), dtype=torch.float32)
+    chain = torch.stack([x, rot @ x, rot @ rot @ x])
+    # the cosine to end of text is off: the stop head stops it, right after b
+    prompt = torch.cat([chain, a[None]])
+    new, _, reason = model.generate(prompt, 6, eot, stop_eot=2.0, stop_end=0.5, since=len(prompt))
+    assert reason == "eot" and len(new) == 2 and torch.dist(new[0], b) < 0.2 * b.norm()
+    # before the pattern it goes on, though texts this long often end: it stops right after b, if
+    # it comes to the pattern at all
+    new, _, reason = model.generate(chain, 8, eot, stop_eot=2.0, stop_end=0.5, since=len(chain))
+    after_b = [i + 1 for i, n in enumerate(new) if torch.dist(n, b) < 0.2 * b.norm()]
+    assert after_b == [len(new) - 1] if reason == "eot" else not after_b
+
+def test_the_stop_head_learns_beside_the_model_without_changing_it():
+    docs = [torch.randn(int(n), 16) for n in np.random.default_rng(1).integers(3, 12, 100)]
+    trained = []
+    for stop_head in (True, False):
+        torch.manual_seed(0)
+        model = BaseLCM(tiny_config())
+        train_toy(model, docs, steps=20, stop_head=stop_head)
+        trained.append(model)
+    with_head, without = (dict(m.named_parameters()) for m in trained)
+    # the same transformer to the last bit; only the stop head learnt (from its zeros)
+    assert all(torch.equal(p, without[k]) for k, p in with_head.items() if not k.startswith("stop."))
+    assert with_head["stop.weight"].abs().sum() > 0 and without["stop.weight"].abs().sum() == 0
+
+def test_the_stop_head_learns_from_real_targets_only_not_padding_nor_prompts():
+    torch.manual_seed(0)
+    model = BaseLCM(tiny_config())
+    torch.nn.init.normal_(model.stop.weight)
+    x, y = torch.randn(4, 12, 16), torch.randn(4, 12, 16)
+    # real targets: an answer's rows, before the padding
+    mask = (torch.arange(12) >= 3) & (torch.arange(12) < 9)
+    eot = torch.arange(12).expand(4, 12) == 8
+    _, loss = model(x, y, mask.expand(4, 12), eot)
+    flipped = eot.clone()
+    flipped[:, ~mask] = ~flipped[:, ~mask]
+    assert torch.equal(model(x, y, mask.expand(4, 12), flipped)[1], loss)
+    flipped[:, 8] = False
+    assert model(x, y, mask.expand(4, 12), flipped)[1] != loss
+
+def test_the_length_prior_is_the_log_odds_of_ending_after_each_count_of_sentences():
+    # texts of 1, 2, 2 and 3 sentences (each then its end of text)
+    offsets = np.cumsum([0, 2, 3, 3, 4])
+    rate, prior = datafiles.stop_prior(offsets, n=4)
+    assert rate == 4 / 12
+    logit = lambda p: np.log(p / (1 - p))
+    # after 0 sentences none ends; after 1, one of 4; after 2, two of 3; after 3, the last
+    expected = [(0 + 0.5) / 5, (1 + 0.5) / 5, (2 + 0.5) / 4, (1 + 0.5) / 2]
+    assert np.allclose(prior, logit(np.array(expected)) - logit(rate))
+    # pairs: a text is the answer, from its first row: answers of 0, 2, 2 and 3 sentences
+    rate, prior = datafiles.stop_prior(offsets, np.array([1, 2, 5, 8]), n=4)
+    assert rate == 4 / 11 and np.isclose(prior[0], logit(1.5 / 5) - logit(4 / 11))

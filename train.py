@@ -7,9 +7,8 @@ $ python train.py                                  # small model on the offline 
 $ python train.py --model_type=diffusion --out_dir=out-diffusion
 $ python train.py --dataset=pairs --init_from=out --out_dir=out-ft  # finetune on prompt -> answer
 $ torchrun --standalone --nproc_per_node=4 train.py config/train_laptop_gpu.py
-$ python train.py --eval_only=True                 # the paper's metrics and two baselines
 """
-import json, math, os, sys, time
+import math, os, sys, time
 
 import numpy as np
 import torch
@@ -22,10 +21,7 @@ out_dir = "out"
 eval_interval = 25       # iterations between evaluations (and checkpoints)
 log_interval = 10
 eval_iters = 20          # evaluation batches of fixed validation windows
-eval_only = False        # evaluate (model, copy and mean baselines, round-trip l2) and exit
-mi_model = ""            # eval_only: a Hugging Face causal LM (gpt2 in the paper) for the MI metric
-sonar_hf_encoder = ""    # eval_only: SONAR's transformers port, its encoder and decoder (hub names
-sonar_hf_decoder = ""    # or folders); '' = the community port's (docs/sonar.md)
+eval_only = False        # run eval.py on out_dir's checkpoint instead, with the other options
 always_save_checkpoint = False  # False: keep the best val loss (small data overfits); True: latest
 init_from = "scratch"    # 'scratch', 'resume' (out_dir/ckpt.pt), or a run's out_dir or ckpt to finetune
 # data
@@ -44,8 +40,6 @@ bias = False
 rope_theta = 10000.0
 n_steps = 100            # diffusion: timesteps of the noise schedule (paper: 100)
 cfg_dropout = 0.15       # diffusion: share of noisy concepts trained without context (guidance)
-guidance = 0.0           # diffusion sampling (evaluation): guidance scale, 1 = none; 0 = the paper's 3
-ddim_steps = 0           # diffusion sampling (evaluation): DDIM steps; 0 = the paper's 40
 # AdamW, warm-up then cosine decay (paper: lr 4e-4, betas 0.9/0.95, eps 1e-5, weight decay 0.1)
 learning_rate = 4e-4
 max_iters = 0            # 0 = follow the data: `epochs` passes over the training concepts
@@ -70,16 +64,20 @@ compile = False          # torch.compile the model
 backend = ""             # DDP: '' = nccl on cuda, gloo otherwise
 seed = 1337
 config_keys = common.knobs(globals())
+if "--eval_only=True" in sys.argv:
+    # the evaluation is a script of its own (eval.py); nanoGPT's flag still leads to it
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "eval.py")
+    os.execv(sys.executable, [sys.executable, script] + [a for a in sys.argv[1:] if "eval_only" not in a])
 given = common.configure(globals(), sys.argv[1:])
 
 # -----------------------------------------------------------------------------
-# a new model; or a run's checkpoint, to go on with (resume, eval_only) or to finetune (another run's)
+# a new model; or a run's checkpoint, to go on with (resume) or to finetune (another run's)
 ckpt_path = os.path.join(out_dir, "ckpt.pt")
-resume = init_from == "resume" or eval_only
+resume = init_from == "resume"
 finetune = not resume and init_from != "scratch"
 if resume or finetune:
     source = ckpt_path if resume else init_from
-    checkpoint = checkpoints.load(source, mmap=eval_only)
+    checkpoint = checkpoints.load(source, mmap=False)
     old = checkpoints.settings(checkpoint)
     # resuming, all its settings but this machine's; finetuning, its model's
     take = checkpoints.model_settings(checkpoint) if finetune else [
@@ -133,16 +131,19 @@ if resume or finetune:
 else:
     model = checkpoints.build_model(model_type, config | {"d_emb": meta["d_emb"]})
     model.normalizer.load_state_dict({k: torch.tensor(v) for k, v in meta["normalizer"].items()})
+if not resume and model.stop is not None:
+    # the stop head starts from this data's share of ends (Adam moves a bias slowly); its lengths
+    rate, prior = datafiles.stop_prior(train_offsets, train_answers)
+    model.stop.bias.data.fill_(math.log(rate / (1 - rate)))
+    model.stop_prior.copy_(torch.from_numpy(prior))
 model.to(device)
-# the evaluations' sampling settings given (0: the model's own)
-sampling = checkpoints.sampling_settings(model, ckpt_path, guidance=guidance, ddim_steps=ddim_steps)
 # a resumed run goes on from its checkpoint's counts (older checkpoints did not count evaluations)
 iter_num = checkpoint["iter_num"] if resume else 0
 best_val_loss = checkpoint["best_val_loss"] if resume else float("inf")
 evals_since_best = checkpoint.get("evals_since_best", 0) if resume else 0
 scaler = torch.amp.GradScaler(torch.device(device).type, enabled=dtype == "float16")
 optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), eps)
-if resume and not eval_only:
+if resume:
     checkpoints.load_optimizer(optimizer, scaler, checkpoint)
     data_rng.bit_generator.state = checkpoint["data_rng"]
     checkpoints.set_rng_states(checkpoint["rng"], device, rank, world)
@@ -151,14 +152,6 @@ if compile and common.can_compile(device):
     model = torch.compile(model)
 if ddp:
     model = DDP(model, device_ids=[torch.device(device)] if device.startswith("cuda") else None)
-
-baselines = metrics.baselines(torch.tensor(meta["mean"], device=device))
-if eval_only:
-    if master:
-        metrics.eval_report(raw_model.eval(), ctx, sampling, baselines, val_batches(), data_dir, meta,
-                            checkpoint, out_dir, (sonar_hf_encoder, sonar_hf_decoder), mi_model)
-    common.end_distributed()
-    sys.exit(0)
 
 def get_lr(it):
     # linear warm-up, then cosine decay to min_lr
@@ -172,11 +165,12 @@ def get_lr(it):
 # -----------------------------------------------------------------------------
 # training loop
 if master:
-    log = open(os.path.join(out_dir, "log.jsonl"), "a" if init_from == "resume" else "w")
     peak = common.measure_peak_flops(device, getattr(torch, dtype))
     wandb = wandb_log and common.start_wandb(wandb_project, wandb_run_name or out_dir, config,
                                              checkpoint.get("wandb_id") if resume else None)
-    # the baselines do not change: measured once
+    log = common.RunLog(os.path.join(out_dir, "log.jsonl"), resume, wandb)
+    # the paper's baselines, copy the last concept and predict the training mean, do not change
+    baselines = metrics.baselines(torch.tensor(meta["mean"], device=device))
     baseline_metrics = metrics.evaluate(baselines, val_batches(), raw_model.normalizer)
     print(f"{sum(p.numel() for p in raw_model.parameters()) / 1e6:.2f}M parameters, "
           f"{meta['train_rows']} train concepts ({meta['encoder']}, d_emb {meta['d_emb']}), "
@@ -195,11 +189,7 @@ while True:
         if master:
             r = metrics.validate(raw_model, ctx, val_batches()) | baseline_metrics
             print(f"step {iter_num}: " + metrics.scores(r))
-            log.write(json.dumps({"iter": iter_num, "val": r}) + "\n")
-            log.flush()
-            if wandb:
-                wandb.log({f"val/{k}/{m}": v for k in r for m, v in r[k].items() if m in ("loss", "l2", "ca")},
-                          iter_num)
+            log.write({"iter": iter_num, "val": r})
             if iter_num > 0:
                 evals_since_best += 1
                 # a diffusion model: its denoising loss
@@ -238,13 +228,13 @@ while True:
     micro_batches = np.array_split(share, math.ceil(len(share) / batch_size))
     loss_sum = torch.zeros((), device=device)
     for i, micro in enumerate(micro_batches):
-        x, y, mask = datafiles.get_batch(train_rows, starts[micro], ends[micro], first[micro], block_size,
-                                         device)
+        x, y, mask, eot = datafiles.get_batch(train_rows, starts[micro], ends[micro], first[micro],
+                                              block_size, device)
         if ddp:
             # sync gradients on the last micro-step only
             model.require_backward_grad_sync = i == len(micro_batches) - 1
         with ctx:
-            _, loss = model(x, y, mask)
+            _, loss = model(x, y, mask, eot)
         # DDP averages over the world
         loss = loss * mask.sum() * world / n_targets
         loss_sum += loss.detach()
@@ -267,18 +257,15 @@ while True:
         mfu = raw_model.flops_per_concept() * concepts_per_iter / dt / (peak * world)
         print(f"iter {iter_num}: loss {loss_val:.2f}, lr {lr:.2e}, {dt * 1000:.1f}ms, "
               f"{n_targets / dt:.0f} concepts/s, mfu {100 * mfu:.1f}%")
-        log.write(json.dumps({"iter": iter_num, "loss": loss_val, "lr": lr, "ms": dt * 1000,
-                              "concepts_per_s": n_targets / dt, "mfu": mfu}) + "\n")
-        if wandb:
-            wandb.log({"train/loss": loss_val, "lr": lr, "ms": dt * 1000, "mfu": mfu}, iter_num)
+        log.write({"iter": iter_num, "loss": loss_val, "lr": lr, "ms": dt * 1000,
+                   "concepts_per_s": n_targets / dt, "mfu": mfu})
         t0 = time.time()
         t0_iter = iter_num
 
 if master:
     loop_ms = 1000 * (time.time() - loop_start) / max(1, iter_num - first_iter)
     print(f"{iter_num - first_iter} iterations, {loop_ms:.1f} ms each with everything")
-    log.write(json.dumps({"iter": iter_num, "loop_ms": loop_ms}) + "\n")
-    log.close()
+    log.write({"iter": iter_num, "loop_ms": loop_ms})
 # the DDP wrapper holds the process group: dropped first, so that the group ends with the run
 del model
 common.end_distributed()

@@ -9,10 +9,13 @@ It writes
   paper's sentences, then one that names the aspect asked for ("The challenge:"): without it, a
   paper's three answers would share one prompt. The answer is the summary. A split column puts the
   test papers in val, the others in train: a paper's pairs are never on both sides.
+- corpora/aclsum_abstracts.jsonl: (introduction and conclusion -> abstract) pairs, a paper each, the
+  prompt closed by "The abstract:"; answers of 2 to 15 sentences (median 6), split as above.
 $ pip install aclsum
 $ python scripts/aclsum_data.py
 $ python embed.py --dataset=corpora/aclsum_text.jsonl
 $ python embed.py --dataset=corpora/aclsum_pairs.jsonl --pairs=prompt,answer --split_column=split
+$ python embed.py --dataset=corpora/aclsum_abstracts.jsonl --pairs=prompt,answer --split_column=split
 """
 import json, os, re, sys
 
@@ -47,6 +50,15 @@ with open("corpora/aclsum_pairs.jsonl", "w") as f:
                 pair = {"prompt": sentences(p) + [ask], "answer": p["summary"][aspect],
                         "split": split, "paper": p["id"], "aspect": aspect}
                 f.write(json.dumps(pair) + "\n")
+with open("corpora/aclsum_abstracts.jsonl", "w") as f:
+    for split, group in (("train", papers["train"] + papers["val"]), ("val", papers["test"])):
+        for p in group:
+            prompt = [detokenize(s) for part in ("introduction", "conclusion")
+                      for s in p["sentences"][part]]
+            abstract = [detokenize(s) for s in p["sentences"]["abstract"]]
+            f.write(json.dumps({"prompt": prompt + ["The abstract:"], "answer": abstract, "split": split,
+                                "paper": p["id"]}) + "\n")
 n = {s: len(v) for s, v in papers.items()}
 print(f"corpora/aclsum_text.jsonl: {n['train'] + n['val']} papers; corpora/aclsum_pairs.jsonl: "
-      f"{3 * (n['train'] + n['val'])} train pairs, {3 * n['test']} val pairs (the test papers)")
+      f"{3 * (n['train'] + n['val'])} train pairs, {3 * n['test']} val pairs (the test papers); "
+      f"corpora/aclsum_abstracts.jsonl: {n['train'] + n['val']} and {n['test']}")

@@ -76,6 +76,8 @@ def test_a_dataset_and_checkpoint_written_by_d41f47d_still_work(tmp_path):
     steps = json.loads(p.stdout.strip().splitlines()[-1])["steps"]
     bank = set((tmp_path / "data" / "tiny" / "train.txt").read_text().splitlines())
     assert 1 <= len(steps) <= 2 and all(s["text"] in bank for s in steps)
+    # made before the stop head: it stops as it did, and says so once
+    assert p.stdout.count("has no stop head (made before it)") == 1
     run("train.py", "--eval_only=True", cwd=tmp_path)
     assert json.load(open(tmp_path / "out" / "eval.json"))["iter"] == 6
     p = run("train.py", "--init_from=resume", "--max_iters=9", cwd=tmp_path)

@@ -11,7 +11,7 @@ def test_batches_never_cross_documents():
     rows = np.repeat(np.arange(len(offsets) - 1), np.diff(offsets)).astype(np.float32)[:, None]
     rng = np.random.default_rng(0)
     starts, ends, first = sample_windows(rng, offsets, 500, 8)
-    x, y, mask = get_batch(rows, starts, ends, first, 8)
+    x, y, mask, eot = get_batch(rows, starts, ends, first, 8)
     doc_of_start = rows[starts, 0]
     for i in range(500):
         real = mask[i]

@@ -25,7 +25,7 @@ def test_a_noisy_concept_sees_neither_its_clean_target_nor_later_concepts_nor_ot
     cond = torch.zeros(B, T, dtype=torch.bool)
     # the one network of training and sampling, on the clean concepts' context
     denoise = lambda concepts, noisy, t, uncond: model.denoise(model.contextualize(concepts), noisy, t,
-                                                              uncond)
+                                                              uncond)[0]
     with torch.no_grad():
         pred = denoise(concepts, noisy, t, cond)
         # position k denoises the concept after c_k: c_{k+1} on is its target and the future
@@ -46,8 +46,8 @@ def test_a_noisy_concept_sees_neither_its_clean_target_nor_later_concepts_nor_ot
         # generation keeps the context's keys and values (a cache) for the one next concept: the same
         cache = [torch.zeros(2, B, 2, T + 1, 16) for _ in model.blocks]
         last = torch.tensor([[False], [True]])
-        kept = model.denoise(model.contextualize(concepts, cache), noisy[:, -1:], t[:, -1:], last)
-        again = model.denoise(model.contextualize(concepts), noisy[:, -1:], t[:, -1:], last)
+        kept = model.denoise(model.contextualize(concepts, cache), noisy[:, -1:], t[:, -1:], last)[0]
+        again = model.denoise(model.contextualize(concepts), noisy[:, -1:], t[:, -1:], last)[0]
         assert torch.allclose(kept, again, atol=1e-5)
 
 def test_the_schedule_goes_from_almost_clean_to_pure_noise():
@@ -66,26 +66,26 @@ def test_ddim_with_guidance_1_equals_sampling_without_guidance():
         steps = [99, 87, 74, 61, 49, 37, 24, 11]
         with torch.no_grad():
             for t, t_next in zip(steps, steps[1:] + [None]):
-                x0 = model.denoise(model.contextualize(concepts), z, torch.full(z.shape[:2], t),
-                                   torch.zeros(z.shape[:2], dtype=torch.bool))
+                x0, _ = model.denoise(model.contextualize(concepts), z, torch.full(z.shape[:2], t),
+                                      torch.zeros(z.shape[:2], dtype=torch.bool))
                 a = model.alpha_bar[t]
                 a_next = model.alpha_bar[t_next] if t_next is not None else torch.tensor(1.0)
                 z = a_next.sqrt() * x0 + (1 - a_next).sqrt() * (z - a.sqrt() * x0) / (1 - a).sqrt()
         return z
-    sampled = model.predict(concepts, generator=torch.Generator().manual_seed(5), ddim_steps=8,
-                            guidance=1.0)
+    sampled, _ = model.predict(concepts, generator=torch.Generator().manual_seed(5), ddim_steps=8,
+                               guidance=1.0)
     # 0.6: the paper's initial noise
     z = torch.randn(3, 7, 16, generator=torch.Generator().manual_seed(5)) * 0.6
     assert torch.allclose(sampled, ddim_by_hand(z), atol=1e-5)
     # generation samples after the last position only, the context's keys and values computed once:
     # the same network
-    last = model.predict(concepts, last=True, generator=torch.Generator().manual_seed(5), ddim_steps=8,
-                         guidance=1.0)
+    last, _ = model.predict(concepts, last=True, generator=torch.Generator().manual_seed(5),
+                            ddim_steps=8, guidance=1.0)
     z = torch.randn(3, 1, 16, generator=torch.Generator().manual_seed(5)) * 0.6
     assert last.shape == (3, 1, 16) and torch.allclose(last, ddim_by_hand(z), atol=1e-5)
     # guided, the conditional and unconditional halves go through the same network
-    guided = model.predict(concepts, generator=torch.Generator().manual_seed(5), ddim_steps=8,
-                           guidance=3.0)
+    guided, _ = model.predict(concepts, generator=torch.Generator().manual_seed(5), ddim_steps=8,
+                              guidance=3.0)
     assert not torch.allclose(guided, sampled, atol=1e-3)
 
 def test_where_two_next_concepts_are_equally_likely_diffusion_samples_one_and_mse_predicts_the_mean():
@@ -106,9 +106,9 @@ def test_where_two_next_concepts_are_equally_likely_diffusion_samples_one_and_ms
             opt.zero_grad()
         model.eval()
     context = start.expand(200, 1, 16)
-    mean = models["mse"].normalizer.denormalize(models["mse"].predict(context)[0, 0])
+    mean = models["mse"].normalizer.denormalize(models["mse"].predict(context)[0][0, 0])
     assert torch.dist(mean, (a + b) / 2) < 0.1 * torch.dist(a, b)
-    sampled = models["diffusion"].predict(context, generator=torch.Generator().manual_seed(0))
+    sampled, _ = models["diffusion"].predict(context, generator=torch.Generator().manual_seed(0))
     samples = models["diffusion"].normalizer.denormalize(sampled[:, 0])
     to_a, to_b = (samples - a).norm(dim=-1), (samples - b).norm(dim=-1)
     near = torch.minimum(to_a, to_b) < 0.25 * torch.dist(a, b)
@@ -119,7 +119,7 @@ def test_where_two_next_concepts_are_equally_likely_diffusion_samples_one_and_ms
 def test_a_diffusion_run_resumes_exactly_and_evaluates_with_sampling_settings_changed(rotation_data,
                                                                                      tmp_path):
     args = [*TRAIN, f"--data_root={rotation_data}", "--model_type=diffusion", "--eval_interval=10",
-              "--ddim_steps=4", "--dropout=0.1", "--lr_decay_iters=20", "--always_save_checkpoint=True",
+              "--dropout=0.1", "--lr_decay_iters=20", "--always_save_checkpoint=True",
               "--patience=0", "--eval_iters=2"]
     run("train.py", *args, "--max_iters=20", "--out_dir=a", cwd=tmp_path)
     run("train.py", *args, "--max_iters=10", "--out_dir=b", cwd=tmp_path)
@@ -129,7 +129,7 @@ def test_a_diffusion_run_resumes_exactly_and_evaluates_with_sampling_settings_ch
     assert sorted(b) == list(range(1, 21))
     assert all(abs(a[i] - b[i]) <= 1e-5 * abs(a[i]) for i in range(11, 21)), (a, b)
     model, ckpt = checkpoints.load_model(str(tmp_path / "b" / "ckpt.pt"))
-    assert isinstance(model, DiffusionLCM) and ckpt["config"]["ddim_steps"] == 4
+    assert isinstance(model, DiffusionLCM) and ckpt["config"]["model_type"] == "diffusion"
     # its periodic evaluations report the conditional mean's metrics, comparable with the
     # baselines',
     # and the denoising loss that chooses the checkpoint
@@ -137,9 +137,9 @@ def test_a_diffusion_run_resumes_exactly_and_evaluates_with_sampling_settings_ch
     assert all({"loss", "l2", "ca", "denoising"} <= set(v["model"]) for v in val)
     assert ckpt["best_val_loss"] == min(v["model"]["denoising"] for v in val[1:])
     # sampling's settings may change after training; the model's may not
-    p = run("train.py", "--eval_only=True", "--out_dir=b", "--guidance=1.5", cwd=tmp_path)
-    assert "changed from the checkpoint: guidance 0.0 -> 1.5" in p.stdout
-    assert 0.5 < json.load(open(tmp_path / "b" / "eval.json"))["model"]["ca"] <= 1
+    run("train.py", "--eval_only=True", "--out_dir=b", "--guidance=1.5", "--ddim_steps=4", cwd=tmp_path)
+    report = json.load(open(tmp_path / "b" / "eval.json"))
+    assert report["sampling"] == {"guidance": 1.5, "ddim_steps": 4} and 0.5 < report["model"]["ca"] <= 1
     p = run("train.py", "--init_from=resume", "--out_dir=b", "--n_embd=64", cwd=tmp_path,
             check=False)
     assert p.returncode == 1 and "the model's settings cannot change" in p.stderr

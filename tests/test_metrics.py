@@ -110,4 +110,4 @@ def test_the_continuation_metric_stops_as_sample_py_does_by_default():
     import inspect
     defaults = inspect.signature(metrics.generations).parameters
     knobs = {k: v for k, v in script_knobs("sample.py").items() if k.startswith("stop_")}
-    assert knobs == {k: defaults[k].default for k in ("stop_eot", "stop_repeat")}
+    assert knobs == {k: defaults[k].default for k in ("stop_eot", "stop_repeat", "stop_end")}

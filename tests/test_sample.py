@@ -39,9 +39,10 @@ def test_minilm_end_to_end_embed_train_sample(tmp_path, tiny_lm):
     assert "[retrieved, cos " in text
     # the diffusion model: a checkpoint says which model it holds, and sample.py follows it
     run("train.py", "--dataset=news", "--max_iters=4", "--eval_interval=4", "--model_type=diffusion",
-        "--ddim_steps=4", "--out_dir=out-diffusion", *TRAIN[:-1], cwd=tmp_path)
+        "--out_dir=out-diffusion", *TRAIN[:-1], cwd=tmp_path)
     p = run("sample.py", "--out_dir=out-diffusion", "--start=The wind changed.", "--json=True",
-            "--max_new_concepts=3", "--num_samples=2", "--stop_eot=2", "--stop_repeat=0", cwd=tmp_path)
+            "--max_new_concepts=3", "--num_samples=2", "--stop_eot=2", "--stop_end=0", "--stop_repeat=0",
+            "--ddim_steps=4", cwd=tmp_path)
     samples = [json.loads(line) for line in p.stdout.strip().splitlines()[-2:]]
     said = [[s["text"] for s in sample["steps"]] for sample in samples]
     assert [len(s) for s in said] == [3, 3] and all(t in bank for s in said for t in s)

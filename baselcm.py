@@ -29,6 +29,7 @@ class Normalizer(nn.Module):
         super().__init__()
         self.register_buffer("center", torch.zeros(d_emb))
         self.register_buffer("scale", torch.ones(d_emb))
+        self.register_buffer("mean", torch.zeros(d_emb))  # the training mean (guidance)
 
     def normalize(self, x):
         return (x - self.center) / self.scale
@@ -113,8 +114,7 @@ class BaseLCM(nn.Module):
         self.blocks = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
         self.ln_f = RMSNorm(config.n_embd)
         self.postnet = nn.Linear(config.n_embd, config.d_emb)
-        # the stop head, P(the next concept is end of text), made without a random draw (the rest
-        # trains exactly as without it); its prior: log-odds that a text ends after i sentences
+        # the stop head, P(end of text next), no random draw; its prior: log-odds of ending after i
         self.stop = nn.utils.skip_init(nn.Linear, config.n_embd, 1)
         self.register_buffer("stop_prior", torch.zeros(128))
         hs = config.n_embd // config.n_head
@@ -133,8 +133,7 @@ class BaseLCM(nn.Module):
         """The blocks on x (B, T, n_embd) at the positions pos (T,) (RoPE), causal unless attn_mask
         says otherwise; with a cache (a tensor per layer), x's keys and values are kept at pos."""
         angles = pos[:, None].float() * self.inv_freq  # (T, hs/2)
-        cos = angles.cos()
-        sin = angles.sin()
+        cos, sin = angles.cos(), angles.sin()
         for i, block in enumerate(self.blocks):
             x = block(x, cos, sin, attn_mask, None if cache is None else cache[i], pos)
         return self.ln_f(x)
@@ -164,11 +163,14 @@ class BaseLCM(nn.Module):
         return masked_mean(F.binary_cross_entropy_with_logits(logits, eot.float(), reduction="none"), mask)
 
     @torch.no_grad()
-    def predict(self, concepts, cache=None, pos=None, last=False, noise=0.0, generator=None):
-        """The next concept after each of concepts (B, T, d_emb) (last: the last one only),
-        normalized, plus Gaussian noise of std noise (official inference); the stop head's logits."""
+    def predict(self, concepts, cache=None, pos=None, last=False, guidance=1.0, noise=0.0,
+                generator=None):
+        """The next concept after each of concepts (B, T, d_emb) (last: the last one only), normalized,
+        guided from the training mean (its prediction without context), plus noise; the stop logits."""
         pred, stop = self(concepts, cache=cache, pos=pos)
         pred = pred[:, -1:].float() if last else pred.float()
+        if guidance != 1:  # mean + guidance * (pred - mean)
+            pred = torch.lerp(self.normalizer.normalize(self.normalizer.mean), pred, guidance)
         if noise > 0:
             pred = pred + noise * torch.randn(pred.shape, generator=generator, device=pred.device)
         return pred, stop if stop is None or not last else stop[:, -1:]
@@ -178,9 +180,9 @@ class BaseLCM(nn.Module):
                  feed=None, stop_end=0.0, since=0, **sampling):
         """prompt (T, d_emb) -> (new concepts (n, d_emb), cosine of each to eot, stop reason). Each
         prediction (predict's, with the sampling settings) joins the context as feed(prediction), if
-        given, makes it (the decoded sentence's concept); a context over block_size keeps its end.
-        It stops at end of text: a prediction within cosine stop_eot of eot, or, by the stop head,
-        once the text (since: its sentences in the prompt) has ended with probability stop_end."""
+        given, makes it (the decoded sentence's concept); a context over block_size keeps its end. It
+        stops at a prediction within cosine stop_eot of eot, or once the text (since: its sentences in
+        the prompt) has ended with probability stop_end by the stop head."""
         c = self.config
         seq = prompt.float()
         cosines = []

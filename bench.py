@@ -2,8 +2,9 @@
 Measures baselcm on the current device and writes bench.json: the device's matmul peak in the
 training dtype (measured now), training concepts/s and MFU against it (compile off and on, and a
 15-line reference step of the same shapes), the forward / backward / optimizer split, generation
-with and without the KV cache (and compiled), the diffusion LCM's training step and generation
-against the Base-LCM's, and embed.py against the bare encoder (speed and peak memory, corpus, 4x).
+with and without the KV cache (and compiled), the diffusion LCMs' (One-Tower, Two-Tower) training
+step and generation against the Base-LCM's, and embed.py against the bare encoder (speed and peak
+memory, corpus, 4x).
 
 $ python bench.py                       # everything (CPU: about 5 minutes)
 $ python bench.py --embed=False --compile=False
@@ -15,7 +16,7 @@ import torch
 from torch.nn import functional as F
 
 from baselcm import BaseLCM, LCMConfig, RMSNorm
-from diffusion import DiffusionConfig, DiffusionLCM
+from diffusion import DiffusionConfig, OneTower, TwoTower
 from common import configure, get_device, has_bf16, measure_peak_flops, synchronize
 
 device = ""              # '' = autodetect
@@ -147,11 +148,13 @@ for name, use_cache in runs:
           f"{gen[name] / gen['no_cache']:.1f}x")
 
 # -----------------------------------------------------------------------------
-# the diffusion LCM (diffusion.py) against the Base-LCM of the same width and depth (the default
-# model): a training step (its sequence interleaves a clean and a noisy concept for each), and
-# generation at the default 40 DDIM steps with guidance (two passes a step), in fp32 as sample.py runs
+# the diffusion LCMs (diffusion.py) against the Base-LCM of the same width and depth (the default
+# model): a training step (the One-Tower's sequence interleaves a clean and a noisy concept for each;
+# the Two-Tower adds 2 denoiser blocks), and generation at the default 40 DDIM steps with guidance
+# (two halves in one batch a step), in fp32 as sample.py runs
 shape = dict(d_emb=1024, n_embd=256, n_layer=4, n_head=4, block_size=16, dropout=0.0)
-models = {"baselcm": BaseLCM(LCMConfig(**shape)), "diffusion": DiffusionLCM(DiffusionConfig(**shape))}
+models = {"baselcm": BaseLCM(LCMConfig(**shape)), "one_tower": OneTower(DiffusionConfig(**shape)),
+          "two_tower": TwoTower(DiffusionConfig(**shape))}
 x = torch.randn(32, 16, 1024, device=device)
 y = torch.randn(32, 16, 1024, device=device)
 d = results["diffusion"] = {}
@@ -172,11 +175,10 @@ for name, m in models.items():
     n = 200 if name == "baselcm" else 20
     m.generate(prompt, 2, eot, stop_eot=2.0)
     d[f"{name}_generate_per_s"] = n / timed(lambda: m.generate(prompt, n, eot, stop_eot=2.0))
-print(f"diffusion LCM, d256 L4 T16 B32, {dtype}: training step {d['diffusion_step_ms']:.1f} ms against "
-      f"the Base-LCM's {d['baselcm_step_ms']:.1f} ms ({d['diffusion_step_ms'] / d['baselcm_step_ms']:.1f}x); "
-      f"generation (fp32, 40 DDIM steps, guidance) {d['diffusion_generate_per_s']:.1f} concepts/s against "
-      f"{d['baselcm_generate_per_s']:.0f} with the KV cache "
-      f"({d['baselcm_generate_per_s'] / d['diffusion_generate_per_s']:.0f}x slower)")
+    print(f"{name:9} d256 L4 T16 B32, {dtype}: training step {d[f'{name}_step_ms']:6.1f} ms "
+          f"({d[f'{name}_step_ms'] / d['baselcm_step_ms']:.1f}x the Base-LCM's); generation (fp32"
+          f"{', 40 DDIM steps, guidance' if n == 20 else ', KV cache'}) "
+          f"{d[f'{name}_generate_per_s']:.1f} concepts/s")
 
 # -----------------------------------------------------------------------------
 # embed.py against the bare encoder on the same sentences, and its peak memory on a corpus and on 4x

@@ -8,9 +8,11 @@ import torch
 
 from baselcm import BaseLCM, LCMConfig
 from common import die, require
-from diffusion import DiffusionConfig, DiffusionLCM
+from diffusion import DiffusionConfig, OneTower, TwoTower
 
-MODELS = {"baselcm": (BaseLCM, LCMConfig), "diffusion": (DiffusionLCM, DiffusionConfig)}
+# 'diffusion': the One-Tower, as checkpoints made before the Two-Tower name it
+MODELS = {"baselcm": (BaseLCM, LCMConfig), "one_tower": (OneTower, DiffusionConfig),
+          "two_tower": (TwoTower, DiffusionConfig), "diffusion": (OneTower, DiffusionConfig)}
 
 def build_model(model_type, settings):
     """-> a new model of model_type (MODELS), with the settings of its config that are in settings
@@ -53,8 +55,9 @@ def model_from(ckpt, **changes):
         weights = {k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()}
         if "stop.weight" not in weights:
             print(f"{ckpt['path']} has no stop head (made before it): it stops at end of text by "
-                  "the cosine alone (stop_eot)")
+                  "the cosine alone (stop_eot); guided, its prediction without context is the median")
             model.stop = model.stop_prior = None
+            weights["normalizer.mean"] = weights["normalizer.center"]
         model.load_state_dict(weights)
     except Exception as e:
         unreadable(ckpt["path"], e)

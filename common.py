@@ -109,7 +109,8 @@ def check_train_settings(c):
     init = os.path.join(c["init_from"], "ckpt.pt") if os.path.isdir(c["init_from"]) else c["init_from"]
     require(os.path.realpath(init) != os.path.realpath(os.path.join(c["out_dir"], "ckpt.pt")),
             f"--init_from={c['init_from']} is --out_dir's own checkpoint: finetune into another --out_dir")
-    require(c["model_type"] in ("baselcm", "diffusion"), f"--model_type={c['model_type']}: use baselcm or diffusion")
+    require(c["model_type"] in ("baselcm", "one_tower", "two_tower", "diffusion"),
+            f"--model_type={c['model_type']}: use baselcm, one_tower or two_tower")
     # torchrun's processes
     world = int(os.environ.get("WORLD_SIZE", 1))
     windows = c["gradient_accumulation_steps"] * c["batch_size"]

@@ -202,14 +202,27 @@ def sample_windows(rng, offsets, n, block_size, answers=None):
     return start, end, start + 1
 
 def stop_prior(offsets, answers=None, n=128):
-    """-> (the share of the training targets that are end of text; the log-odds that a text ends
-    after i sentences, given that it has them, against that share, (n,)): the texts' lengths as a
+    """-> (the log-odds that a training target is end of text: one a text; the log-odds that a text
+    ends after i sentences, given that it has them, against that, (n,)): the texts' lengths, as a
     prior for the stop head. A text: a document, or a pair's answer."""
     lengths = offsets[1:] - 1 - (offsets[:-1] if answers is None else answers)
-    rate = len(lengths) / (lengths + 1).sum()
-    ends = np.array([((lengths == i).sum() + 0.5) / ((lengths >= i).sum() + 1) for i in range(n)])
     logit = lambda p: np.log(p / (1 - p))
-    return rate, logit(ends) - logit(rate)
+    rate = logit(len(lengths) / (lengths + 1).sum())
+    ends = np.array([((lengths == i).sum() + 0.5) / ((lengths >= i).sum() + 1) for i in range(n)])
+    return rate, logit(ends) - rate
+
+def fit(model, meta, offsets, answers, normalizer=True):
+    """This data's numbers in a model that starts on it: its normalizer (for a new model), its
+    training mean (the prediction without context), the stop head's bias (the share of ends, as
+    Adam moves a bias slowly) and prior (stop_prior, from the rows of offsets and answers)."""
+    if normalizer:
+        model.normalizer.center.copy_(torch.tensor(meta["normalizer"]["center"]))
+        model.normalizer.scale.copy_(torch.tensor(meta["normalizer"]["scale"]))
+    model.normalizer.mean.copy_(torch.tensor(meta["mean"]))
+    if model.stop is not None:
+        bias, prior = stop_prior(offsets, answers)
+        model.stop.bias.data.fill_(bias)
+        model.stop_prior.copy_(torch.from_numpy(prior))
 
 def count_targets(starts, ends, first, block_size):
     return int((np.minimum(ends, starts + block_size + 1) - first).clip(0).sum())

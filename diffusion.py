@@ -1,24 +1,28 @@
 """
-The One-Tower diffusion LCM (Meta, "Large Concept Models", 2024, section 2.3). The Base-LCM
-regresses the next concept, and an MSE model predicts the mean of the plausible next sentences, a
-point between them. The diffusion LCM samples one instead: given the clean concepts before it, one
-causal transformer turns a Gaussian sample into the next concept in a few dozen denoising steps. It
-is trained to predict the clean concept from a noisy one (x0, MSE) at a random noise level (forward:
-the paper's Algorithm 1); it samples with DDIM and classifier-free guidance (predict: Algorithm 2).
-Both call one network, denoise. It reuses baselcm.py's normalizer, pre-net, blocks and post-net.
+The diffusion LCMs (Meta, "Large Concept Models", 2024, section 2.3). The Base-LCM regresses the
+next concept, and an MSE model predicts the mean of the plausible next sentences, a point between
+them. A diffusion LCM samples one instead: given the clean concepts before it, a network turns a
+Gaussian sample into the next concept in a few dozen denoising steps. It is trained to predict the
+clean concept from a noisy one (x0, MSE) at a random noise level (forward: the paper's Algorithm 1)
+and samples with DDIM and classifier-free guidance (predict: Algorithm 2); both call one network,
+denoise. The One-Tower runs the clean and the noisy concepts through one causal transformer; the
+Two-Tower reads the clean ones with the Base-LCM's transformer (the contextualizer) and denoises
+with a few blocks of its own. Both reuse baselcm.py's normalizer, pre-net, blocks and post-net.
 """
 import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+from torch.nn import functional as F
 
-from baselcm import BaseLCM, LCMConfig, masked_mean
+from baselcm import BaseLCM, LCMConfig, SwiGLU, masked_mean
 
 @dataclass
 class DiffusionConfig(LCMConfig):
     n_steps: int = 100             # diffusion timesteps (paper: 100)
     cfg_dropout: float = 0.15      # training: the share of noisy concepts that see no context
+    n_denoiser: int = 2            # the Two-Tower's denoiser blocks (the paper's toy: 2)
 
 def cosine_schedule(n_steps, s=0.008):
     """-> alpha_bar (n_steps,): the share of signal in the noisy concept at each timestep. The
@@ -59,40 +63,13 @@ def attention_mask(T, follows, uncond):
     return torch.cat([clean.expand(len(uncond), T, T + K), context | itself], 1)[:, None]
 
 class DiffusionLCM(BaseLCM):
+    """What both towers share: the schedule, the timestep's embedding, training and sampling. A tower
+    defines contextualize (what the network reads of the clean concepts) and denoise (the network)."""
+
     def __init__(self, config):
         super().__init__(config)
         self.time = TimestepEmbedder(config.n_embd)
         self.register_buffer("alpha_bar", cosine_schedule(config.n_steps), persistent=False)
-
-    def contextualize(self, concepts, cache=None):
-        """concepts (B, T, d_emb), clean, in the encoder's space -> what the denoiser reads of them:
-        for one tower, their pre-net embeddings (B, T, n_embd), run with the noisy ones; given a
-        cache (a (2, B, nh, T + 1, hs) tensor per layer), their keys and values, kept there once."""
-        x = self.drop(self.prenet(self.normalizer.normalize(concepts)))
-        if cache is None:
-            return x
-        self.transformer(x, torch.arange(x.size(1), device=x.device), cache=cache)
-        return cache
-
-    def denoise(self, context, noisy, t, uncond):
-        """The network. context: contextualize's; noisy (B, K, d_emb), normalized: the next concepts
-        after the last K positions, noised to timesteps t (B, K); uncond (B, K): those that see no
-        context -> (their predicted clean concepts (B, K, d_emb), normalized; the clean concepts' own
-        outputs (B, T, n_embd), which the stop head reads). The paper concatenates the timestep's
-        embedding to the input; through the pre-net's linear layer that is a sum. One pass: the
-        clean concepts never see a noisy one. With a cache, the one next concept after it (K = 1)
-        runs alone against its keys and values."""
-        x = self.drop(self.prenet(noisy) + self.time(t))  # (B, K, n_embd)
-        cached = isinstance(context, list)
-        T = context[0].size(3) - 1 if cached else context.size(1)
-        follows = torch.arange(T - noisy.size(1), T, device=x.device)
-        mask = attention_mask(T, follows, uncond)
-        # RoPE positions: c_j at j, the concept after it at j + 1
-        if cached:
-            return self.postnet(self.transformer(x, follows + 1, mask[:, :, T:], context)), None
-        pos = torch.cat([torch.arange(T, device=x.device), follows + 1])
-        x = self.transformer(torch.cat([context, x], 1), pos, mask)  # (B, T + K, n_embd)
-        return self.postnet(x[:, T:]), x[:, :T]
 
     def forward(self, concepts, targets, mask=None, eot=None, generator=None):
         """Training (Algorithm 1): every next concept noised to its own random timestep, denoised;
@@ -114,19 +91,17 @@ class DiffusionLCM(BaseLCM):
     def predict(self, concepts, last=False, generator=None, ddim_steps=40, guidance=3.0, rescale=0.7,
                 init_noise=0.6):
         """Sampling (Algorithm 2): a next concept after each of concepts (B, T, d_emb) (last: after
-        the last one only, the context's keys and values computed once), normalized, and the stop
-        head's logits there (read from the clean concepts' causal pass). DDIM
-        (deterministic, "trailing" timesteps) from init_noise * N(0, I) drawn from generator, with
-        classifier-free guidance and its rescale (Lin et al. 2024), the paper's settings by default.
-        One step without guidance gives the model's estimate of the conditional mean. The
-        conditional and the unconditional halves run in one batch."""
+        the last one only), normalized, and the stop head's logits there (from the clean concepts'
+        causal pass). DDIM (deterministic, "trailing" timesteps) from init_noise * N(0, I) drawn
+        from generator, with classifier-free guidance and its rescale (Lin et al. 2024), the paper's
+        settings by default. One step without guidance gives the model's estimate of the
+        conditional mean. The conditional and the unconditional halves run in one batch."""
         B, T, d = concepts.shape
         K = 1 if last else T
         halves = 1 if guidance == 1 else 2
         c = self.config
-        shape = (2, halves * B, c.n_head, T + 1, c.n_embd // c.n_head)
-        cache = [concepts.new_zeros(shape) for _ in self.blocks] if last else None
-        context = self.contextualize(concepts.repeat(halves, 1, 1), cache)
+        # the clean concepts read once, the noisy ones denoised at every step
+        context = self.contextualize(concepts.repeat(halves, 1, 1), last)
         # the second half sees no context
         uncond = (torch.arange(halves * B, device=concepts.device) >= B)[:, None].expand(-1, K)
         times = (torch.arange(ddim_steps, 0, -1) * c.n_steps / ddim_steps).round().long() - 1
@@ -154,6 +129,105 @@ class DiffusionLCM(BaseLCM):
         return super().generate(prompt, max_new_concepts, eot, stop_eot, stop_repeat, False, feed,
                                 stop_end, since, **sampling)
 
+class OneTower(DiffusionLCM):
+    def contextualize(self, concepts, last=False):
+        """concepts (B, T, d_emb), clean, in the encoder's space -> their pre-net embeddings (B, T,
+        n_embd), which denoise runs with the noisy ones; last (one next concept, generation): their
+        keys and values in every layer, computed once, in a cache (a (2, B, nh, T + 1, hs) a layer)."""
+        x = self.drop(self.prenet(self.normalizer.normalize(concepts)))
+        if not last:
+            return x
+        c = self.config
+        shape = (2, x.size(0), c.n_head, x.size(1) + 1, c.n_embd // c.n_head)
+        cache = [x.new_zeros(shape) for _ in self.blocks]
+        self.transformer(x, torch.arange(x.size(1), device=x.device), cache=cache)
+        return cache
+
+    def denoise(self, context, noisy, t, uncond):
+        """The network. context: contextualize's; noisy (B, K, d_emb), normalized: the next concepts
+        after the last K positions, noised to timesteps t (B, K); uncond (B, K): those that see no
+        context -> (their predicted clean concepts (B, K, d_emb), normalized; the clean concepts' own
+        outputs (B, T, n_embd), which the stop head reads). The paper concatenates the timestep's
+        embedding to the input; through the pre-net's linear layer that is a sum. One pass: the
+        clean concepts never see a noisy one. With a cache, the one next concept after it (K = 1)
+        runs alone against its keys and values."""
+        x = self.drop(self.prenet(noisy) + self.time(t))  # (B, K, n_embd)
+        cached = isinstance(context, list)
+        T = context[0].size(3) - 1 if cached else context.size(1)
+        follows = torch.arange(T - noisy.size(1), T, device=x.device)
+        mask = attention_mask(T, follows, uncond)
+        # RoPE positions: c_j at j, the concept after it at j + 1
+        if cached:
+            return self.postnet(self.transformer(x, follows + 1, mask[:, :, T:], context)), None
+        pos = torch.cat([torch.arange(T, device=x.device), follows + 1])
+        x = self.transformer(torch.cat([context, x], 1), pos, mask)  # (B, T + K, n_embd)
+        return self.postnet(x[:, T:]), x[:, :T]
+
     def flops_per_concept(self):
         """Training FLOPs per concept: a clean and a noisy one in the sequence."""
         return 2 * super().flops_per_concept()
+
+def modulate(x, shift, scale):
+    return x * (1 + scale) + shift
+
+class DenoiserBlock(nn.Module):
+    """A block of the Two-Tower's denoiser, no positions: self-attention to itself alone (a softmax
+    over one key is 1: its value's projection), cross-attention to a zero vector and the
+    contextualizer's outputs up to its position, then SwiGLU; each pre-normed, then shifted, scaled
+    and gated by the timestep (AdaLN-Zero, DiT): zero-initialised, every block starts as the identity."""
+
+    def __init__(self, config):
+        super().__init__()
+        n = config.n_embd
+        self.n_head = config.n_head
+        self.norm = nn.RMSNorm(n, elementwise_affine=False)
+        self.itself = nn.Linear(n, n)
+        self.q = nn.Linear(n, n)
+        self.kv = nn.Linear(n, 2 * n)
+        self.proj = nn.Linear(n, n)
+        self.mlp = SwiGLU(config)
+        self.modulation = nn.Linear(n, 9 * n)
+        nn.init.zeros_(self.modulation.weight)
+        nn.init.zeros_(self.modulation.bias)
+
+    def forward(self, x, context, sees, time):
+        """x (B, K, n_embd), context (B, T + 1, n_embd), sees (B, K, T + 1), time (B, K, n_embd)"""
+        shift1, scale1, gate1, shift2, scale2, gate2, shift3, scale3, gate3 = self.modulation(
+            F.silu(time)).chunk(9, -1)
+        x = x + gate1 * self.itself(modulate(self.norm(x), shift1, scale1))
+        B, K, C = x.shape
+        q = self.q(modulate(self.norm(x), shift2, scale2)).view(B, K, self.n_head, -1).transpose(1, 2)
+        k, v = self.kv(context).view(B, -1, 2, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v, sees[:, None])
+        x = x + gate2 * self.proj(y.transpose(1, 2).reshape(B, K, C))
+        return x + gate3 * self.mlp(modulate(self.norm(x), shift3, scale3))
+
+class TwoTower(DiffusionLCM):
+    def __init__(self, config):
+        super().__init__(config)
+        self.denoiser = nn.ModuleList([DenoiserBlock(config) for _ in range(config.n_denoiser)])
+        self.final = nn.Linear(config.n_embd, 2 * config.n_embd)  # shift and scale before the post-net
+        nn.init.zeros_(self.final.weight)
+        nn.init.zeros_(self.final.bias)
+
+    def contextualize(self, concepts, last=False):
+        """concepts (B, T, d_emb), clean, in the encoder's space -> the contextualizer's outputs (the
+        Base-LCM's causal transformer), after a zero vector, which a concept without context sees:
+        (B, T + 1, n_embd)."""
+        x = self.drop(self.prenet(self.normalizer.normalize(concepts)))
+        h = self.transformer(x, torch.arange(x.size(1), device=x.device))
+        return torch.cat([torch.zeros_like(h[:, :1]), h], 1)
+
+    def denoise(self, context, noisy, t, uncond):
+        """The network: as the One-Tower's, on the contextualizer's outputs. The concept after c_j
+        sees the zero vector and the outputs at c_0..c_j, or, where uncond, the zero vector alone."""
+        T = context.size(1) - 1
+        follows = torch.arange(T - noisy.size(1), T, device=noisy.device)
+        keys = torch.arange(T + 1, device=noisy.device)
+        sees = (keys == 0) | (keys <= follows[:, None] + 1) & ~uncond[..., None]  # (B, K, T + 1)
+        x = self.drop(self.prenet(noisy))
+        time = self.time(t)
+        for block in self.denoiser:
+            x = block(x, context, sees, time)
+        shift, scale = self.final(F.silu(time)).chunk(2, -1)
+        return self.postnet(modulate(F.rms_norm(x, x.shape[-1:]), shift, scale)), context[:, 1:]

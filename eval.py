@@ -22,8 +22,9 @@ eval_iters = 0           # batches of validation windows; 0 = the training run's
 mi_model = ""            # a Hugging Face causal LM (gpt2 in the paper) for the MI metric
 sonar_hf_encoder = ""    # SONAR's transformers port, its encoder and decoder (hub names or
 sonar_hf_decoder = ""    # folders); '' = the community port's (docs/sonar.md)
-guidance = 0.0           # a diffusion model's sampling: guidance scale, 1 = none; 0 = the paper's 3
+guidance = 0.0           # guidance scale, 1 = none; 0 = the model's own (a diffusion model's: 3)
 ddim_steps = 0           # a diffusion model's sampling: DDIM steps; 0 = the paper's 40
+generate = 0             # continue (or answer) the first N validation texts; 0 = all of them
 device = ""              # '' = autodetect: cuda, mps, cpu
 dtype = ""               # '' = as train.py picks it
 given = common.configure(globals(), sys.argv[1:])
@@ -49,4 +50,4 @@ batches = datafiles.eval_batches(rows, offsets, model.config.block_size, run["ba
                                  eval_iters * run["batch_size"], device, answers)
 baselines = metrics.baselines(torch.tensor(meta["mean"], device=device))
 metrics.eval_report(model, ctx, sampling, baselines, batches, data_dir, meta, checkpoint, out_dir,
-                    (sonar_hf_encoder, sonar_hf_decoder), mi_model)
+                    (sonar_hf_encoder, sonar_hf_decoder), mi_model, generate)

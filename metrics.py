@@ -57,7 +57,7 @@ def finish_metrics(sums):
          "ca_doc": sums["ca_doc_hits"] / max(sums["ca_doc_pairs"], 1),
          "par": sums["par_pred"] / sums["par_true"]}
     if "rt_l2" in sums:
-        r["rt_l2"] = sums["rt_l2"] / sums["n"]
+        r["rt_l2"], r["near"] = sums["rt_l2"] / sums["n"], sums["near"] / sums["n"]
     if "mi_gain" in sums:
         r["mi"] = sums["mi_gain"] / max(sums["mi_tokens"], 1)
     return r
@@ -88,13 +88,13 @@ def closeness(generated, real):
     return cos.amax(1).mean().item()
 
 @torch.no_grad()
-def generations(model, prompts, eot, decode, sampling, since=0, feedback="decoded", n=8, stop_eot=0.9,
-                stop_repeat=0.95, stop_end=0.5):
+def generations(model, prompts, eot, decode, sampling, since=0, feedback="decoded", seed=0, n=8,
+                stop_eot=0.9, stop_repeat=0.95, stop_end=0.5):
     """As sample.py generates: after each prompt, (its concepts (T, d_emb), its sentences), up to
     n sentences decoded as they come (decode: concepts.decoder's) and fed back, with sample.py's
     stops (the prompts hold since sentences of their texts); a diffusion model's draws from a seeded
-    generator. -> a Transcript of each (.stop)."""
-    generator = torch.Generator(eot.device).manual_seed(0)
+    generator (seed). -> a Transcript of each (.stop)."""
+    generator = torch.Generator(eot.device).manual_seed(seed)
     said = []
     for concepts, texts in prompts:
         said.append(Transcript(decode, texts, feedback))
@@ -109,8 +109,10 @@ def continuations(model, rows, offsets, texts, eot, decoders, train_rows, train_
     least k + 2 are the prompt (generations), decoded sentences or raw predictions fed back;
     decoders: repeats -> decode. -> name -> closeness (above) of the generated sentences to the
     document's real rest, the share of distinct sentences per sample, the sentences generated (mean
-    and median) and the share that ended at end of text; "real": the real rest's length. Baselines:
-    8 random training sentences; the prompt's last, repeated."""
+    and median) and the share that ended at end of text; "real": the real rest's length. "4 samples":
+    four continuations of each prompt, each from its own draws: their closeness, the share of
+    distinct sentences among all four, the mean cosine distance between their first concepts.
+    Baselines: 8 random training sentences; the prompt's last, repeated."""
     docs = [(lo, end) for lo, end in zip(offsets[:-1], offsets[1:] - 1) if end - lo >= k + 2]
     real = [torch.as_tensor(np.asarray(rows[lo:end], dtype=np.float32)) for lo, end in docs]
     prompts = [(r[:k], texts[lo:lo + k]) for r, (lo, _) in zip(real, docs)]
@@ -122,6 +124,19 @@ def continuations(model, rows, offsets, texts, eot, decoders, train_rows, train_
         r[mode] = {"closeness": np.mean([closeness(s.concepts, x) for s, x in kept]),
                    "distinct": np.mean([len(set(s.texts)) / len(s.texts) for s, _ in kept]),
                    "samples": len(kept)} | lengths(said)
+    # four continuations of each prompt, each from its own draws (a Base-LCM's are the same)
+    runs = [generations(model, prompts, eot, decoders(False), sampling, k, seed=s) for s in range(1, 5)]
+    off = ~torch.eye(4, dtype=torch.bool)
+
+    def four(said, x):
+        texts = [t for s in said for t in s.texts]
+        first = F.normalize(torch.as_tensor(np.stack([s.concepts[0] for s in said])), dim=-1)
+        return (np.mean([closeness(s.concepts, x) for s in said]), len(set(texts)) / len(texts),
+                max(0.0, 1 - (first @ first.T)[off].mean().item()))
+    kept = [four(said, x[k:]) for said, x in zip(zip(*runs), real) if all(s.texts for s in said)]
+    m = np.mean(np.reshape(kept, (-1, 3)), axis=0)
+    r["4 samples"] = dict(zip(("closeness", "distinct", "spread"), m), samples=len(kept)) | \
+        lengths(sum(runs, []))
     rng = np.random.default_rng(0)
     train_eot = set(train_offsets[1:] - 1)
     picks = [[i for i in rng.integers(0, len(train_rows), 16) if i not in train_eot][:8]
@@ -201,7 +216,7 @@ def validate(model, ctx, batches):
     model.eval()
     batches = list(batches)
     diffusion = isinstance(model, DiffusionLCM)
-    mean = {"ddim_steps": 1, "guidance": 1.0} if diffusion else {}
+    mean = {"ddim_steps": 1, "guidance": 1.0} if diffusion else {"guidance": 1.0}
     r = evaluate({"model": predictor(model, ctx, **mean)}, batches, model.normalizer)
     if diffusion:
         total = 0.0
@@ -227,8 +242,8 @@ def scores(r):
 def evaluate(predictors, batches, normalizer, roundtrip=None, mi=None):
     """Teacher-forced next-concept metrics for each predictor, name -> function x -> predictions
     (B, T, d_emb) in the encoder's space, over batches from datafiles.eval_batches.
-    roundtrip: predictions (n, d_emb) -> (their texts, the texts' concepts), for rt_l2
-    (concepts.roundtrip).
+    roundtrip: predictions (n, d_emb) -> (their texts, the texts' concepts), for rt_l2 and near, the
+    cosine of a prediction to its round trip (concepts.roundtrip).
     mi: (causal LM, its tokenizer, the split's sentences, its offsets), for MI on those texts."""
     sums = {}
     for x, y, mask, _, doc, row in batches:
@@ -244,17 +259,20 @@ def evaluate(predictors, batches, normalizer, roundtrip=None, mi=None):
                 texts, back = roundtrip(p[mask].float())
                 back = torch.as_tensor(back, device=y.device)
                 m["rt_l2"] = (back - y[mask]).norm(dim=-1).sum().item()
+                # how close the prediction lies to a real sentence (retrieval: the nearest one)
+                m["near"] = F.cosine_similarity(back, p[mask].float(), dim=-1).sum().item()
             if mi:
                 m["mi_gain"], m["mi_tokens"] = coherence_mi(lm, tokenizer, texts, contexts)
             sums[name] = {k: sums.get(name, {}).get(k, 0) + v for k, v in m.items()}
     return {name: finish_metrics(s) for name, s in sums.items()}
 
 def eval_report(model, ctx, sampling, baselines, batches, data_dir, meta, ckpt, out_dir, sonar_hf,
-                mi_model=""):
+                mi_model="", generate=0):
     """train.py --eval_only=True: prints every metric for the model (sampling: its sampler's
     settings) and the baselines, the predictions decoded to text (SONAR's decoder, else retrieval of
     the nearest training sentence) and encoded again, and the continuations (or, on prompt -> answer
-    pairs, the answers and their ROUGE); writes them to out_dir/eval.json. ckpt: the model's."""
+    pairs, the answers and their ROUGE), for the first generate validation texts (0 = all); writes
+    them to out_dir/eval.json. ckpt: the model's."""
     device = model.normalizer.center.device
     enc = None
     bank = None
@@ -289,25 +307,28 @@ def eval_report(model, ctx, sampling, baselines, batches, data_dir, meta, ckpt, 
           f"{iter_num}{where}; decoded text: {decoded_by}"
           + (f"; MI with {mi_model}" if mi_model else ""))
     mi_column = "      MI" if mi_model else ""
-    print(f"{'':8}    loss       l2    rt_l2      CA  CA-doc     PAR{mi_column}")
+    print(f"{'':8}    loss       l2    rt_l2    near      CA  CA-doc     PAR{mi_column}")
     for name, r in results.items():
-        print(f"{name:8}{r['loss']:10.2f}{r['l2']:9.4f}{r['rt_l2']:9.4f}{100 * r['ca']:7.1f}%"
-              f"{100 * r['ca_doc']:7.1f}%{r['par']:8.3f}" + (f"{r['mi']:8.3f}" if mi_model else ""))
+        print(f"{name:8}{r['loss']:10.2f}{r['l2']:9.4f}{r['rt_l2']:9.4f}{r['near']:8.3f}"
+              f"{100 * r['ca']:7.1f}%{100 * r['ca_doc']:7.1f}%{r['par']:8.3f}"
+              + (f"{r['mi']:8.3f}" if mi_model else ""))
     train_rows, train_offsets, train_starts = load_split(data_dir, "train", meta)
     eot = torch.tensor(meta["eot"], device=device)
     decoders = lambda repeats: decoder(enc, bank, meta["lang"], repeats)
+    shown = offsets[:generate + 1] if generate else offsets
     if starts is None:
         kind = "continuations"
-        gen = continuations(model, rows, offsets, sentences, eot, decoders, train_rows,
-                            train_offsets, sampling)
+        gen = continuations(model, rows, shown, sentences, eot, decoders, train_rows, train_offsets,
+                            sampling)
         real = gen.pop("real")
         print(f"continuations of {gen['random']['samples']} validation documents (prompt: 3 "
               f"sentences, up to 8 generated; the real rest: {real['sentences']:.1f} sentences, median "
               f"{real['median']:.0f}): closeness to the real rest, sentences (mean, median), distinct "
-              "share, ended at end of text")
+              "share, ended at end of text; 4 samples: the spread of their first concepts")
         for name, r in gen.items() if gen["random"]["samples"] else ():
             said = (f"{r['sentences']:6.1f}{r['median']:5.0f}{100 * r['distinct']:6.0f}%"
                     f"{100 * r['eot']:6.0f}%") if "distinct" in r else ""
+            said += f"{r['spread']:8.3f}" if "spread" in r else ""
             print(f"{name:14}{r['closeness']:8.3f}{said}")
         gen["real"] = real
     else:
@@ -315,7 +336,7 @@ def eval_report(model, ctx, sampling, baselines, batches, data_dir, meta, ckpt, 
         kind = "answers"
         with open(os.path.join(data_dir, "train.txt"), encoding="utf-8") as f:
             train_texts = f.read().splitlines()
-        gen = answers(model, rows, offsets, starts, sentences, eot, decoders(False), nearest,
+        gen = answers(model, rows, shown, starts, sentences, eot, decoders(False), nearest,
                       train_texts, train_offsets, train_starts, sampling, meta.get("prompt_end", ""))
         print(f"answers to {gen['pairs']} validation prompts (until end of text, up to 8 sentences; "
               f"the references: {gen['real']['sentences']:.1f} sentences, median "

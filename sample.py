@@ -32,7 +32,7 @@ seed = 1337
 prompt_lang = ""         # FLORES-200 code of the prompt; '' = the training data's
 lang = ""                # FLORES-200 code of the output (SONAR decoder); '' = prompt_lang
 data_dir = ""            # sentence bank for retrieval; '' = the dataset the model was trained on
-guidance = 0.0           # diffusion model: classifier-free guidance scale; 0 = the paper's 3
+guidance = 0.0           # guidance scale, 1 = none; 0 = the model's own
 ddim_steps = 0           # diffusion model: denoising steps; 0 = the paper's 40
 compile = False          # torch.compile the model: the one-concept step compiles once (for GPUs)
 sonar_hf_encoder = ""    # SONAR's transformers port, used without sonar-space: its encoder and

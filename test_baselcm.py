@@ -222,12 +222,25 @@ def test_the_stop_head_learns_from_real_targets_only_not_padding_nor_prompts():
 def test_the_length_prior_is_the_log_odds_of_ending_after_each_count_of_sentences():
     # texts of 1, 2, 2 and 3 sentences (each then its end of text)
     offsets = np.cumsum([0, 2, 3, 3, 4])
-    rate, prior = datafiles.stop_prior(offsets, n=4)
-    assert rate == 4 / 12
+    bias, prior = datafiles.stop_prior(offsets, n=4)
     logit = lambda p: np.log(p / (1 - p))
+    assert np.isclose(bias, logit(4 / 12))
     # after 0 sentences none ends; after 1, one of 4; after 2, two of 3; after 3, the last
     expected = [(0 + 0.5) / 5, (1 + 0.5) / 5, (2 + 0.5) / 4, (1 + 0.5) / 2]
-    assert np.allclose(prior, logit(np.array(expected)) - logit(rate))
+    assert np.allclose(prior, logit(np.array(expected)) - bias)
     # pairs: a text is the answer, from its first row: answers of 0, 2, 2 and 3 sentences
-    rate, prior = datafiles.stop_prior(offsets, np.array([1, 2, 5, 8]), n=4)
-    assert rate == 4 / 11 and np.isclose(prior[0], logit(1.5 / 5) - logit(4 / 11))
+    bias, prior = datafiles.stop_prior(offsets, np.array([1, 2, 5, 8]), n=4)
+    assert np.isclose(bias, logit(4 / 11)) and np.isclose(prior[0], logit(1.5 / 5) - logit(4 / 11))
+
+def test_guidance_moves_the_prediction_away_from_the_training_mean_and_1_is_the_plain_model():
+    torch.manual_seed(0)
+    model = BaseLCM(tiny_config()).eval()
+    model.normalizer.center.uniform_(-1, 1)
+    model.normalizer.scale.uniform_(0.5, 2)
+    model.normalizer.mean.normal_()
+    x = torch.randn(3, 8, 16)
+    plain = model(x)[0]
+    assert torch.equal(model.predict(x, guidance=1.0)[0], plain)
+    # the training mean, in the normalized space, is the prediction without context
+    mean = model.normalizer.normalize(model.normalizer.mean)
+    assert torch.allclose(model.predict(x, guidance=2.5)[0], mean + 2.5 * (plain - mean), atol=1e-5)

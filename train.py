@@ -31,7 +31,7 @@ batch_size = 32          # windows per micro-batch
 gradient_accumulation_steps = 1  # micro-batches in the global batch, shared by all processes
 block_size = 16          # context in concepts (Lee documents: 10 sentences on average)
 # model
-model_type = "baselcm"   # 'baselcm', or 'diffusion': the One-Tower diffusion LCM (diffusion.py)
+model_type = "baselcm"   # 'baselcm', or the diffusion LCMs (diffusion.py): one_tower, two_tower
 n_layer = 4
 n_head = 4
 n_embd = 256
@@ -40,6 +40,7 @@ bias = False
 rope_theta = 10000.0
 n_steps = 100            # diffusion: timesteps of the noise schedule (paper: 100)
 cfg_dropout = 0.15       # diffusion: share of noisy concepts trained without context (guidance)
+n_denoiser = 2           # the Two-Tower's denoiser blocks
 # AdamW, warm-up then cosine decay (paper: lr 4e-4, betas 0.9/0.95, eps 1e-5, weight decay 0.1)
 learning_rate = 4e-4
 max_iters = 0            # 0 = follow the data: `epochs` passes over the training concepts
@@ -130,12 +131,9 @@ if resume or finetune:
     model = checkpoints.model_from(checkpoint, dropout=dropout)
 else:
     model = checkpoints.build_model(model_type, config | {"d_emb": meta["d_emb"]})
-    model.normalizer.load_state_dict({k: torch.tensor(v) for k, v in meta["normalizer"].items()})
-if not resume and model.stop is not None:
-    # the stop head starts from this data's share of ends (Adam moves a bias slowly); its lengths
-    rate, prior = datafiles.stop_prior(train_offsets, train_answers)
-    model.stop.bias.data.fill_(math.log(rate / (1 - rate)))
-    model.stop_prior.copy_(torch.from_numpy(prior))
+if not resume:
+    # this data's numbers: normalizer (a new model), training mean, the stop head's start and prior
+    datafiles.fit(model, meta, train_offsets, train_answers, normalizer=not finetune)
 model.to(device)
 # a resumed run goes on from its checkpoint's counts (older checkpoints did not count evaluations)
 iter_num = checkpoint["iter_num"] if resume else 0

@@ -5,7 +5,7 @@ minutes, and prints one line per check; the first failure stops it with a non-ze
   2. a run killed after a checkpoint and resumed replays the uninterrupted run's losses
   3. two processes with DDP log the losses of one (where there are two GPUs)
   4. sample.py with --compile=True
-  5. the diffusion LCM trains and samples the same way (compiled)
+  5. both diffusion LCMs (One-Tower, Two-Tower) train and sample the same way (compiled)
   6. bench.py's training and generation figures
 $ python scripts/gpu_check.py
 $ python scripts/gpu_check.py --device=cpu --compile=False   # the same checks, quicker, on a CPU
@@ -111,14 +111,15 @@ if "cannot compile" in p.stdout or "concepts, stopped by" not in p.stdout:
     fail(f"sample.py: {p.stdout.strip()[-500:]}")
 ok(f"sample.py --compile={compile}: {p.stdout.strip().splitlines()[-2]}")
 
-# 5. the diffusion LCM, compiled, then sampled
-p = run([*shrunk, "--model_type=diffusion", f"--out_dir={tmp}/d", "--max_iters=20"])
-d = trained(p, f"{tmp}/d", 20, "the diffusion LCM")
-p = run(["sample.py", f"--out_dir={tmp}/d", f"--device={device}", f"--compile={compile}",
-         "--max_new_concepts=4"])
-if "cannot compile" in p.stdout or "concepts, stopped by" not in p.stdout:
-    fail(f"sample.py on the diffusion model: {p.stdout.strip()[-500:]}")
-ok(f"diffusion LCM, compile={compile}: loss {d[5]:.1f} -> {d[20]:.1f}, then 4 sampled concepts")
+# 5. the diffusion LCMs, compiled, then sampled
+for tower in ("one_tower", "two_tower"):
+    p = run([*shrunk, f"--model_type={tower}", f"--out_dir={tmp}/{tower}", "--max_iters=20"])
+    d = trained(p, f"{tmp}/{tower}", 20, f"the {tower}")
+    p = run(["sample.py", f"--out_dir={tmp}/{tower}", f"--device={device}", f"--compile={compile}",
+             "--max_new_concepts=4"])
+    if "cannot compile" in p.stdout or "concepts, stopped by" not in p.stdout:
+        fail(f"sample.py on the {tower}: {p.stdout.strip()[-500:]}")
+    ok(f"{tower}, compile={compile}: loss {d[5]:.1f} -> {d[20]:.1f}, then 4 sampled concepts")
 
 # 6. bench.py's figures, shortened
 p = run(["bench.py", f"--device={device}", "--embed=False", "--steps=5", f"--compile={compile}",

@@ -11,14 +11,20 @@ import torch
 import checkpoints, diffusion
 from baselcm import BaseLCM
 from conftest import TRAIN, log_of, run, tiny_config
-from diffusion import DiffusionLCM
+from diffusion import DiffusionLCM, OneTower, TwoTower
 
-def tiny_diffusion(**kw):
-    return DiffusionLCM(diffusion.DiffusionConfig(**tiny_config(**kw).__dict__))
+def tiny_diffusion(tower=OneTower, **kw):
+    return tower(diffusion.DiffusionConfig(**tiny_config(**kw).__dict__))
 
-def test_a_noisy_concept_sees_neither_its_clean_target_nor_later_concepts_nor_other_noisy_ones():
+@pytest.mark.parametrize("tower", [OneTower, TwoTower])
+def test_a_noisy_concept_sees_neither_its_clean_target_nor_later_concepts_nor_other_noisy_ones(tower):
     torch.manual_seed(0)
-    model = tiny_diffusion().eval()
+    model = tiny_diffusion(tower).eval()
+    with torch.no_grad():
+        # the Two-Tower's modulations start at zero (every denoiser block the identity): as trained
+        for name, p in model.named_parameters():
+            if "modulation" in name or name.startswith("final"):
+                p.normal_(std=0.1)
     B, T, k = 2, 10, 4
     concepts, noisy = torch.randn(B, T, 16), torch.randn(B, T, 16)
     t = torch.randint(0, 100, (B, T))
@@ -44,9 +50,8 @@ def test_a_noisy_concept_sees_neither_its_clean_target_nor_later_concepts_nor_ot
         alone = denoise(concepts, noisy, t, free)[:, k]
         assert torch.allclose(denoise(earlier, noisy, t, free)[:, k], alone, atol=1e-5)
         # generation keeps the context's keys and values (a cache) for the one next concept: the same
-        cache = [torch.zeros(2, B, 2, T + 1, 16) for _ in model.blocks]
         last = torch.tensor([[False], [True]])
-        kept = model.denoise(model.contextualize(concepts, cache), noisy[:, -1:], t[:, -1:], last)[0]
+        kept = model.denoise(model.contextualize(concepts, True), noisy[:, -1:], t[:, -1:], last)[0]
         again = model.denoise(model.contextualize(concepts), noisy[:, -1:], t[:, -1:], last)[0]
         assert torch.allclose(kept, again, atol=1e-5)
 
@@ -94,7 +99,8 @@ def test_where_two_next_concepts_are_equally_likely_diffusion_samples_one_and_ms
     rng = np.random.default_rng(0)
     a, b = torch.tensor(rng.normal(size=(2, 16)), dtype=torch.float32) * 2
     start = torch.tensor(rng.normal(size=16), dtype=torch.float32)
-    models = {"mse": BaseLCM(tiny_config(block_size=2)), "diffusion": tiny_diffusion(block_size=2)}
+    models = {"mse": BaseLCM(tiny_config(block_size=2)), "one tower": tiny_diffusion(block_size=2),
+              "two towers": tiny_diffusion(TwoTower, block_size=2)}
     for model in models.values():
         opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
         for _ in range(400):
@@ -108,17 +114,20 @@ def test_where_two_next_concepts_are_equally_likely_diffusion_samples_one_and_ms
     context = start.expand(200, 1, 16)
     mean = models["mse"].normalizer.denormalize(models["mse"].predict(context)[0][0, 0])
     assert torch.dist(mean, (a + b) / 2) < 0.1 * torch.dist(a, b)
-    sampled, _ = models["diffusion"].predict(context, generator=torch.Generator().manual_seed(0))
-    samples = models["diffusion"].normalizer.denormalize(sampled[:, 0])
-    to_a, to_b = (samples - a).norm(dim=-1), (samples - b).norm(dim=-1)
-    near = torch.minimum(to_a, to_b) < 0.25 * torch.dist(a, b)
-    assert near.float().mean() > 0.9  # each sample lands by A or by B, not between them
-    assert 0.2 < (to_a < to_b).float().mean() < 0.8  # and both appear
+    for tower in ("one tower", "two towers"):
+        sampled, _ = models[tower].predict(context, generator=torch.Generator().manual_seed(0))
+        samples = models[tower].normalizer.denormalize(sampled[:, 0])
+        to_a, to_b = (samples - a).norm(dim=-1), (samples - b).norm(dim=-1)
+        near = torch.minimum(to_a, to_b) < 0.25 * torch.dist(a, b)
+        assert near.float().mean() > 0.9, tower  # each sample lands by A or by B, not between them
+        assert 0.2 < (to_a < to_b).float().mean() < 0.8, tower  # and both appear
 
 @pytest.mark.slow
-def test_a_diffusion_run_resumes_exactly_and_evaluates_with_sampling_settings_changed(rotation_data,
+@pytest.mark.parametrize("model_type", ["one_tower", "two_tower"])
+def test_a_diffusion_run_resumes_exactly_and_evaluates_with_sampling_settings_changed(model_type,
+                                                                                     rotation_data,
                                                                                      tmp_path):
-    args = [*TRAIN, f"--data_root={rotation_data}", "--model_type=diffusion", "--eval_interval=10",
+    args = [*TRAIN, f"--data_root={rotation_data}", f"--model_type={model_type}", "--eval_interval=10",
               "--dropout=0.1", "--lr_decay_iters=20", "--always_save_checkpoint=True",
               "--patience=0", "--eval_iters=2"]
     run("train.py", *args, "--max_iters=20", "--out_dir=a", cwd=tmp_path)
@@ -129,7 +138,7 @@ def test_a_diffusion_run_resumes_exactly_and_evaluates_with_sampling_settings_ch
     assert sorted(b) == list(range(1, 21))
     assert all(abs(a[i] - b[i]) <= 1e-5 * abs(a[i]) for i in range(11, 21)), (a, b)
     model, ckpt = checkpoints.load_model(str(tmp_path / "b" / "ckpt.pt"))
-    assert isinstance(model, DiffusionLCM) and ckpt["config"]["model_type"] == "diffusion"
+    assert isinstance(model, DiffusionLCM) and ckpt["config"]["model_type"] == model_type
     # its periodic evaluations report the conditional mean's metrics, comparable with the
     # baselines',
     # and the denoising loss that chooses the checkpoint

@@ -1,6 +1,7 @@
 """
-sample.py and the whole path as a user runs it: MiniLM end to end (embed, train, sample, evaluate), SONAR
-decoding through a stand-in and through a tiny transformers port, one-line errors.
+sample.py and the whole path as a user runs it: MiniLM end to end (embed, train, sample,
+evaluate), SONAR decoding through a stand-in and through a tiny transformers port, one-line
+errors.
 """
 import json, os
 
@@ -41,13 +42,19 @@ def test_minilm_end_to_end_embed_train_sample(tmp_path, tiny_lm):
     run("train.py", "--dataset=news", "--max_iters=4", "--eval_interval=4", "--model_type=diffusion",
         "--out_dir=out-diffusion", *TRAIN[:-1], cwd=tmp_path)
     p = run("sample.py", "--out_dir=out-diffusion", "--start=The wind changed.", "--json=True",
-            "--max_new_concepts=3", "--num_samples=2", "--stop_eot=2", "--stop_end=0", "--stop_repeat=0",
-            "--ddim_steps=4", cwd=tmp_path)
+            "--max_new_concepts=3", "--num_samples=2", "--stop_eot=2", "--stop_end=0",
+            "--stop_repeat=0", "--ddim_steps=4", cwd=tmp_path)
     samples = [json.loads(line) for line in p.stdout.strip().splitlines()[-2:]]
     said = [[s["text"] for s in sample["steps"]] for sample in samples]
     assert [len(s) for s in said] == [3, 3] and all(t in bank for s in said for t in s)
     # each sample starts from its own noise
     assert said[0] != said[1]
+    # the Two-Tower, the same way
+    run("train.py", "--dataset=news", "--max_iters=4", "--eval_interval=4", "--model_type=two_tower",
+        "--out_dir=out-two", *TRAIN[:-1], cwd=tmp_path)
+    p = run("sample.py", "--out_dir=out-two", "--start=The wind changed.", "--json=True",
+            "--max_new_concepts=2", "--stop_eot=2", "--stop_end=0", "--ddim_steps=4", cwd=tmp_path)
+    assert len(json.loads(p.stdout.strip().splitlines()[-1])["steps"]) == 2
     for part in tiny_lm:
         part.save_pretrained(tmp_path / "lm")
     p = run("train.py", "--eval_only=True", f"--mi_model={tmp_path / 'lm'}", cwd=tmp_path)
@@ -113,8 +120,9 @@ def test_sample_bad_input_gives_one_clear_line(case, message, tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_port(tmp_path_factory):
-    """A randomly initialised port (M2M100, 1024 wide like SONAR) and a character-level NLLB tokenizer, saved
-    where the port loads them from: no fairseq2, no download. -> the sample.py/train.py options that select it."""
+    """A randomly initialised port (M2M100, 1024 wide like SONAR) and a character-level NLLB
+    tokenizer, saved where the port loads them from: no fairseq2, no download. -> the
+    sample.py/train.py options that select it."""
     from transformers import M2M100Config, M2M100ForConditionalGeneration, NllbTokenizer
     from transformers.models.m2m_100.modeling_m2m_100 import M2M100Encoder
     root, chars = tmp_path_factory.mktemp("port"), sorted(set("abcdefghijklmnopqrstuvwxyzLRé.,'"))

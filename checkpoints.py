@@ -55,8 +55,11 @@ def model_from(ckpt, **changes):
         weights = {k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()}
         if "stop.weight" not in weights:
             print(f"{ckpt['path']} has no stop head (made before it): it stops at end of text by "
-                  "the cosine alone (stop_eot); guided, its prediction without context is the median")
+                  "the cosine alone (stop_eot)")
             model.stop = model.stop_prior = None
+        if "normalizer.mean" not in weights:
+            print(f"{ckpt['path']} was made before guidance: guided, its prediction without context "
+                  "is the median")
             weights["normalizer.mean"] = weights["normalizer.center"]
         model.load_state_dict(weights)
     except Exception as e:

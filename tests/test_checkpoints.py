@@ -35,6 +35,18 @@ def test_checkpoint_of_a_compiled_model_loads(tmp_path):
     x = torch.randn(1, 5, 16)
     assert torch.equal(loaded.eval()(x)[0], model.eval()(x)[0])
 
+def test_a_checkpoint_made_before_guidance_loads_and_guides_from_the_median(tmp_path, capsys):
+    model = BaseLCM(tiny_config()).eval()
+    weights = {k: v for k, v in model.state_dict().items() if k != "normalizer.mean"}  # as at aa44a11
+    common.atomic_save({"model": weights, "model_args": model.config.__dict__, "config": {}, "data": {}},
+                       tmp_path / "c.pt")
+    loaded, _ = checkpoints.load_model(str(tmp_path / "c.pt"))
+    assert capsys.readouterr().out.count("made before guidance") == 1
+    x = torch.randn(1, 5, 16)
+    p, g = loaded.predict(x)[0], loaded.predict(x, guidance=2.0)[0]
+    center = loaded.normalizer.normalize(loaded.normalizer.center)
+    assert torch.allclose(g, center + 2 * (p - center), atol=1e-5)
+
 def test_rng_states_restore_each_generator_of_the_device_a_run_drew_from(monkeypatch, capsys):
     torch.manual_seed(3)
     states = checkpoints.rng_states("cpu")

@@ -140,11 +140,16 @@ def test_a_diffusion_run_resumes_exactly_and_evaluates_with_sampling_settings_ch
     model, ckpt = checkpoints.load_model(str(tmp_path / "b" / "ckpt.pt"))
     assert isinstance(model, DiffusionLCM) and ckpt["config"]["model_type"] == model_type
     # its periodic evaluations report the conditional mean's metrics, comparable with the
-    # baselines',
-    # and the denoising loss that chooses the checkpoint
+    # baselines', and the denoising loss that chooses the checkpoint
     val = [r["val"] for r in log_of(tmp_path / "b") if "val" in r]
     assert all({"loss", "l2", "ca", "denoising"} <= set(v["model"]) for v in val)
     assert ckpt["best_val_loss"] == min(v["model"]["denoising"] for v in val[1:])
+    # the guidance curve: the same conditional mean, then each scale
+    run("scripts/guidance_curve.py", "--out_dirs=b", "--scales=1,2", cwd=tmp_path)
+    curve = json.load(open(tmp_path / "b" / "guidance.json"))
+    assert list(curve) == ["conditional mean", "guidance 1", "guidance 2", "real next"]
+    assert abs(curve["conditional mean"]["l2"] - val[-1]["model"]["l2"]) < 1e-4
+    assert curve["guidance 1"]["l2"] != curve["guidance 2"]["l2"]
     # sampling's settings may change after training; the model's may not
     run("train.py", "--eval_only=True", "--out_dir=b", "--guidance=1.5", "--ddim_steps=4", cwd=tmp_path)
     report = json.load(open(tmp_path / "b" / "eval.json"))

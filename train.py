@@ -1,10 +1,10 @@
 """
 Trains a Base-LCM, a causal transformer that predicts the next concept (sentence embedding) by
-MSE, or the diffusion LCM (diffusion.py): from scratch, or finetuning a trained one on new data.
+MSE, or a diffusion LCM (diffusion.py): from scratch, or finetuning a trained one on new data.
 Runs on one CPU, one GPU, or several processes with DDP (nccl on GPUs, gloo on CPUs).
 
 $ python train.py                                  # small model on the offline default (data/lee)
-$ python train.py --model_type=diffusion --out_dir=out-diffusion
+$ python train.py config/train_diffusion.py        # the Two-Tower diffusion LCM, in out-diffusion
 $ python train.py --dataset=pairs --init_from=out --out_dir=out-ft  # finetune on prompt -> answer
 $ torchrun --standalone --nproc_per_node=4 train.py config/train_laptop_gpu.py
 """

@@ -1,6 +1,7 @@
 """
-The diffusion LCM (diffusion.py): what a noisy concept sees, the schedule, the sampler against the
-training path's network, the paper's two-mode argument, and a diffusion run of train.py.
+The diffusion LCMs (diffusion.py, both towers): what a noisy concept sees, the schedule, the sampler
+against the training path's network, the paper's two-mode argument, and a diffusion run of train.py
+(resume, evaluation, the guidance curve).
 """
 import json, os
 

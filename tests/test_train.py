@@ -150,6 +150,18 @@ def test_ddp_on_two_gloo_processes_logs_what_one_process_logs(rotation_data, tmp
     # the global FLOPs over the peak of both processes
     assert all(0 < r["mfu"] <= 1 for r in log_of(tmp_path / "ddp") if "mfu" in r)
 
+@pytest.mark.parametrize("model_type", ["two_tower", "one_tower"])
+def test_ddp_trains_the_diffusion_models_and_finetunes_them(model_type, rotation_data, tmp_path):
+    # DDP stops at the second step if a parameter gets no gradient (the Two-Tower's two towers)
+    common = [*TRAIN, f"--data_root={rotation_data}", f"--model_type={model_type}", "--eval_interval=4",
+              "--device=cpu", "--patience=0", "--always_save_checkpoint=True"]
+    p = run(DDP, *common, "--max_iters=4", "--out_dir=a", cwd=tmp_path)
+    assert "2 processes" in p.stdout
+    assert [r["iter"] for r in log_of(tmp_path / "a") if "loss" in r] == [1, 2, 3, 4]
+    run("train.py", *common, "--init_from=a", "--max_iters=2", "--out_dir=ft", cwd=tmp_path)
+    ckpt = torch.load(tmp_path / "ft" / "ckpt.pt", weights_only=True)
+    assert ckpt["config"]["model_type"] == model_type and ckpt["config"]["init_from"] == "a"
+
 def test_a_resumed_ddp_run_replays_each_ranks_dropout_exactly(rotation_data, tmp_path):
     common = [*TRAIN, f"--data_root={rotation_data}", "--eval_interval=10", "--dropout=0.2",
               "--lr_decay_iters=20", "--always_save_checkpoint=True", "--patience=0", "--device=cpu"]

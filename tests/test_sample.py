@@ -38,6 +38,11 @@ def test_minilm_end_to_end_embed_train_sample(tmp_path, tiny_lm):
     text = run("sample.py", "--start=The wind changed.", "--max_new_concepts=2",
                cwd=tmp_path).stdout
     assert "[retrieved, cos " in text
+    # guided from the training mean, the Base-LCM predicts another concept
+    p = run("sample.py", "--start=Firefighters battled the blaze overnight. The wind changed.",
+            "--json=True", "--max_new_concepts=1", "--guidance=3", cwd=tmp_path)
+    guided = json.loads(p.stdout.strip().splitlines()[-1])["steps"][0]
+    assert guided["retrieved_cos"] != result["steps"][0]["retrieved_cos"]
     # the diffusion model: a checkpoint says which model it holds, and sample.py follows it
     run("train.py", "--dataset=news", "--max_iters=4", "--eval_interval=4", "--model_type=diffusion",
         "--out_dir=out-diffusion", *TRAIN[:-1], cwd=tmp_path)

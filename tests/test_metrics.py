@@ -1,7 +1,6 @@
 """
-The paper's metrics (metrics.py): l2, CA, PAR and MI by hand, continuation closeness, and the ROUGE
-of
-generated answers against their baselines.
+The paper's metrics (metrics.py): l2, CA, PAR and MI by hand, continuation closeness, four samples of
+a prompt, and the ROUGE of generated answers against their baselines.
 """
 import copy
 
@@ -111,3 +110,30 @@ def test_the_continuation_metric_stops_as_sample_py_does_by_default():
     defaults = inspect.signature(metrics.generations).parameters
     knobs = {k: v for k, v in script_knobs("sample.py").items() if k.startswith("stop_")}
     assert knobs == {k: defaults[k].default for k in ("stop_eot", "stop_repeat", "stop_end")}
+
+class Drawing:
+    """A stand-in model whose next concept is a draw from the generator it is given (or, fixed, the
+    same two vectors every time); each text ends after two sentences."""
+
+    def __init__(self, fixed=False):
+        self.fixed = fixed
+
+    def generate(self, prompt, n, eot, *stops, feed, generator, **kw):
+        for i in range(2):
+            z = torch.full((8,), i + 1.0) if self.fixed else torch.randn(8, generator=generator)
+            feed(z)
+        return None, None, "eot"
+
+def test_four_samples_of_a_prompt_report_their_distinct_sentences_and_spread():
+    rows = torch.randn(12, 8).numpy()
+    offsets = np.array([0, 6, 12])  # two documents of 6 rows: 3 of prompt, 2 after, end of text
+    texts = [f"t{i}" for i in range(12)]
+    # decoding names a concept by its first coordinate and returns it as it is
+    decode = lambda z, avoid=(): ([f"{z[0, 0]:.4f}"], [1.0], z.numpy())
+    r = {}
+    for fixed in (False, True):
+        r[fixed] = metrics.continuations(Drawing(fixed), rows, offsets, texts, torch.zeros(8),
+                                         lambda repeats: decode, rows, offsets, {})["4 samples"]
+    assert r[False]["distinct"] == 1 and r[False]["spread"] > 0.5  # four draws, four texts
+    assert r[True]["distinct"] == 0.25 and r[True]["spread"] < 1e-6  # one text, four times
+    assert r[False]["samples"] == 2 and r[False]["sentences"] == 2 and r[False]["eot"] == 1

@@ -13,6 +13,11 @@ import concepts, datafiles
 from conftest import ENV, HERE, TORCHRUN, corpus, read_dataset, run, write_dataset
 from datafiles import fit_normalizer
 
+def same_bytes(data, a, b, files):
+    """Two dataset folders under data hold the same bytes in each of files."""
+    for f in files:
+        assert (data / a / f).read_bytes() == (data / b / f).read_bytes(), f
+
 @pytest.mark.slow
 def test_embed_with_sonar_writes_the_data_format(sonar_env, tmp_path):
     env, calls = sonar_env
@@ -62,10 +67,8 @@ def test_embed_resumes_after_kill_9_with_identical_files(sonar_env, tmp_path):
     run("embed.py", *args, cwd=tmp_path, env=env)
     # eot + the rest
     assert len([c for c in calls() if c["call"] == "encode"]) - n_before == 1 + 15 - n_done
-    for f in ("train.bin", "val.bin", "train.txt", "val.txt", "train_offsets.npy",
-              "val_offsets.npy", "meta.json"):
-        data = tmp_path / "data"
-        assert (data / "whole" / f).read_bytes() == (data / "docs" / f).read_bytes()
+    same_bytes(tmp_path / "data", "whole", "docs", ("train.bin", "val.bin", "train.txt", "val.txt",
+                                                    "train_offsets.npy", "val_offsets.npy", "meta.json"))
 
 @pytest.mark.slow
 def test_embed_on_two_processes_equals_one(sonar_env, tmp_path):
@@ -74,9 +77,8 @@ def test_embed_on_two_processes_equals_one(sonar_env, tmp_path):
     args = [f"--dataset={src}", "--encoder=sonar", "--chunk_docs=3", "--device=cpu"]
     run("embed.py", *args, "--name=one", cwd=tmp_path, env=env)
     run(TORCHRUN + [os.path.join(HERE, "embed.py")], *args, "--name=two", cwd=tmp_path, env=env)
-    for f in ("train.bin", "val.bin", "train.txt", "train_offsets.npy", "meta.json"):
-        data = tmp_path / "data"
-        assert (data / "one" / f).read_bytes() == (data / "two" / f).read_bytes()
+    same_bytes(tmp_path / "data", "one", "two",
+               ("train.bin", "val.bin", "train.txt", "train_offsets.npy", "meta.json"))
 
 @pytest.mark.slow
 def test_official_lcm_parquet_is_imported_without_reencoding(sonar_env, tmp_path):
@@ -215,9 +217,8 @@ def test_partial_work_from_other_settings_is_never_reused(sonar_env, tmp_path):
     p = run("embed.py", *args, "--dtype=float32", cwd=tmp_path, env=env)  # other chunking and dtype
     assert "partial work from other settings: starting clean" in p.stdout
     run("embed.py", *args, "--dtype=float32", "--name=clean", cwd=tmp_path, env=env)
-    for f in ("train.bin", "val.bin", "train.txt", "val.txt", "train_offsets.npy"):
-        data = tmp_path / "data"
-        assert (data / "docs" / f).read_bytes() == (data / "clean" / f).read_bytes()
+    same_bytes(tmp_path / "data", "docs", "clean",
+               ("train.bin", "val.bin", "train.txt", "val.txt", "train_offsets.npy"))
 
 @pytest.mark.slow
 def test_a_failed_run_does_not_block_the_fixed_rerun(sonar_env, tmp_path):

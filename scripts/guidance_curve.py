@@ -30,8 +30,6 @@ for out_dir in out_dirs.split(","):
     data_dir = os.path.join(run["data_root"], run["dataset"])
     meta = datafiles.load_meta(data_dir)
     model = checkpoints.model_from(ckpt).to(device).eval()
-    if "normalizer.mean" not in ckpt["model"]:  # made before guidance: its dataset's training mean
-        model.normalizer.mean.copy_(torch.tensor(meta["mean"]))
     rows, offsets, answers = datafiles.load_split(data_dir, "val", meta)
     batches = list(datafiles.eval_batches(rows, offsets, model.config.block_size, run["batch_size"],
                                           run["eval_iters"] * run["batch_size"], device, answers))

@@ -121,10 +121,10 @@ class BaseLCM(nn.Module):
         self.register_buffer("inv_freq", config.rope_theta ** (-torch.arange(0, hs, 2).float() / hs),
                              persistent=False)
         # GPT-2's init: matrices N(0, 0.02), residual projections scaled down by depth, biases 0
-        # (the norms' weights stay 1; the stop head starts at ends being rare, 5 %)
+        # (the norms' weights stay 1; the stop head starts at 0, its bias set from the data: fit)
         for name, p in self.named_parameters():
             if name.endswith(".bias") or name.startswith("stop."):
-                nn.init.constant_(p, -3.0 if name == "stop.bias" else 0.0)
+                nn.init.zeros_(p)
             elif p.dim() == 2:
                 scaled = name.endswith("c_proj.weight")
                 nn.init.normal_(p, std=0.02 / math.sqrt(2 * config.n_layer) if scaled else 0.02)
@@ -150,72 +150,33 @@ class BaseLCM(nn.Module):
         h = self.transformer(x, pos, cache=cache)
         pred = self.postnet(h)  # (B, T, d_emb)
         if targets is None:
-            return pred, None if self.stop is None else self.stop(h).squeeze(-1).float()
+            return pred, self.stop(h).squeeze(-1).float()
         # in fp32, whatever the autocast dtype
         err = (pred.float() - self.normalizer.normalize(targets.float())).pow(2).sum(-1)  # (B, T)
         return pred, masked_mean(err, mask) + self.stop_loss(h, eot, mask)
 
     def stop_loss(self, h, eot, mask):
         """The stop head's cross-entropy against eot (B, T) where mask is True; h read detached."""
-        if eot is None or self.stop is None:
+        if eot is None:
             return 0.0
         logits = self.stop(h.detach()).squeeze(-1).float()
         return masked_mean(F.binary_cross_entropy_with_logits(logits, eot.float(), reduction="none"), mask)
 
     @torch.no_grad()
-    def predict(self, concepts, cache=None, pos=None, last=False, guidance=1.0, noise=0.0,
-                generator=None):
-        """The next concept after each of concepts (B, T, d_emb) (last: the last one only), normalized,
-        guided from the training mean (its prediction without context), plus noise; the stop logits."""
+    def predict(self, concepts, last=False, z=None, guidance=1.0, noise=0.0, cache=None, pos=None):
+        """The next concept after each of concepts (B, T, d_emb) (last: after the last one only), in the
+        encoder's space, and the stop head's logits there. Guided from the training mean, the prediction
+        without context: mean + guidance (pred - mean); plus noise times z, a standard normal draw of
+        the predictions' shape, in the normalized space. With a cache, as forward."""
         pred, stop = self(concepts, cache=cache, pos=pos)
-        pred = pred[:, -1:].float() if last else pred.float()
-        if guidance != 1:  # mean + guidance * (pred - mean)
+        if last:
+            pred, stop = pred[:, -1:], stop[:, -1:]
+        pred = pred.float()
+        if guidance != 1:
             pred = torch.lerp(self.normalizer.normalize(self.normalizer.mean), pred, guidance)
         if noise > 0:
-            pred = pred + noise * torch.randn(pred.shape, generator=generator, device=pred.device)
-        return pred, stop if stop is None or not last else stop[:, -1:]
-
-    @torch.no_grad()
-    def generate(self, prompt, max_new_concepts, eot, stop_eot=0.9, stop_repeat=0.0, use_cache=True,
-                 feed=None, stop_end=0.0, since=0, **sampling):
-        """prompt (T, d_emb) -> (new concepts (n, d_emb), cosine of each to eot, stop reason). Each
-        prediction (predict's, with the sampling settings) joins the context as feed(prediction), if
-        given, makes it (the decoded sentence's concept); a context over block_size keeps its end. It
-        stops at a prediction within cosine stop_eot of eot, or once the text (since: its sentences in
-        the prompt) has ended with probability stop_end by the stop head."""
-        c = self.config
-        seq = prompt.float()
-        cosines = []
-        # a tensor per layer, updated in place (compiled, a slice of a big one is copied whole)
-        shape = (2, 1, c.n_head, c.block_size, c.n_embd // c.n_head)
-        cache = [torch.zeros(shape, device=seq.device) for _ in self.blocks] if use_cache else None
-        start = 0  # where the window starts in seq
-        cached = 0  # rows of the window already in the cache
-        ended = 0.0  # P(the text has ended by now)
-        for _ in range(max_new_concepts):
-            if seq.size(0) - start > c.block_size:
-                start = seq.size(0) - c.block_size // 2
-                cached = 0
-            # the rows not in the cache yet, at their positions in the window
-            pos = torch.arange(cached, seq.size(0) - start, device=seq.device)
-            kv = {"cache": cache, "pos": pos} if use_cache else {}
-            z, end = self.predict(seq[None, start + cached:], last=True, **kv, **sampling)
-            cached = seq.size(0) - start if use_cache else 0
-            new = self.normalizer.denormalize(z[0, 0])
-            cosines.append(F.cosine_similarity(new, eot, dim=0).item())
-            if end is not None:
-                # the stop head's odds, times the odds of ending here that the texts' lengths give
-                prior = self.stop_prior[min(since + len(cosines) - 1, len(self.stop_prior) - 1)]
-                ended = 1 - (1 - ended) * (1 - torch.sigmoid(end + prior).item())
-            at_end = cosines[-1] >= stop_eot or ended >= stop_end > 0
-            if not at_end and feed is not None:
-                new = feed(new)
-            near = F.cosine_similarity(new[None], seq[start:]).max() if stop_repeat > 0 else 0
-            seq = torch.cat([seq, new[None]])
-            stop = "eot" if at_end else "repeat" if near >= stop_repeat > 0 else None
-            if stop:
-                return seq[prompt.size(0):], cosines, stop
-        return seq[prompt.size(0):], cosines, "max_new_concepts"
+            pred = pred + noise * z
+        return self.normalizer.denormalize(pred), stop
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, eps):
         # weight decay on the matrices only, not on biases and norms

@@ -3,11 +3,12 @@ Measures baselcm on the current device and writes bench.json: the device's matmu
 training dtype (measured now), training concepts/s and MFU against it (compile off and on, and a
 15-line reference step of the same shapes), the forward / backward / optimizer split, generation
 with and without the KV cache (and compiled), the diffusion LCMs' (One-Tower, Two-Tower) training
-step and generation against the Base-LCM's, and embed.py against the bare encoder (speed and peak
-memory, corpus, 4x).
+step and sampled concepts/s against the Base-LCM's, embed.py against the bare encoder (speed and
+peak memory, corpus, 4x), and, given trained runs, eval.py's time on each against the first's.
 
 $ python bench.py                       # everything (CPU: about 5 minutes)
 $ python bench.py --embed=False --compile=False
+$ python bench.py --embed=False --evals=out,out-diffusion   # eval.py on each run, against the first
 """
 import json, os, re, subprocess, sys, tempfile, time
 from functools import partial
@@ -16,14 +17,16 @@ import torch
 from torch.nn import functional as F
 
 from baselcm import BaseLCM, LCMConfig, RMSNorm
+from common import autocast, configure, get_device, measure_peak_flops, synchronize
 from diffusion import DiffusionConfig, OneTower, TwoTower
-from common import configure, get_device, has_bf16, measure_peak_flops, synchronize
+from generation import generate
 
 device = ""              # '' = autodetect
 dtype = ""               # '' = bfloat16 on GPUs that have it; on a CPU both float32 and bfloat16
 compile = True           # also measure with torch.compile
 embed = True             # also measure embed.py (on Lee's corpus: gensim and the minilm encoder)
 steps = 20               # timed training steps per configuration
+evals = ""               # trained runs' out_dirs, comma-separated: eval.py's time on each, against the first
 out = "bench.json"
 configure(globals(), sys.argv[1:])
 
@@ -34,7 +37,8 @@ if dtype:
 elif device_type == "cpu":
     dtypes = ["float32", "bfloat16"]
 else:
-    dtypes = ["bfloat16" if device_type == "cuda" and has_bf16(device) else "float32"]
+    # train.py's dtype where the GPU has bf16, else fp32
+    dtypes = [autocast("", device)[1].replace("float16", "float32")]
 autocast = lambda d: torch.autocast(device_type, getattr(torch, d), enabled=d != "float32")
 # as train.py: fp32 matmuls in TF32 where the GPU has it
 torch.backends.cuda.matmul.allow_tf32 = True
@@ -129,29 +133,37 @@ for (name, c), d, kind in [(nc, d, k) for nc in configs.items() for d in dtypes 
           f"MFU {100 * mfu:5.1f}%  fwd/bwd/opt " + "/".join(f"{100 * v:.0f}" for v in shares.values()))
 
 # -----------------------------------------------------------------------------
-# generation: 200 concepts with and without the KV cache, and compiled; in fp32, as sample.py runs
+# generation: 200 concepts with and without the KV cache (a prediction from the whole window each
+# time), and compiled; in fp32, as sample.py runs
 torch.manual_seed(0)
 config = LCMConfig(d_emb=1024, block_size=256, n_layer=8, n_head=8, n_embd=512, dropout=0.0)
 model = BaseLCM(config).to(device).eval()
 prompt = torch.randn(8, 1024, device=device)
 eot = torch.randn(1024, device=device)
+no_stop = dict(stop_eot=2.0, stop_end=0.0, stop_repeat=0.0)
+
+def recomputed(n):
+    seq = prompt[None]
+    for _ in range(n):
+        seq = torch.cat([seq, model.predict(seq[:, -config.block_size:], last=True)[0]], 1)
 gen = results["generate"] = {}
-runs = [("no_cache", False), ("cache", True)] + [("cache_compiled", True)] * compile
-for name, use_cache in runs:
+runs = [("no_cache", recomputed), ("cache", lambda n: generate(model, [prompt], eot, n, **no_stop))]
+runs += [("cache_compiled", runs[1][1])] * compile
+for name, run in runs:
     if name == "cache_compiled":
         model.compile()
     # warm-up (and compilation)
-    model.generate(prompt, 5, eot, stop_eot=2.0, use_cache=use_cache)
-    run = lambda: model.generate(prompt, 200, eot, stop_eot=2.0, use_cache=use_cache)
-    gen[name] = 200 / timed(run)
+    run(5)
+    gen[name] = 200 / timed(lambda: run(200))
     print(f"generate 200 concepts, d512 L8, float32, {name:14}: {gen[name]:5.0f} concepts/s, "
           f"{gen[name] / gen['no_cache']:.1f}x")
 
 # -----------------------------------------------------------------------------
 # the diffusion LCMs (diffusion.py) against the Base-LCM of the same width and depth (the default
 # model): a training step (the One-Tower's sequence interleaves a clean and a noisy concept for each;
-# the Two-Tower adds 2 denoiser blocks), and generation at the default 40 DDIM steps with guidance
-# (two halves in one batch a step), in fp32 as sample.py runs
+# the Two-Tower adds 2 denoiser blocks), and sampled concepts/s at each model's default settings (a
+# diffusion model's DDIM steps with guidance, the two halves in one batch a step), one text at a
+# time, in fp32 as sample.py runs
 shape = dict(d_emb=1024, n_embd=256, n_layer=4, n_head=4, block_size=16, dropout=0.0)
 models = {"baselcm": BaseLCM(LCMConfig(**shape)), "one_tower": OneTower(DiffusionConfig(**shape)),
           "two_tower": TwoTower(DiffusionConfig(**shape))}
@@ -172,13 +184,14 @@ for name, m in models.items():
         train_step()
     d[f"{name}_step_ms"] = 1000 * timed(lambda: [train_step() for _ in range(steps)]) / steps
     m.eval()
-    n = 200 if name == "baselcm" else 20
-    m.generate(prompt, 2, eot, stop_eot=2.0)
-    d[f"{name}_generate_per_s"] = n / timed(lambda: m.generate(prompt, n, eot, stop_eot=2.0))
+    n = 200 if name == "baselcm" else 40
+    generate(m, [prompt], eot, 2, **no_stop)
+    d[f"{name}_generate_per_s"] = n / timed(lambda: generate(m, [prompt], eot, n, **no_stop))
+    ratio = d["baselcm_generate_per_s"] / d[f"{name}_generate_per_s"]
+    d[f"{name}_generate_ratio"] = ratio
     print(f"{name:9} d256 L4 T16 B32, {dtype}: training step {d[f'{name}_step_ms']:6.1f} ms "
-          f"({d[f'{name}_step_ms'] / d['baselcm_step_ms']:.1f}x the Base-LCM's); generation (fp32"
-          f"{', 40 DDIM steps, guidance' if n == 20 else ', KV cache'}) "
-          f"{d[f'{name}_generate_per_s']:.1f} concepts/s")
+          f"({d[f'{name}_step_ms'] / d['baselcm_step_ms']:.1f}x the Base-LCM's); sampled concepts (fp32, "
+          f"defaults) {d[f'{name}_generate_per_s']:.1f}/s, {ratio:.1f}x the Base-LCM's time a concept")
 
 # -----------------------------------------------------------------------------
 # embed.py against the bare encoder on the same sentences, and its peak memory on a corpus and on 4x
@@ -214,6 +227,20 @@ if embed:
           f"{', '.join(f'{r:.0f}' for r in bare)}/s, embed.py {', '.join(f'{r:.0f}' for r in ours[:3])}/s "
           f"({', '.join(f'{100 * o:+.1f}' for o in e['overhead'])}% overhead); peak RSS "
           f"{e['1x']['peak_rss_mb']:.0f} MB for the corpus, {e['4x']['peak_rss_mb']:.0f} MB for 4x")
+
+# -----------------------------------------------------------------------------
+# eval.py on trained runs (the README's quick start and diffusion recipe: out,out-diffusion), each
+# timed whole, as a user runs it, against the first
+if evals:
+    e = results["eval"] = {}
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    for run_dir in evals.split(","):
+        seconds = timed(lambda: subprocess.run([sys.executable, "eval.py", f"--out_dir={run_dir}",
+                                                f"--device={device}"], env=env, check=True,
+                                               capture_output=True))
+        first = e.get(evals.split(",")[0], {"seconds": seconds})["seconds"]
+        e[run_dir] = {"seconds": seconds, "ratio": seconds / first}
+        print(f"eval.py --out_dir={run_dir}: {seconds:.1f} s, {e[run_dir]['ratio']:.1f}x the first's")
 
 with open(out, "w") as f:
     json.dump(results, f, indent=1)

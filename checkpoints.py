@@ -1,6 +1,7 @@
 """
 Checkpoints (train.py's out_dir/ckpt.pt: the model's weights and settings, the run's settings, the
-optimizer's and every process's random states, the facts of its dataset), and the models they hold.
+optimizer's and every process's random states, the facts of its dataset), an older baselcm's brought
+up to today's as they load, and the models they hold.
 """
 import inspect, os
 
@@ -10,9 +11,8 @@ from baselcm import BaseLCM, LCMConfig
 from common import die, require
 from diffusion import DiffusionConfig, OneTower, TwoTower
 
-# 'diffusion': the One-Tower, as checkpoints made before the Two-Tower name it
 MODELS = {"baselcm": (BaseLCM, LCMConfig), "one_tower": (OneTower, DiffusionConfig),
-          "two_tower": (TwoTower, DiffusionConfig), "diffusion": (OneTower, DiffusionConfig)}
+          "two_tower": (TwoTower, DiffusionConfig)}
 
 def build_model(model_type, settings):
     """-> a new model of model_type (MODELS), with the settings of its config that are in settings
@@ -33,13 +33,35 @@ def load(path, mmap=True):
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
         # a foreign checkpoint has no such keys
         ckpt["config"], ckpt["data"], ckpt["model_args"], ckpt["model"]
+        ckpt["path"] = path
+        return upgrade(ckpt)
     except Exception as e:
         unreadable(path, e)
-    ckpt["path"] = path
-    # checkpoints up to 711f3d5 keep one CPU random state (up to d41f47d in a one-element list)
+
+def upgrade(ckpt):
+    """An older baselcm's checkpoint in today's format, in this one place (the models know nothing of
+    it): the weights without torch.compile's prefix; up to 711f3d5, one CPU random state (up to
+    d41f47d in a list); before the Two-Tower, the One-Tower named 'diffusion'; before the stop head, a
+    head that never ends a text (its prior -inf: the cosine to end of text alone stops it); before
+    guidance, no training mean (the median stands in)."""
     if "torch_rng" in ckpt:
         rng = ckpt.pop("torch_rng")
         ckpt["rng"] = [{"device": "cpu", "cpu": rng[0] if isinstance(rng, list) else rng}]
+    model_type = ckpt["config"].get("model_type", "baselcm")
+    ckpt["config"]["model_type"] = "one_tower" if model_type == "diffusion" else model_type
+    weights = {k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()}
+    if "stop.weight" not in weights:
+        print(f"{ckpt['path']} has no stop head (made before it): it stops at end of text by the cosine "
+              "alone (stop_eot); resumed, its optimizer starts afresh")
+        ckpt["optimizer"] = None
+        weights["stop.weight"] = torch.zeros(1, ckpt["model_args"]["n_embd"])
+        weights["stop.bias"] = torch.zeros(1)
+        weights["stop_prior"] = torch.full((128,), -torch.inf)
+    if "normalizer.mean" not in weights:
+        print(f"{ckpt['path']} was made before guidance: guided, its prediction without context is the "
+              "median")
+        weights["normalizer.mean"] = weights["normalizer.center"]
+    ckpt["model"] = weights
     return ckpt
 
 def unreadable(path, e):
@@ -50,18 +72,8 @@ def model_from(ckpt, **changes):
     """-> the checkpoint's model with its weights, on the CPU; changes: settings that may differ
     from its own (finetuning's dropout)."""
     try:
-        model = build_model(ckpt["config"].get("model_type", "baselcm"), ckpt["model_args"] | changes)
-        # torch.compile's prefix
-        weights = {k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()}
-        if "stop.weight" not in weights:
-            print(f"{ckpt['path']} has no stop head (made before it): it stops at end of text by "
-                  "the cosine alone (stop_eot)")
-            model.stop = model.stop_prior = None
-        if "normalizer.mean" not in weights:
-            print(f"{ckpt['path']} was made before guidance: guided, its prediction without context "
-                  "is the median")
-            weights["normalizer.mean"] = weights["normalizer.center"]
-        model.load_state_dict(weights)
+        model = build_model(ckpt["config"]["model_type"], ckpt["model_args"] | changes)
+        model.load_state_dict(ckpt["model"])
     except Exception as e:
         unreadable(ckpt["path"], e)
     return model
@@ -69,12 +81,12 @@ def model_from(ckpt, **changes):
 def model_settings(ckpt):
     """-> the names of the settings of the checkpoint's model: its type and its config's fields
     (not d_emb, which its data decides)"""
-    config = MODELS[ckpt["config"].get("model_type", "baselcm")][1]
+    config = MODELS[ckpt["config"]["model_type"]][1]
     return ["model_type"] + [k for k in ckpt["model_args"] if k in config.__dataclass_fields__ and k != "d_emb"]
 
 def settings(ckpt):
     """-> the settings a checkpoint was made with: its run's, and its model's"""
-    return {"model_type": "baselcm"} | ckpt["config"] | ckpt["model_args"]
+    return ckpt["config"] | ckpt["model_args"]
 
 def check_changes(ckpt, source, given, finetune):
     """given: the settings given on the command line that the run takes from the checkpoint at
@@ -129,8 +141,10 @@ def set_rng_states(states, device, rank, world):
 
 def load_optimizer(optimizer, scaler, ckpt):
     """The optimizer's and the GradScaler's states from a checkpoint, fused as this run is (an older
-    run on a Mac was not); a scaler the checkpoint's run had off (bf16, fp32) starts fresh."""
-    optimizer.load_state_dict(ckpt["optimizer"])
+    run on a Mac was not); a scaler the checkpoint's run had off (bf16, fp32), or an optimizer that
+    had other parameters (made before the stop head), starts fresh."""
+    if ckpt["optimizer"]:
+        optimizer.load_state_dict(ckpt["optimizer"])
     for g in optimizer.param_groups:
         g["fused"] = True
     if ckpt["scaler"]:

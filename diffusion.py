@@ -83,33 +83,35 @@ class DiffusionLCM(BaseLCM):
         noise = torch.randn(B, T, d, generator=generator, device=x0.device)
         noisy = a.sqrt() * x0 + (1 - a).sqrt() * noise
         uncond = torch.rand(B, T, generator=generator, device=x0.device) < self.config.cfg_dropout
-        pred, h = self.denoise(self.contextualize(concepts), noisy, t, uncond)
+        context, h = self.contextualize(concepts)
+        pred, out = self.denoise(context, noisy, t, uncond)
         err = (pred.float() - x0).pow(2).sum(-1)  # (B, T)
-        return pred, masked_mean(err, mask) + self.stop_loss(h, eot, mask)
+        return pred, masked_mean(err, mask) + self.stop_loss(out if h is None else h, eot, mask)
 
     @torch.no_grad()
-    def predict(self, concepts, last=False, generator=None, ddim_steps=40, guidance=3.0, rescale=0.7,
+    def predict(self, concepts, last=False, z=None, ddim_steps=40, guidance=3.0, rescale=0.7,
                 init_noise=0.6):
         """Sampling (Algorithm 2): a next concept after each of concepts (B, T, d_emb) (last: after
-        the last one only), normalized, and the stop head's logits there (from the clean concepts'
-        causal pass). DDIM (deterministic, "trailing" timesteps) from init_noise * N(0, I) drawn
-        from generator, with classifier-free guidance and its rescale (Lin et al. 2024), the paper's
-        settings by default. One step without guidance gives the model's estimate of the
-        conditional mean. The conditional and the unconditional halves run in one batch."""
+        the last one only), in the encoder's space, and the stop head's logits there (from the clean
+        concepts' causal pass). DDIM (deterministic, "trailing" timesteps) from init_noise * z, z a
+        standard normal draw (B, K, d_emb), with classifier-free guidance and its rescale (Lin et al.
+        2024), the paper's settings by default. One step without guidance gives the model's estimate
+        of the conditional mean. The conditional and the unconditional halves run in one batch."""
         B, T, d = concepts.shape
         K = 1 if last else T
         halves = 1 if guidance == 1 else 2
-        c = self.config
         # the clean concepts read once, the noisy ones denoised at every step
-        context = self.contextualize(concepts.repeat(halves, 1, 1), last)
+        context, h = self.contextualize(concepts.repeat(halves, 1, 1), last)
         # the second half sees no context
         uncond = (torch.arange(halves * B, device=concepts.device) >= B)[:, None].expand(-1, K)
-        times = (torch.arange(ddim_steps, 0, -1) * c.n_steps / ddim_steps).round().long() - 1
-        z = torch.randn(B, K, d, generator=generator, device=concepts.device) * init_noise
+        times = (torch.arange(ddim_steps, 0, -1) * self.config.n_steps / ddim_steps).round().long() - 1
+        z = init_noise * z
         for i, t in enumerate(times.tolist()):
-            timestep = torch.full(uncond.shape, t, device=z.device)
-            x = self.denoise(context, z.repeat(halves, 1, 1), timestep, uncond)[0].float()
-            cond = x[:B]
+            # one timestep for all: its embedding computed once, broadcast
+            x, out = self.denoise(context, z.repeat(halves, 1, 1), torch.full((1, 1), t, device=z.device),
+                                  uncond)
+            h = out if h is None else h
+            cond = x[:B].float()
             x0 = cond
             if halves == 2:
                 x0 = x[B:] + guidance * (cond - x[B:])
@@ -120,34 +122,28 @@ class DiffusionLCM(BaseLCM):
             a_next = self.alpha_bar[times[i + 1]] if i + 1 < ddim_steps else self.alpha_bar.new_ones(())
             eps = (z - a.sqrt() * x0) / (1 - a).sqrt()
             z = a_next.sqrt() * x0 + (1 - a_next).sqrt() * eps
-        stop = super().forward(concepts)[1]
-        return z, stop if stop is None or not last else stop[:, -1:]
-
-    def generate(self, prompt, max_new_concepts, eot, stop_eot=0.9, stop_repeat=0.0, use_cache=True,
-                 feed=None, stop_end=0.0, since=0, **sampling):
-        # no KV cache: each new concept is sampled against the whole window
-        return super().generate(prompt, max_new_concepts, eot, stop_eot, stop_repeat, False, feed,
-                                stop_end, since, **sampling)
+        stop = self.stop(h[:B, -K:]).squeeze(-1).float()
+        return self.normalizer.denormalize(z), stop
 
 class OneTower(DiffusionLCM):
     def contextualize(self, concepts, last=False):
-        """concepts (B, T, d_emb), clean, in the encoder's space -> their pre-net embeddings (B, T,
-        n_embd), which denoise runs with the noisy ones; last (one next concept, generation): their
-        keys and values in every layer, computed once, in a cache (a (2, B, nh, T + 1, hs) a layer)."""
+        """concepts (B, T, d_emb), clean, in the encoder's space -> (their pre-net embeddings (B, T,
+        n_embd), which denoise runs with the noisy ones, and None: denoise gives their outputs); last
+        (one next concept, generation): (their keys and values in every layer, computed once, in a
+        cache (a (2, B, nh, T + 1, hs) a layer), their outputs (B, T, n_embd), for the stop head)."""
         x = self.drop(self.prenet(self.normalizer.normalize(concepts)))
         if not last:
-            return x
+            return x, None
         c = self.config
         shape = (2, x.size(0), c.n_head, x.size(1) + 1, c.n_embd // c.n_head)
         cache = [x.new_zeros(shape) for _ in self.blocks]
-        self.transformer(x, torch.arange(x.size(1), device=x.device), cache=cache)
-        return cache
+        return cache, self.transformer(x, torch.arange(x.size(1), device=x.device), cache=cache)
 
     def denoise(self, context, noisy, t, uncond):
         """The network. context: contextualize's; noisy (B, K, d_emb), normalized: the next concepts
-        after the last K positions, noised to timesteps t (B, K); uncond (B, K): those that see no
-        context -> (their predicted clean concepts (B, K, d_emb), normalized; the clean concepts' own
-        outputs (B, T, n_embd), which the stop head reads). The paper concatenates the timestep's
+        after the last K positions, noised to timesteps t (B, K, or one for all: (1, 1)); uncond (B, K):
+        those that see no context -> (their predicted clean concepts (B, K, d_emb), normalized; the clean
+        concepts' own outputs (B, T, n_embd), which the stop head reads, or None). The paper concatenates the timestep's
         embedding to the input; through the pre-net's linear layer that is a sum. One pass: the
         clean concepts never see a noisy one. With a cache, the one next concept after it (K = 1)
         runs alone against its keys and values."""
@@ -190,15 +186,19 @@ class DenoiserBlock(nn.Module):
         nn.init.zeros_(self.modulation.weight)
         nn.init.zeros_(self.modulation.bias)
 
-    def forward(self, x, context, sees, time):
-        """x (B, K, n_embd), context (B, T + 1, n_embd), sees (B, K, T + 1), time (B, K, n_embd)"""
+    def keys(self, context):
+        """context (B, T + 1, n_embd) -> its keys and values for the cross-attention (2, B, nh, T + 1, hs)"""
+        B, T1, C = context.shape
+        return self.kv(context).view(B, T1, 2, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
+
+    def forward(self, x, kv, sees, time):
+        """x (B, K, n_embd), kv: keys(context), sees (B, K, T + 1), time (B, K, n_embd) or (1, 1, n_embd)"""
         shift1, scale1, gate1, shift2, scale2, gate2, shift3, scale3, gate3 = self.modulation(
             F.silu(time)).chunk(9, -1)
         x = x + gate1 * self.itself(modulate(self.norm(x), shift1, scale1))
         B, K, C = x.shape
         q = self.q(modulate(self.norm(x), shift2, scale2)).view(B, K, self.n_head, -1).transpose(1, 2)
-        k, v = self.kv(context).view(B, -1, 2, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
-        y = F.scaled_dot_product_attention(q, k, v, sees[:, None])
+        y = F.scaled_dot_product_attention(q, kv[0], kv[1], sees[:, None])
         x = x + gate2 * self.proj(y.transpose(1, 2).reshape(B, K, C))
         return x + gate3 * self.mlp(modulate(self.norm(x), shift3, scale3))
 
@@ -211,23 +211,25 @@ class TwoTower(DiffusionLCM):
         nn.init.zeros_(self.final.bias)
 
     def contextualize(self, concepts, last=False):
-        """concepts (B, T, d_emb), clean, in the encoder's space -> the contextualizer's outputs (the
-        Base-LCM's causal transformer), after a zero vector, which a concept without context sees:
-        (B, T + 1, n_embd)."""
+        """concepts (B, T, d_emb), clean, in the encoder's space -> (the keys and values, in each
+        denoiser block, of the contextualizer's outputs (the Base-LCM's causal transformer) after a
+        zero vector, which a concept without context sees: computed once, however often denoise runs;
+        the outputs (B, T, n_embd), for the stop head)."""
         x = self.drop(self.prenet(self.normalizer.normalize(concepts)))
         h = self.transformer(x, torch.arange(x.size(1), device=x.device))
-        return torch.cat([torch.zeros_like(h[:, :1]), h], 1)
+        context = torch.cat([torch.zeros_like(h[:, :1]), h], 1)  # (B, T + 1, n_embd)
+        return [block.keys(context) for block in self.denoiser], h
 
     def denoise(self, context, noisy, t, uncond):
         """The network: as the One-Tower's, on the contextualizer's outputs. The concept after c_j
         sees the zero vector and the outputs at c_0..c_j, or, where uncond, the zero vector alone."""
-        T = context.size(1) - 1
+        T = context[0].size(3) - 1
         follows = torch.arange(T - noisy.size(1), T, device=noisy.device)
         keys = torch.arange(T + 1, device=noisy.device)
         sees = (keys == 0) | (keys <= follows[:, None] + 1) & ~uncond[..., None]  # (B, K, T + 1)
         x = self.drop(self.prenet(noisy))
         time = self.time(t)
-        for block in self.denoiser:
-            x = block(x, context, sees, time)
+        for block, kv in zip(self.denoiser, context):
+            x = block(x, kv, sees, time)
         shift, scale = self.final(F.silu(time)).chunk(2, -1)
-        return self.postnet(modulate(F.rms_norm(x, x.shape[-1:]), shift, scale)), context[:, 1:]
+        return self.postnet(modulate(F.rms_norm(x, x.shape[-1:]), shift, scale)), None

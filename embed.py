@@ -7,17 +7,16 @@ $ python embed.py                          # offline default: gensim's Lee news 
 $ python embed.py --dataset=wikitext --hf_config=wikitext-103-raw-v1 --encoder=sonar --device=cuda
 $ torchrun --nproc_per_node=8 embed.py --dataset=my_docs.jsonl --encoder=sonar   # a share per GPU
 """
-import itertools, os, sys, time
+import glob, itertools, os, sys, time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from common import (check_embed_settings, configure, end_distributed, get_device,
-                    init_distributed, knobs, writable_dir)
-from concepts import (EOT_TEXT, find_source, load_encoder, not_utf8, official_concepts,
-                      read_documents, sentence_splitter, split_sentences)
+from common import configure, die, end_distributed, first_line, get_device, init_distributed, knobs, require
+from common import writable_dir
+from concepts import EOT_TEXT, check_lang, load_encoder, sentence_splitter, split_sentences
 from datafiles import (chunks_to_do, finish_dataset, same_space, settings_of, start_work,
                        write_chunk, write_splits)
 
@@ -52,8 +51,39 @@ configure(globals(), sys.argv[1:])
 
 # -----------------------------------------------------------------------------
 # everything that can be checked before encoding is checked now
-check_embed_settings(globals())
-source, files, default_name = find_source(dataset)
+check_lang(lang)
+require(dtype in ("float16", "float32"), f"--dtype={dtype} is not a storage type: use float16 or float32")
+require(0 < val_fraction < 1, f"--val_fraction={val_fraction} must be between 0 and 1")
+for k in ("batch_size", "chunk_docs", "max_chars", "norm_sample"):
+    require(globals()[k] >= 1, f"--{k}={globals()[k]} must be at least 1")
+require(max_docs >= 0, f"--max_docs={max_docs} must be 0 (all documents) or more")
+require(not pairs or len(pairs.split(",")) == 2 and all(pairs.split(",")), f"--pairs={pairs}: name two "
+        "columns, PROMPT,ANSWER")
+
+def not_utf8(what, e):
+    die(f"{what} is not valid UTF-8 ({e.reason} at byte {e.start}): re-save it as UTF-8")
+
+# the source: a file, all files of a folder in name order, or (no files) a hub dataset's name
+READERS = {".txt": "text", ".cor": "text", ".jsonl": "json", ".json": "json", ".csv": "csv",
+           ".parquet": "parquet"}
+ext = lambda f: os.path.splitext(f)[1].lower()
+source = dataset
+if dataset == "lee":
+    # ships inside gensim's wheel: 300 news documents, one per line
+    from gensim.test.utils import datapath
+    source = datapath("lee_background.cor")
+files = [source]
+if os.path.isdir(source):
+    files = [f for f in sorted(glob.glob(os.path.join(source, "**", "*"), recursive=True)) if ext(f) in READERS]
+    require(files, f"{source} holds no {', '.join(READERS)} files")
+    require(len({READERS[ext(f)] for f in files}) == 1, f"{source} mixes "
+            f"{' and '.join(sorted({ext(f) for f in files}))} files: use a folder of one kind")
+elif os.path.isfile(source):
+    require(ext(source) in READERS, f"cannot read {source}: use a {', '.join(READERS)} file, or a folder of them")
+else:
+    require(ext(source) not in READERS and not source.startswith((".", "/")), f"no such file or folder: {source}")
+    files = []
+default_name = os.path.splitext(os.path.basename(os.path.normpath(dataset)))[0].replace("/", "_")
 out = os.path.join(data_root, name or default_name)
 # what decides the output: every knob but these (SONAR is one space in either implementation). A
 # dataset folder and its partial work are used again only for the same settings.
@@ -72,10 +102,37 @@ if ddp:
     torch.distributed.barrier()
 
 # -----------------------------------------------------------------------------
-# documents -> sentences -> concepts
+# documents, streamed through Hugging Face datasets: a .txt file is a document a line (in a folder, a
+# document a file), other formats hold rows with the columns named; nothing is loaded whole
+import datasets
+# its errors reach the user as our one line
+datasets.logging.set_verbosity(datasets.logging.CRITICAL)
+try:
+    if files:
+        kind = READERS[ext(files[0])]
+        by_file = {"sample_by": "document"} if kind == "text" and os.path.isdir(source) else {}
+        docs = datasets.load_dataset(kind, data_files=files, split="train", streaming=True, **by_file)
+    else:
+        docs = datasets.load_dataset(source, hf_config or None, split=hf_split, streaming=True)
+    docs = iter(docs)
+    first = next(docs, None)
+except UnicodeDecodeError as e:
+    not_utf8(dataset, e)
+except Exception as e:
+    # datasets raises many kinds for a bad name, a broken file or no network
+    die(f"cannot {'read' if files else 'load dataset'} '{dataset}': {type(e).__name__}: {first_line(e, 1000)}"
+        + ("" if files else " (check the name, config, network)"))
+require(first is not None, f"dataset '{dataset}' has no documents")
+docs = itertools.chain([first], docs)
+# the official LCM parquet schema: sentences and their SONAR concepts, [prompt_sentences,] text_sentences
+official = [c for c in ("prompt_sentences", "text_sentences") if c in first] \
+    if "text_sentences" in first and "text_sentences_sonar_emb" in first else []
 columns = pairs.split(",") if pairs else [text_column or "text"]
-named = {"pairs" if pairs else "text_column": columns, "split_column": [split_column]}
-docs, official = read_documents(dataset, source, files, hf_config, hf_split, named)
+for flag, names in {"pairs" if pairs else "text_column": columns, "split_column": [split_column]}.items():
+    for c in names:
+        # the official schema names its own columns of text
+        require(not c or c in first or official and flag != "split_column", f"no column '{c}' in {dataset} "
+                f"(columns: {', '.join(first)}): pass --{flag}=NAME")
 if official and not same_space(encoder, "sonar"):
     print("official LCM parquet: its embeddings are SONAR's, so the encoder is sonar")
     encoder = "sonar"
@@ -99,8 +156,11 @@ def embed_chunk(rows, docs):
     kept = [(r, p, text) for r, (p, text) in zip(rows, docs) if text]
     sents = [p + text for _, p, text in kept]
     if official:
-        # the concepts as given; only a closing sentence (--prompt_end) is encoded here
-        emb = official_concepts([r for r, _, _ in kept], [p for _, p, _ in kept], enc, prompt_end, lang)
+        # the concepts as given, prompt then text; only a closing sentence (--prompt_end) is encoded here
+        given = lambda r, c: np.asarray(r.get(c) or [], np.float32).reshape(-1, enc.d_emb)
+        closing = [enc.encode([prompt_end], lang=lang)] if prompt_end else []
+        emb = [np.concatenate([given(r, "prompt_sentences_sonar_emb")] + closing * (len(p) > 0)
+                              + [given(r, "text_sentences_sonar_emb")]) for r, p, _ in kept]
     else:
         flat = [s for doc in sents for s in doc]
         emb = [enc.encode(flat, lang=lang, batch_size=batch_size)] if flat else []

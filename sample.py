@@ -13,17 +13,17 @@ import json as jsonlib, os, sys
 import torch
 
 from checkpoints import load_model, sampling_settings
-from common import can_compile, check_lang, configure, get_device, require
-from concepts import (SentenceBank, Transcript, decoder, load_encoder, prompt_text,
-                      sentence_splitter, split_sentences)
+from common import can_compile, configure, die, get_device, require
+from concepts import SentenceBank, check_lang, decoder, load_encoder, sentence_splitter, split_sentences
+from generation import STOP_END, STOP_EOT, STOP_REPEAT, Transcript, generate
 
 out_dir = "out"          # holds ckpt.pt
 start = "Hundreds of people have been forced to leave their homes as a bushfire moves towards the town."
                          # the prompt, or FILE:path
 max_new_concepts = 16
-stop_eot = 0.9           # stop when cos(prediction, end of text) reaches this
-stop_end = 0.5           # stop when the text has ended by now with this probability (stop head)
-stop_repeat = 0.95       # stop when a new concept is this close to one in the context; 0 = off
+stop_eot = STOP_EOT      # stop when cos(prediction, end of text) reaches this
+stop_end = STOP_END      # stop when the text has ended by now with this probability (stop head); 0 = off
+stop_repeat = STOP_REPEAT  # stop when a new concept is this close to one in the context; 0 = off
 feedback = "decoded"     # the context takes the decoded sentence's concept; 'raw': the prediction
 repeats = False          # retrieval may return a sentence of the prompt or of the sample again
 noise = 0.0              # std of Gaussian noise in the normalized space: 0 = deterministic
@@ -33,7 +33,7 @@ prompt_lang = ""         # FLORES-200 code of the prompt; '' = the training data
 lang = ""                # FLORES-200 code of the output (SONAR decoder); '' = prompt_lang
 data_dir = ""            # sentence bank for retrieval; '' = the dataset the model was trained on
 guidance = 0.0           # guidance scale, 1 = none; 0 = the model's own
-ddim_steps = 0           # diffusion model: denoising steps; 0 = the paper's 40
+ddim_steps = 0           # diffusion model: denoising steps; 0 = its default
 compile = False          # torch.compile the model: the one-concept step compiles once (for GPUs)
 sonar_hf_encoder = ""    # SONAR's transformers port, used without sonar-space: its encoder and
 sonar_hf_decoder = ""    # decoder (hub names or folders); '' = the community port's (docs/sonar.md)
@@ -52,8 +52,13 @@ prompt_lang = prompt_lang or data["lang"]
 lang = lang or prompt_lang
 check_lang(prompt_lang, "--prompt_lang")
 check_lang(lang)
-nlp = sentence_splitter(data["spacy_model"])
-prompt = split_sentences(nlp, [prompt_text(start)], data["max_chars"])[0]
+if start.startswith("FILE:"):
+    require(os.path.isfile(start[5:]), f"prompt file {start[5:]} not found")
+    try:
+        start = open(start[5:], encoding="utf-8").read()
+    except UnicodeDecodeError as e:
+        die(f"prompt file {start[5:]} is not UTF-8 ({e.reason} at byte {e.start}): re-save it as UTF-8")
+prompt = split_sentences(sentence_splitter(data["spacy_model"]), [start], data["max_chars"])[0]
 require(prompt, "the prompt is empty: pass --start='Some sentences.' or --start=FILE:prompt.txt")
 # a model finetuned on pairs whose prompts closed with a sentence (embed.py --prompt_end) expects it
 prompt += [data["prompt_end"]] if data.get("prompt_end") else []
@@ -71,16 +76,16 @@ generator = torch.Generator(device=device).manual_seed(seed)
 
 for k in range(num_samples):
     # each concept decoded as it comes (end of text is a signal, not a sentence)
-    said = Transcript(decode, prompt, feedback)
-    _, cosines, reason = model.generate(concepts, max_new_concepts, eot, stop_eot, stop_repeat,
-                                        True, said, stop_end, since, generator=generator, **sampling)
+    said = Transcript(decode, [prompt], feedback)
+    [(_, cosines, reason)] = generate(model, [concepts], eot, max_new_concepts, said, [generator], since,
+                                      stop_eot, stop_end, stop_repeat, **sampling)
     if json:
         steps = [{"text": t, "cos_eot": c} | ({"retrieved_cos": s} if s is not None else {})
-                 for t, c, s in zip(said.texts, cosines, said.sims)]
+                 for t, c, s in zip(said.texts[0], cosines, said.sims[0])]
         sample = {"sample": k, "prompt": prompt, "steps": steps, "stop": reason}
         print(jsonlib.dumps(sample, ensure_ascii=False))
         continue
     print("\n".join(prompt))
-    for t, s in zip(said.texts, said.sims):
+    for t, s in zip(said.texts[0], said.sims[0]):
         print(f"[retrieved, cos {s:.2f}] {t}" if s is not None else t)
-    print(f"({len(said.texts)} concepts, stopped by {reason})\n---------------")
+    print(f"({len(said.texts[0])} concepts, stopped by {reason})\n---------------")

@@ -1,15 +1,15 @@
 """
-The Base-LCM (baselcm.py) as a specification: what it predicts from, its loss, its normalizer, and
-generation with the KV cache. The other features have a file each in tests/; shared helpers live in
-conftest.py. $ python -m pytest -q   (fast tests; -m slow for the end-to-end runs)
+The Base-LCM (baselcm.py) as a specification: what it predicts from, its loss, its normalizer, its
+stop head and guidance. The other features have a file each in tests/ (generation with the KV cache:
+tests/test_generation.py); shared helpers live in conftest.py.
+$ python -m pytest -q   (fast tests; -m slow for the end-to-end runs)
 """
 import numpy as np
-import pytest
 import torch
 
 import baselcm, datafiles
 from baselcm import BaseLCM
-from conftest import tiny_config
+from conftest import tiny_config, train_toy
 from datafiles import fit_normalizer, get_batch, sample_windows
 
 def test_prediction_at_t_ignores_later_concepts():
@@ -80,116 +80,11 @@ def test_normalizer_uses_true_median_and_quartiles():
     t = torch.from_numpy(x[:100])
     assert torch.allclose(norm.denormalize(norm.normalize(t)), t, atol=1e-5)
 
-@pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.slow)])
-def test_cached_generation_equals_uncached_across_the_context_crop(compiled):
-    torch.manual_seed(0)
-    model = BaseLCM(tiny_config(block_size=8)).eval()
-    prompt, eot = torch.randn(3, 16), torch.randn(16)
-    b, cos_b, _ = model.generate(prompt, 30, eot, stop_eot=2.0, use_cache=False)
-    if compiled:  # sample.py --compile=True
-        torch._dynamo.reset()
-        model.compile()
-    a, cos_a, _ = model.generate(prompt, 30, eot, stop_eot=2.0, use_cache=True)
-    assert a.shape == (30, 16)  # 3 + 30 concepts: the 8-concept window was cut several times
-    assert torch.allclose(a, b, atol=1e-4) and np.allclose(cos_a, cos_b, atol=1e-4)
-    # the prompt's prefill, the one-concept step, the prefill after a cut: not one graph per position
-    if compiled:
-        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 3
 
-def test_generation_stops_at_end_of_text_on_repeat_and_at_max():
-    torch.manual_seed(0)
-    model = BaseLCM(tiny_config()).eval()
-    prompt = torch.randn(2, 16)
-    first = model.generate(prompt, 1, torch.randn(16), stop_eot=2.0)[0][0]
-    # eot == the first prediction
-    new, cos, reason = model.generate(prompt, 10, first.clone(), stop_eot=0.9)
-    assert reason == "eot" and len(new) == 1 and cos[0] > 0.999
-    with torch.no_grad():  # a model that always predicts its input's normalized value: a repeat
-        for p in model.parameters():
-            p.zero_()
-        model.postnet.bias.copy_(model.normalizer.normalize(prompt[-1]))
-    new, _, reason = model.generate(prompt, 10, -prompt[-1], stop_eot=0.9, stop_repeat=0.9)
-    assert reason == "repeat" and len(new) == 1
-    new, _, reason = model.generate(prompt, 5, -prompt[-1], stop_eot=0.9)
-    assert reason == "max_new_concepts" and len(new) == 5
 
-def test_noise_gives_varied_samples_and_none_is_deterministic():
-    torch.manual_seed(0)
-    model = BaseLCM(tiny_config()).eval()
-    prompt, eot = torch.randn(2, 16), torch.randn(16)
-    g = torch.Generator().manual_seed(1)
-    a, b = (model.generate(prompt, 4, eot, stop_eot=2.0, noise=0.5,
-                           generator=g)[0] for _ in range(2))
-    c, d = (model.generate(prompt, 4, eot, stop_eot=2.0)[0] for _ in range(2))
-    assert not torch.allclose(a, b) and torch.equal(c, d)
 
-def test_generation_feeds_back_what_feed_returns_and_raw_feedback_appends_the_predictions():
-    torch.manual_seed(0)
-    model = BaseLCM(tiny_config()).eval()
-    prompt, eot = torch.randn(3, 16), torch.randn(16)
-    decoded = torch.randn(4, 16)
-    seen = []
 
-    def feed(z):
-        seen.append(z)
-        return decoded[len(seen) - 1]
-    new, _, _ = model.generate(prompt, 4, eot, stop_eot=2.0, stop_repeat=0.0, feed=feed)
-    assert torch.equal(new, decoded)
-    # each prediction came from the context of the fed-back concepts, not of the raw ones
-    with torch.no_grad():
-        for i, z in enumerate(seen):
-            pred = model(torch.cat([prompt, decoded[:i]])[None])[0][0, -1]
-            assert torch.allclose(z, model.normalizer.denormalize(pred), atol=1e-5)
-    # raw: each prediction is appended as it is, as a loop over the whole window computes it
-    new, _, _ = model.generate(prompt, 4, eot, stop_eot=2.0, stop_repeat=0.0)
-    seq = prompt
-    with torch.no_grad():
-        for _ in range(4):
-            seq = torch.cat([seq, model.normalizer.denormalize(model(seq[None])[0][0, -1])[None]])
-    assert torch.allclose(new, seq[3:], atol=1e-5)
 
-def train_toy(model, docs, steps=300, lr=3e-3, stop_head=True):
-    """A few hundred AdamW steps on documents (a list of (n_i, d) tensors), in random windows as
-    train.py draws them; the stop head learns from their ends unless stop_head is False."""
-    rows = torch.cat(docs).numpy()
-    offsets = np.cumsum([0] + [len(d) for d in docs])
-    rng = np.random.default_rng(0)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr)
-    for _ in range(steps):
-        starts, ends, first = sample_windows(rng, offsets, 32, model.config.block_size)
-        x, y, mask, eot = get_batch(rows, starts, ends, first, model.config.block_size)
-        model(x, y, mask, eot if stop_head else None)[1].backward()
-        opt.step()
-        opt.zero_grad()
-    return offsets
-
-def test_generation_stops_where_a_fixed_pattern_ends_the_text_and_not_before():
-    torch.manual_seed(0)
-    rng = np.random.default_rng(0)
-    a, b, eot = torch.tensor(rng.normal(size=(3, 16)), dtype=torch.float32)
-    rot = torch.tensor(np.linalg.qr(rng.normal(size=(16, 16)))[0], dtype=torch.float32)
-
-    def doc():  # a chain of rotations of random length, then a and b end the text
-        chain = [torch.tensor(rng.normal(size=16), dtype=torch.float32)]
-        for _ in range(rng.integers(1, 7)):
-            chain.append(rot @ chain[-1])
-        return torch.stack(chain + [a, b, eot])
-    model = BaseLCM(tiny_config(block_size=12))
-    offsets = train_toy(model, [doc() for _ in range(200)], steps=150)
-    model.eval()
-    _, prior = datafiles.stop_prior(offsets)
-    model.stop_prior.copy_(torch.from_numpy(prior))
-    x = torch.tensor(rng.normal(size=16), dtype=torch.float32)
-    chain = torch.stack([x, rot @ x, rot @ rot @ x])
-    # the cosine to end of text is off: the stop head stops it, right after b
-    prompt = torch.cat([chain, a[None]])
-    new, _, reason = model.generate(prompt, 6, eot, stop_eot=2.0, stop_end=0.5, since=len(prompt))
-    assert reason == "eot" and len(new) == 2 and torch.dist(new[0], b) < 0.2 * b.norm()
-    # before the pattern it goes on, though texts this long often end: it stops right after b, if
-    # it comes to the pattern at all
-    new, _, reason = model.generate(chain, 8, eot, stop_eot=2.0, stop_end=0.5, since=len(chain))
-    after_b = [i + 1 for i, n in enumerate(new) if torch.dist(n, b) < 0.2 * b.norm()]
-    assert after_b == [len(new) - 1] if reason == "eot" else not after_b
 
 def test_the_stop_head_learns_beside_the_model_without_changing_it():
     docs = [torch.randn(int(n), 16) for n in np.random.default_rng(1).integers(3, 12, 100)]
@@ -222,14 +117,14 @@ def test_the_stop_head_learns_from_real_targets_only_not_padding_nor_prompts():
 def test_the_length_prior_is_the_log_odds_of_ending_after_each_count_of_sentences():
     # texts of 1, 2, 2 and 3 sentences (each then its end of text)
     offsets = np.cumsum([0, 2, 3, 3, 4])
-    bias, prior = datafiles.stop_prior(offsets, n=4)
+    bias, prior = datafiles.stop_prior(offsets, None, 4)
     logit = lambda p: np.log(p / (1 - p))
     assert np.isclose(bias, logit(4 / 12))
     # after 0 sentences none ends; after 1, one of 4; after 2, two of 3; after 3, the last
     expected = [(0 + 0.5) / 5, (1 + 0.5) / 5, (2 + 0.5) / 4, (1 + 0.5) / 2]
     assert np.allclose(prior, logit(np.array(expected)) - bias)
     # pairs: a text is the answer, from its first row: answers of 0, 2, 2 and 3 sentences
-    bias, prior = datafiles.stop_prior(offsets, np.array([1, 2, 5, 8]), n=4)
+    bias, prior = datafiles.stop_prior(offsets, np.array([1, 2, 5, 8]), 4)
     assert np.isclose(bias, logit(4 / 11)) and np.isclose(prior[0], logit(1.5 / 5) - logit(4 / 11))
 
 def test_guidance_moves_the_prediction_away_from_the_training_mean_and_1_is_the_plain_model():
@@ -240,7 +135,8 @@ def test_guidance_moves_the_prediction_away_from_the_training_mean_and_1_is_the_
     model.normalizer.mean.normal_()
     x = torch.randn(3, 8, 16)
     plain = model(x)[0]
-    assert torch.equal(model.predict(x, guidance=1.0)[0], plain)
+    assert torch.equal(model.predict(x, guidance=1.0)[0], model.normalizer.denormalize(plain))
     # the training mean, in the normalized space, is the prediction without context
     mean = model.normalizer.normalize(model.normalizer.mean)
-    assert torch.allclose(model.predict(x, guidance=2.5)[0], mean + 2.5 * (plain - mean), atol=1e-5)
+    guided = model.normalizer.denormalize(mean + 2.5 * (plain - mean))
+    assert torch.allclose(model.predict(x, guidance=2.5)[0], guided, atol=1e-5)

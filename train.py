@@ -8,7 +8,7 @@ $ python train.py config/train_diffusion.py        # the Two-Tower diffusion LCM
 $ python train.py --dataset=pairs --init_from=out --out_dir=out-ft  # finetune on prompt -> answer
 $ torchrun --standalone --nproc_per_node=4 train.py config/train_laptop_gpu.py
 """
-import math, os, sys, time
+import json, math, os, sys, time
 
 import numpy as np
 import torch
@@ -21,7 +21,7 @@ out_dir = "out"
 eval_interval = 25       # iterations between evaluations (and checkpoints)
 log_interval = 10
 eval_iters = 20          # evaluation batches of fixed validation windows
-eval_only = False        # run eval.py on out_dir's checkpoint instead, with the other options
+eval_only = False        # evaluate out_dir's checkpoint instead: runs eval.py with the options it knows
 always_save_checkpoint = False  # False: keep the best val loss (small data overfits); True: latest
 init_from = "scratch"    # 'scratch', 'resume' (out_dir/ckpt.pt), or a run's out_dir or ckpt to finetune
 # data
@@ -60,16 +60,22 @@ wandb_project = "baselcm"
 wandb_run_name = ""      # '' = out_dir
 # system
 device = ""              # '' = autodetect: cuda, mps, cpu
-dtype = ""               # '' = bf16 on GPUs that have it, else fp16; CPU: bf16 if measured faster
+dtype = ""               # '' = bf16 on GPUs that have it, else fp16; fp32 on a Mac and a CPU
 compile = False          # torch.compile the model
 backend = ""             # DDP: '' = nccl on cuda, gloo otherwise
 seed = 1337
 config_keys = common.knobs(globals())
-if "--eval_only=True" in sys.argv:
-    # the evaluation is a script of its own (eval.py); nanoGPT's flag still leads to it
+others = []
+given = common.configure(globals(), sys.argv[1:], others)
+if eval_only:
+    # nanoGPT's way to evaluate a checkpoint; the evaluation is a script of its own, eval.py, which
+    # takes the checkpoint's settings, and the options it knows from here (its own among the others)
+    shared = [f"--{k}={globals()[k]}" for k in given if k in ("out_dir", "dataset", "data_root",
+                                                              "eval_iters", "device", "dtype")]
     script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "eval.py")
-    os.execv(sys.executable, [sys.executable, script] + [a for a in sys.argv[1:] if "eval_only" not in a])
-given = common.configure(globals(), sys.argv[1:])
+    os.execv(sys.executable, [sys.executable, script, *shared, *others])
+# an option of neither script: one line
+common.configure(globals(), others)
 
 # -----------------------------------------------------------------------------
 # a new model; or a run's checkpoint, to go on with (resume) or to finetune (another run's)
@@ -89,7 +95,22 @@ if resume or finetune:
     # those given here stay, but the model's settings cannot change (but for finetuning's dropout)
     checkpoints.check_changes(checkpoint, source, {k: globals()[k] for k in take if k in given}, finetune)
 config = {k: globals()[k] for k in config_keys}
-common.check_train_settings(config)
+# settings that no run could use: one line each, before any work is done
+for k in ("batch_size", "block_size", "n_layer", "n_head", "n_embd", "gradient_accumulation_steps", "eval_iters"):
+    common.require(config[k] >= 1, f"--{k}={config[k]} must be at least 1")
+common.require(n_embd % n_head == 0 and n_embd // n_head % 2 == 0, f"--n_embd={n_embd} must be a "
+               f"multiple of --n_head={n_head} with an even head size (RoPE)")
+common.require(0 <= dropout < 1, f"--dropout={dropout} must be in [0, 1)")
+common.require(model_type in checkpoints.MODELS, f"--model_type={model_type}: use baselcm, one_tower or "
+               "two_tower")
+init = os.path.join(init_from, "ckpt.pt") if os.path.isdir(init_from) else init_from
+common.require(os.path.realpath(init) != os.path.realpath(ckpt_path), f"--init_from={init_from} is "
+               "--out_dir's own checkpoint: finetune into another --out_dir")
+# torchrun's processes share the global batch
+world = int(os.environ.get("WORLD_SIZE", 1))
+common.require(world <= gradient_accumulation_steps * batch_size, f"{world} processes share a global batch "
+               f"of {gradient_accumulation_steps * batch_size} windows: raise --batch_size or "
+               "--gradient_accumulation_steps, or use fewer processes")
 
 # -----------------------------------------------------------------------------
 # devices and processes
@@ -97,7 +118,7 @@ device = common.get_device(device)
 rank, world, device = common.init_distributed(device, backend)
 ddp = torch.distributed.is_initialized()
 master = rank == 0
-ctx, dtype = common.autocast(dtype, device, n_embd)
+ctx, dtype = common.autocast(dtype, device)
 torch.manual_seed(seed + rank)
 torch.backends.cuda.matmul.allow_tf32 = True
 if master:
@@ -160,13 +181,56 @@ def get_lr(it):
     ratio = (it - warmup_iters) / max(1, lr_decay_iters - warmup_iters)
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
 
+@torch.no_grad()
+def evaluate():
+    """The periodic evaluation on the fixed validation windows: the next-concept metrics of the model's
+    prediction, as of the baselines' (a diffusion model's: its estimate of the conditional mean, one
+    denoising step from pure noise, no guidance: one forward pass), and a diffusion model's own loss
+    there (seeded noise) as "denoising", which chooses the best checkpoint."""
+    raw_model.eval()
+    batches = list(val_batches())
+    mean = {"guidance": 1.0} | ({"ddim_steps": 1} if model_type != "baselcm" else {})
+    r = metrics.evaluate({"model": metrics.predictor(raw_model, ctx, **mean)}, batches, raw_model.normalizer)
+    if model_type != "baselcm":
+        generator = torch.Generator(device).manual_seed(0)
+        with ctx:
+            losses = [raw_model(x, y, mask, generator=generator)[1].item() for x, y, mask, *_ in batches]
+        n = [b[2].sum().item() for b in batches]
+        r["model"]["denoising"] = sum(a * b for a, b in zip(losses, n)) / sum(n)
+    raw_model.train()
+    return r | baseline_metrics
+
+def log(record):
+    """One record of the run: a JSON line in out_dir/log.jsonl, and to W&B, if on: training as
+    train/loss, lr, ms, mfu; evaluations as val/{model,copy,mean}/{loss,l2,ca}."""
+    log_file.write(json.dumps(record) + "\n")
+    log_file.flush()
+    if wandb_run and "val" in record:
+        wandb_run.log({f"val/{k}/{m}": v for k, r in record["val"].items() for m, v in r.items()
+                       if m in ("loss", "l2", "ca")}, record["iter"])
+    elif wandb_run and "loss" in record:
+        wandb_run.log({"train/loss": record["loss"]} | {k: record[k] for k in ("lr", "ms", "mfu")}, record["iter"])
+
 # -----------------------------------------------------------------------------
 # training loop
 if master:
     peak = common.measure_peak_flops(device, getattr(torch, dtype))
-    wandb = wandb_log and common.start_wandb(wandb_project, wandb_run_name or out_dir, config,
-                                             checkpoint.get("wandb_id") if resume else None)
-    log = common.RunLog(os.path.join(out_dir, "log.jsonl"), resume, wandb)
+    wandb_run = None
+    if wandb_log:
+        # imported here only: a missing or broken wandb, or no login, is one line
+        try:
+            import wandb
+        except Exception as e:
+            common.die(f"--wandb_log=True, but wandb does not import ({type(e).__name__}: "
+                       f"{common.first_line(e)}): pip install wandb")
+        offline = os.environ.get("WANDB_MODE") in ("offline", "disabled")
+        common.require(offline or wandb.login(prompt=False), "--wandb_log=True, but W&B has no login: run "
+                       "`wandb login`, or set WANDB_MODE=offline")
+        # a resumed run goes on with the same W&B run
+        wandb_run = wandb.init(project=wandb_project, name=wandb_run_name or out_dir, config=config,
+                               id=checkpoint.get("wandb_id") if resume else None,
+                               resume="allow" if resume else None)
+    log_file = open(os.path.join(out_dir, "log.jsonl"), "a" if resume else "w")
     # the paper's baselines, copy the last concept and predict the training mean, do not change
     baselines = metrics.baselines(torch.tensor(meta["mean"], device=device))
     baseline_metrics = metrics.evaluate(baselines, val_batches(), raw_model.normalizer)
@@ -185,13 +249,16 @@ while True:
         # every rank's, for the checkpoint
         rng = checkpoints.rng_states(device)
         if master:
-            r = metrics.validate(raw_model, ctx, val_batches()) | baseline_metrics
-            print(f"step {iter_num}: " + metrics.scores(r))
-            log.write({"iter": iter_num, "val": r})
+            r = evaluate()
+            denoising = r["model"].get("denoising")
+            print(f"step {iter_num}: val loss {r['model']['loss']:.2f} (copy {r['copy']['loss']:.2f}, mean "
+                  f"{r['mean']['loss']:.2f}), l2 {r['model']['l2']:.4f}, CA {100 * r['model']['ca']:.1f}%"
+                  + ("" if denoising is None else f", denoising loss {denoising:.2f}"))
+            log({"iter": iter_num, "val": r})
             if iter_num > 0:
                 evals_since_best += 1
                 # a diffusion model: its denoising loss
-                val_loss = r["model"].get("denoising", r["model"]["loss"])
+                val_loss = r["model"]["loss"] if denoising is None else denoising
                 if val_loss < best_val_loss:
                     best_val_loss = val_loss
                     evals_since_best = 0
@@ -202,7 +269,7 @@ while True:
                                         "evals_since_best": evals_since_best, "config": config,
                                         "data_rng": data_rng.bit_generator.state, "rng": rng,
                                         "data": datafiles.data_facts(data_dir, meta),
-                                        "wandb_id": wandb.id if wandb else None}, ckpt_path)
+                                        "wandb_id": wandb_run.id if wandb_run else None}, ckpt_path)
             stop.fill_(patience > 0 and evals_since_best >= patience)
         if ddp:
             # the processes stop together
@@ -255,15 +322,15 @@ while True:
         mfu = raw_model.flops_per_concept() * concepts_per_iter / dt / (peak * world)
         print(f"iter {iter_num}: loss {loss_val:.2f}, lr {lr:.2e}, {dt * 1000:.1f}ms, "
               f"{n_targets / dt:.0f} concepts/s, mfu {100 * mfu:.1f}%")
-        log.write({"iter": iter_num, "loss": loss_val, "lr": lr, "ms": dt * 1000,
-                   "concepts_per_s": n_targets / dt, "mfu": mfu})
+        log({"iter": iter_num, "loss": loss_val, "lr": lr, "ms": dt * 1000, "concepts_per_s": n_targets / dt,
+             "mfu": mfu})
         t0 = time.time()
         t0_iter = iter_num
 
 if master:
     loop_ms = 1000 * (time.time() - loop_start) / max(1, iter_num - first_iter)
     print(f"{iter_num - first_iter} iterations, {loop_ms:.1f} ms each with everything")
-    log.write({"iter": iter_num, "loop_ms": loop_ms})
+    log({"iter": iter_num, "loop_ms": loop_ms})
 # the DDP wrapper holds the process group: dropped first, so that the group ends with the run
 del model
 common.end_distributed()

@@ -58,14 +58,22 @@ def test_retrieval_never_repeats_a_sentence_nor_returns_end_of_text(tmp_path):
         d[-1] = eot
     meta = write_dataset(tmp_path, "bank", docs[:4], docs[4:], eot)
     bank = concepts.SentenceBank(str(tmp_path / "bank"), meta)
-    # five times the same concept, and end of text itself
+    # five times the same concept, one after the other as a text goes on, then end of text itself
     queries = torch.tensor(np.stack([docs[1][2]] * 5 + [eot]))
-    texts, cos, rows = bank.decode(queries, avoid=["doc 1 sentence 2"])
+    texts = []
+    rows = []
+    for q in queries:
+        said, _, row = bank.decode(q[None], [["doc 1 sentence 2"] + texts])
+        texts += said
+        rows += list(row)
     assert len(set(texts)) == 6 and "doc 1 sentence 2" not in texts
     assert all(not t.endswith("sentence 4") for t in texts)
     # each text comes with its own row
     lines = (tmp_path / "bank" / "train.txt").read_text().splitlines()
     train = np.concatenate(docs[:4]).astype(np.float16).astype(np.float32)
     assert all(np.array_equal(rows[i], train[lines.index(t)]) for i, t in enumerate(texts))
-    texts, _, _ = bank.decode(queries[:5], repeats=True)
+    # the sentences of other texts (other rows of one call) are not this text's to avoid
+    texts, _, _ = bank.decode(queries[:5], [["doc 1 sentence 2"]] * 5)
+    assert len(set(texts)) == 1 and texts[0] != "doc 1 sentence 2"
+    texts, _, _ = bank.decode(queries[:5], [["doc 1 sentence 2"]] * 5, repeats=True)
     assert texts == ["doc 1 sentence 2"] * 5

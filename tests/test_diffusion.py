@@ -31,7 +31,7 @@ def test_a_noisy_concept_sees_neither_its_clean_target_nor_later_concepts_nor_ot
     t = torch.randint(0, 100, (B, T))
     cond = torch.zeros(B, T, dtype=torch.bool)
     # the one network of training and sampling, on the clean concepts' context
-    denoise = lambda concepts, noisy, t, uncond: model.denoise(model.contextualize(concepts), noisy, t,
+    denoise = lambda concepts, noisy, t, uncond: model.denoise(model.contextualize(concepts)[0], noisy, t,
                                                               uncond)[0]
     with torch.no_grad():
         pred = denoise(concepts, noisy, t, cond)
@@ -52,8 +52,8 @@ def test_a_noisy_concept_sees_neither_its_clean_target_nor_later_concepts_nor_ot
         assert torch.allclose(denoise(earlier, noisy, t, free)[:, k], alone, atol=1e-5)
         # generation keeps the context's keys and values (a cache) for the one next concept: the same
         last = torch.tensor([[False], [True]])
-        kept = model.denoise(model.contextualize(concepts, True), noisy[:, -1:], t[:, -1:], last)[0]
-        again = model.denoise(model.contextualize(concepts), noisy[:, -1:], t[:, -1:], last)[0]
+        kept = model.denoise(model.contextualize(concepts, True)[0], noisy[:, -1:], t[:, -1:], last)[0]
+        again = model.denoise(model.contextualize(concepts)[0], noisy[:, -1:], t[:, -1:], last)[0]
         assert torch.allclose(kept, again, atol=1e-5)
 
 def test_the_schedule_goes_from_almost_clean_to_pure_noise():
@@ -72,26 +72,22 @@ def test_ddim_with_guidance_1_equals_sampling_without_guidance():
         steps = [99, 87, 74, 61, 49, 37, 24, 11]
         with torch.no_grad():
             for t, t_next in zip(steps, steps[1:] + [None]):
-                x0, _ = model.denoise(model.contextualize(concepts), z, torch.full(z.shape[:2], t),
+                x0, _ = model.denoise(model.contextualize(concepts)[0], z, torch.full(z.shape[:2], t),
                                       torch.zeros(z.shape[:2], dtype=torch.bool))
                 a = model.alpha_bar[t]
                 a_next = model.alpha_bar[t_next] if t_next is not None else torch.tensor(1.0)
                 z = a_next.sqrt() * x0 + (1 - a_next).sqrt() * (z - a.sqrt() * x0) / (1 - a).sqrt()
-        return z
-    sampled, _ = model.predict(concepts, generator=torch.Generator().manual_seed(5), ddim_steps=8,
-                               guidance=1.0)
+        return model.normalizer.denormalize(z)
+    z = torch.randn(3, 7, 16, generator=torch.Generator().manual_seed(5))
+    sampled, _ = model.predict(concepts, z=z, ddim_steps=8, guidance=1.0)
     # 0.6: the paper's initial noise
-    z = torch.randn(3, 7, 16, generator=torch.Generator().manual_seed(5)) * 0.6
-    assert torch.allclose(sampled, ddim_by_hand(z), atol=1e-5)
+    assert torch.allclose(sampled, ddim_by_hand(z * 0.6), atol=1e-5)
     # generation samples after the last position only, the context's keys and values computed once:
     # the same network
-    last, _ = model.predict(concepts, last=True, generator=torch.Generator().manual_seed(5),
-                            ddim_steps=8, guidance=1.0)
-    z = torch.randn(3, 1, 16, generator=torch.Generator().manual_seed(5)) * 0.6
-    assert last.shape == (3, 1, 16) and torch.allclose(last, ddim_by_hand(z), atol=1e-5)
+    last, _ = model.predict(concepts, last=True, z=z[:, :1], ddim_steps=8, guidance=1.0)
+    assert last.shape == (3, 1, 16) and torch.allclose(last, ddim_by_hand(z[:, :1] * 0.6), atol=1e-5)
     # guided, the conditional and unconditional halves go through the same network
-    guided, _ = model.predict(concepts, generator=torch.Generator().manual_seed(5), ddim_steps=8,
-                              guidance=3.0)
+    guided, _ = model.predict(concepts, z=z, ddim_steps=8, guidance=3.0)
     assert not torch.allclose(guided, sampled, atol=1e-3)
 
 def test_where_two_next_concepts_are_equally_likely_diffusion_samples_one_and_mse_predicts_the_mean():
@@ -113,11 +109,11 @@ def test_where_two_next_concepts_are_equally_likely_diffusion_samples_one_and_ms
             opt.zero_grad()
         model.eval()
     context = start.expand(200, 1, 16)
-    mean = models["mse"].normalizer.denormalize(models["mse"].predict(context)[0][0, 0])
+    mean = models["mse"].predict(context)[0][0, 0]
     assert torch.dist(mean, (a + b) / 2) < 0.1 * torch.dist(a, b)
     for tower in ("one tower", "two towers"):
-        sampled, _ = models[tower].predict(context, generator=torch.Generator().manual_seed(0))
-        samples = models[tower].normalizer.denormalize(sampled[:, 0])
+        z = torch.randn(context.shape, generator=torch.Generator().manual_seed(0))
+        samples = models[tower].predict(context, z=z)[0][:, 0]
         to_a, to_b = (samples - a).norm(dim=-1), (samples - b).norm(dim=-1)
         near = torch.minimum(to_a, to_b) < 0.25 * torch.dist(a, b)
         assert near.float().mean() > 0.9, tower  # each sample lands by A or by B, not between them
@@ -146,7 +142,7 @@ def test_a_diffusion_run_resumes_exactly_and_evaluates_with_sampling_settings_ch
     assert all({"loss", "l2", "ca", "denoising"} <= set(v["model"]) for v in val)
     assert ckpt["best_val_loss"] == min(v["model"]["denoising"] for v in val[1:])
     # the guidance curve: the same conditional mean, then each scale
-    run("scripts/guidance_curve.py", "--out_dirs=b", "--scales=1,2", cwd=tmp_path)
+    run("eval.py", "--out_dir=b", "--curve=1,2", cwd=tmp_path)
     curve = json.load(open(tmp_path / "b" / "guidance.json"))
     assert list(curve) == ["conditional mean", "guidance 1", "guidance 2", "real next"]
     assert abs(curve["conditional mean"]["l2"] - val[-1]["model"]["l2"]) < 1e-4

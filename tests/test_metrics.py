@@ -8,7 +8,6 @@ import numpy as np
 import torch
 
 import baselcm, concepts, metrics
-from conftest import script_knobs, tiny_config
 from metrics import concept_metrics, finish_metrics
 
 def window_ids(B, T):  # each window its own document, targets at rows 1..T
@@ -78,62 +77,54 @@ def test_closeness_is_the_mean_of_each_generated_concepts_best_cosine_to_the_rea
     real = torch.tensor([[3.0, 0.0], [1.0, 1.0]])
     assert abs(metrics.closeness(generated, real) - (1 + 0.5 ** 0.5) / 2) < 1e-6
 
+class Said:
+    """A generation's result as write returns it: each text's sentences, concepts and stop reason."""
+
+    def __init__(self, texts, concepts, stops):
+        self.texts = texts
+        self.concepts = concepts
+        self.stops = stops
+
 def test_answers_are_scored_by_rouge_against_lead_k_a_random_answer_and_the_decoders_best():
     texts = ["P1 alpha beta.", "P2 gamma delta.", "[MODEL]:", "The cat sat on the mat.", concepts.EOT_TEXT]
     rows = np.eye(5, 4, dtype=np.float32)
-    said = {False: "The cat sat.", None: "The cat sat on a mat."}
 
-    class Model:  # generates one concept, then stops
-        config = tiny_config(block_size=8)
-
-        def generate(self, prompt, n, eot, stop_eot, stop_repeat, feed, **sampling):
-            assert torch.equal(prompt, torch.as_tensor(rows[:3]))
-            feed(torch.ones(4))
-            return None, None, "eot"
-    decode = lambda c, avoid=(): ([said[False]] * len(c), [None], np.zeros((len(c), 4)))
-    nearest = lambda c: ([said[None]] * len(c), np.zeros((len(c), 4)))
+    def write(prompts, since, feedback, repeats, seed):  # one sentence, then the end
+        [(prompt, sentences)] = prompts
+        assert torch.equal(prompt, torch.as_tensor(rows[:3])) and sentences == texts[:3] and since == 0
+        return Said([["The cat sat."]], [[np.zeros(4)]], ["stop head"])
+    nearest = lambda c: (["The cat sat on a mat."] * len(c), np.zeros((len(c), 4)))
     train_texts = ["Q1.", "[MODEL]:", "A dog ran.", concepts.EOT_TEXT]
-    r = metrics.answers(Model(), rows, np.array([0, 5]), np.array([3]), texts, torch.zeros(4), decode,
-                        nearest,
-                        train_texts, np.array([0, 4]), np.array([2]), {}, prompt_end="[MODEL]:")
+    r = metrics.answers(write, rows, np.array([0, 5]), np.array([3]), texts, nearest, train_texts,
+                        np.array([0, 4]), np.array([2]), 7, prompt_end="[MODEL]:")
     # by hand: reference "the cat sat on the mat", 6 tokens
     assert r["pairs"] == 1
     assert np.allclose([r["model"][m] for m in ("rouge1", "rouge2", "rougeL", "sentences")],
                        [2 / 3, 4 / 7, 2 / 3, 1])
+    assert r["model"]["eot"] == 1
     assert np.allclose([r["decoder's best"][m] for m in ("rouge1", "rouge2", "rougeL")], [5 / 6, 3 / 5, 5 / 6])
     # lead-1 (the references' mean length): "P1 alpha beta."; the random answer: "A dog ran."
     assert r["lead-1"]["rouge1"] == 0 and r["lead-1"]["sentences"] == 1
     assert r["random answer"]["rouge1"] == 0 and r["random answer"]["sentences"] == 1
 
-def test_the_continuation_metric_stops_as_sample_py_does_by_default():
-    import inspect
-    defaults = inspect.signature(metrics.generations).parameters
-    knobs = {k: v for k, v in script_knobs("sample.py").items() if k.startswith("stop_")}
-    assert knobs == {k: defaults[k].default for k in ("stop_eot", "stop_repeat", "stop_end")}
-
-class Drawing:
-    """A stand-in model whose next concept is a draw from the generator it is given (or, fixed, the
-    same two vectors every time); each text ends after two sentences."""
-
-    def __init__(self, fixed=False):
-        self.fixed = fixed
-
-    def generate(self, prompt, n, eot, *stops, feed, generator, **kw):
-        for i in range(2):
-            z = torch.full((8,), i + 1.0) if self.fixed else torch.randn(8, generator=generator)
-            feed(z)
-        return None, None, "eot"
+def drawing(fixed=False):
+    """A stand-in generation: each text's next concepts are draws from the seed given (or, fixed, the
+    same two vectors every time), named by their first coordinate; each ends after two sentences."""
+    def write(prompts, since, feedback, repeats, seed):
+        generator = torch.Generator().manual_seed(seed)
+        concepts = [[torch.full((8,), i + 1.0) if fixed else torch.randn(8, generator=generator)
+                     for i in range(2)] for _ in prompts]
+        texts = [[f"{z[0]:.4f}" for z in c] for c in concepts]
+        return Said(texts, [[z.numpy() for z in c] for c in concepts], ["stop head"] * len(prompts))
+    return write
 
 def test_four_samples_of_a_prompt_report_their_distinct_sentences_and_spread():
     rows = torch.randn(12, 8).numpy()
     offsets = np.array([0, 6, 12])  # two documents of 6 rows: 3 of prompt, 2 after, end of text
     texts = [f"t{i}" for i in range(12)]
-    # decoding names a concept by its first coordinate and returns it as it is
-    decode = lambda z, avoid=(): ([f"{z[0, 0]:.4f}"], [1.0], z.numpy())
     r = {}
     for fixed in (False, True):
-        r[fixed] = metrics.continuations(Drawing(fixed), rows, offsets, texts, torch.zeros(8),
-                                         lambda repeats: decode, rows, offsets, {})["4 samples"]
+        r[fixed] = metrics.continuations(drawing(fixed), rows, offsets, texts, rows, offsets)["4 samples"]
     assert r[False]["distinct"] == 1 and r[False]["spread"] > 0.5  # four draws, four texts
     assert r[True]["distinct"] == 0.25 and r[True]["spread"] < 1e-6  # one text, four times
     assert r[False]["samples"] == 2 and r[False]["sentences"] == 2 and r[False]["eot"] == 1

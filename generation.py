@@ -1,0 +1,106 @@
+"""
+Generation, as sample.py and the evaluation run it: a model continues texts concept by concept, each
+prediction decoded at once and its sentence's concept fed back (Transcript), until a rule says the
+text has ended. Texts of one length advance together, one batch a step; the Base-LCM keeps its keys
+and values (a KV cache), a diffusion LCM samples each concept against the whole window.
+"""
+import torch
+from torch.nn import functional as F
+
+# where a text ends (sample.py's defaults and the evaluation's): at a prediction within cosine
+# STOP_EOT of end of text ("eot"); once the stop head says it has ended by now with probability
+# STOP_END (0.5: its median length; "stop head"); at a new concept within cosine STOP_REPEAT of one in
+# the context ("repeat"; real text never comes closer than 0.85); at max_new concepts
+STOP_EOT = 0.9
+STOP_END = 0.5
+STOP_REPEAT = 0.95
+
+class Transcript:
+    """What generate feeds back, text by text: each new concept decoded at once (decode: concepts.
+    decoder's, passing over the text's sentences in avoid and those said so far); its sentence,
+    retrieval cosine and decoded concept kept (texts[i], sims[i], concepts[i]); the context takes the
+    decoded sentence's concept (feedback 'decoded') or the prediction itself ('raw')."""
+
+    def __init__(self, decode, avoid, feedback="decoded"):
+        self.decode = decode
+        self.avoid = avoid
+        self.feedback = feedback
+        self.texts = [[] for _ in avoid]
+        self.sims = [[] for _ in avoid]
+        self.concepts = [[] for _ in avoid]
+
+    def __call__(self, rows, z):
+        """rows: the texts of the predictions z (n, d_emb) -> the concepts their contexts take"""
+        texts, sims, back = self.decode(z, [list(self.avoid[i]) + self.texts[i] for i in rows])
+        for i, text, sim, concept in zip(rows, texts, sims, back):
+            self.texts[i].append(text)
+            self.sims[i].append(sim)
+            self.concepts[i].append(concept)
+        return torch.as_tensor(back, device=z.device) if self.feedback == "decoded" else z
+
+@torch.no_grad()
+def generate(model, prompts, eot, max_new, feed=None, generators=None, since=0, stop_eot=STOP_EOT,
+             stop_end=STOP_END, stop_repeat=STOP_REPEAT, progress=None, **sampling):
+    """prompts: a list of concepts (T_i, d_emb) -> for each, (its new concepts (n, d_emb), the cosine
+    of each to eot, the stop reason: "eot", "stop head", "repeat" or "max_new_concepts"). Each prediction
+    (model.predict's, with the sampling settings, from a standard normal draw of the text's own
+    generator, generators[i]) joins its context as feed(i's, predictions) makes it, if given (a
+    Transcript); a context over block_size keeps its end. The stop head's odds are multiplied by the
+    odds that the training texts end after as many sentences (since: the text's sentences in the
+    prompt; a pair's prompt has none of its answer). progress(n), if given, hears of the texts that end."""
+    out = [None] * len(prompts)
+    block_size = model.config.block_size
+    cached = not hasattr(model, "denoise")
+    for length in sorted({len(p) for p in prompts}):
+        rows = [i for i, p in enumerate(prompts) if len(p) == length]
+        seq = torch.stack([prompts[i] for i in rows]).float()  # (b, T, d_emb)
+        new = {i: [] for i in rows}
+        cosines = {i: [] for i in rows}
+        ended = torch.zeros(len(rows), device=seq.device)  # P(the text has ended by now)
+        c = model.config
+        # a tensor per layer, updated in place (compiled, a slice of a big one is copied whole)
+        shape = (2, len(rows), c.n_head, block_size, c.n_embd // c.n_head)
+        cache = [seq.new_zeros(shape) for _ in model.blocks] if cached else None
+        start = 0  # where the window starts in seq
+        in_cache = 0  # rows of the window already in the cache
+        for step in range(max_new):
+            if seq.size(1) - start > block_size:
+                start = seq.size(1) - block_size // 2
+                in_cache = 0
+            # the rows not in the cache yet, at their positions in the window
+            kv = {"cache": cache, "pos": torch.arange(in_cache, seq.size(1) - start, device=seq.device)}
+            z = torch.stack([torch.randn(1, seq.size(2), device=seq.device, generator=None if generators
+                                         is None else generators[i]) for i in rows])
+            pred, stop = model.predict(seq[:, start + in_cache:], last=True, z=z, **kv if cached else {},
+                                       **sampling)
+            in_cache = seq.size(1) - start if cached else 0
+            pred = pred[:, 0]
+            cos = F.cosine_similarity(pred, eot[None], dim=-1)
+            prior = model.stop_prior[min(since + step, len(model.stop_prior) - 1)]
+            ended = 1 - (1 - ended) * (1 - torch.sigmoid(stop[:, 0] + prior))
+            at_end = (cos >= stop_eot) | (ended >= stop_end) & (stop_end > 0)
+            going = (~at_end).nonzero()[:, 0].tolist()
+            if feed is not None and going:
+                pred[going] = feed([rows[j] for j in going], pred[going])
+            near = F.cosine_similarity(pred[:, None], seq[:, start:], dim=-1).amax(1)
+            seq = torch.cat([seq, pred[:, None]], 1)
+            keep = []
+            for j, i in enumerate(rows):
+                new[i].append(pred[j])
+                cosines[i].append(cos[j].item())
+                reason = "eot" if cos[j] >= stop_eot else "stop head" if at_end[j] else \
+                    "repeat" if near[j] >= stop_repeat > 0 else "max_new_concepts" if step == max_new - 1 else None
+                if reason:
+                    out[i] = (torch.stack(new[i]), cosines[i], reason)
+                else:
+                    keep.append(j)
+            if progress:
+                progress(len(rows) - len(keep))
+            # the texts that go on
+            rows = [rows[j] for j in keep]
+            seq = seq[keep]
+            ended = ended[keep]
+            cache = [layer[:, keep] for layer in cache] if cached else None
+            if not rows:
+                break
+    return out

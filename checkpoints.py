@@ -21,10 +21,9 @@ def build_model(model_type, settings):
     return model(config(**{k: v for k, v in settings.items() if k in config.__dataclass_fields__}))
 
 def load(path, mmap=True):
-    """path: a checkpoint, or a folder that holds ckpt.pt -> the checkpoint (a dict, its "path" the
-    file's). Weights only: a shared checkpoint cannot run code. Memory-mapped: what a caller does
-    not use (sample.py: the optimizer) is never read; a run that goes on to replace the file
-    (resume) reads it whole instead (Windows cannot replace a mapped file)."""
+    """path: a checkpoint, or a folder that holds ckpt.pt -> the checkpoint (a dict; "path": the
+    file), weights only (a shared checkpoint cannot run code), memory-mapped (sample.py never reads
+    the optimizer; resume reads it whole: Windows cannot replace a mapped file)."""
     given = path
     path = os.path.join(path, "ckpt.pt") if os.path.isdir(path) else path
     if not os.path.isfile(path):
@@ -39,11 +38,13 @@ def load(path, mmap=True):
         unreadable(path, e)
 
 def upgrade(ckpt):
-    """An older baselcm's checkpoint in today's format, in this one place (the models know nothing of
-    it): the weights without torch.compile's prefix; up to 711f3d5, one CPU random state (up to
-    d41f47d in a list); before the Two-Tower, the One-Tower named 'diffusion'; before the stop head, a
-    head that never ends a text (its prior -inf: the cosine to end of text alone stops it); before
-    guidance, no training mean (the median stands in)."""
+    """An older baselcm's checkpoint in today's format, in this one place: the weights without
+    torch.compile's prefix; before 711f3d5, one CPU random state (before d41f47d in a list); before the
+    Two-Tower, the One-Tower named 'diffusion'; before the stop head, a head that never ends a text
+    (its prior -inf); before guidance, no training mean (the median stands in); before 28a130a, no count of
+    evaluations without a better one; before a87455b, no W&B run."""
+    ckpt.setdefault("evals_since_best", 0)
+    ckpt.setdefault("wandb_id", None)
     if "torch_rng" in ckpt:
         rng = ckpt.pop("torch_rng")
         ckpt["rng"] = [{"device": "cpu", "cpu": rng[0] if isinstance(rng, list) else rng}]

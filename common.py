@@ -3,11 +3,12 @@ What the scripts share: their knobs (module globals, then config files and --key
 errors, the device, dtype and processes they run on, the measured matmul peak, atomic saves. The
 floor of the project: it imports nothing of it.
 """
-import ast, difflib, os, re, sys, tempfile, time
+import ast, difflib, itertools, os, re, sys, tempfile
 from contextlib import nullcontext
 from datetime import timedelta
 
 import torch
+import torch.utils.benchmark
 from torch.nn import functional as F
 
 def die(msg):
@@ -30,63 +31,56 @@ def knobs(g):
 
 def print_help(g):
     """--help: the script's docstring, then each knob with its default and the comment beside it,
-    read from the script's source (a comment may go on, indented, over the lines below it)."""
+    read from the script's source (a comment may go on, indented, on the lines below it)."""
     print(g["__doc__"].strip() + "\n\noptions (--key=value), with their defaults:")
     lines = open(g["__file__"], encoding="utf-8").read().splitlines()
-    # each knob once: where it is first assigned
     todo = knobs(g)
     for i, line in enumerate(lines):
         knob = re.match(r"(\w+) = [^#]*(?:# (.*))?$", line)
-        if not knob or knob[1] not in todo:
-            continue
-        todo.remove(knob[1])
-        text = [knob[2]] if knob[2] else []
-        # the comment's indented continuation lines
-        for more in lines[i + 1:]:
-            if not re.match(r" +# ", more):
-                break
-            text.append(more.strip()[2:])
-        option = f"--{knob[1]}={g[knob[1]] if g[knob[1]] != '' else repr('')}"
-        gap = "\n" + " " * 37 if len(option) > 34 and text else " "
-        print(f"  {option:34}{gap}{' '.join(text)}".rstrip())
+        if knob and knob[1] in todo:
+            # each knob once, where it is first assigned
+            todo.remove(knob[1])
+            more = itertools.takewhile(lambda line: re.match(r" +# ", line), lines[i + 1:])
+            text = " ".join([knob[2] or ""] + [m.strip()[2:] for m in more]).strip()
+            option = f"--{knob[1]}={g[knob[1]] if g[knob[1]] != '' else repr('')}"
+            gap = "\n" + " " * 37 if len(option) > 34 and text else " "
+            print(f"  {option:34}{gap}{text}".rstrip())
 
 def configure(g, argv, others=None):
-    """Sets a script's knobs in g from config files (plain python assignments) and --key=value pairs,
-    in order; a str knob takes the text as given. -> the keys that were set. An unknown --key=value is
-    one line, or, if a list others is given, kept there (for another script)."""
+    """Sets a script's knobs in g from config files (python assignments) and --key=value pairs, in
+    order (a str knob takes the text as given). -> the keys set. An unknown --key is one line, or, if
+    a list others is given, kept there (another script's)."""
     keys = knobs(g)
     given = set()
     if "--help" in argv or "-h" in argv:
         print_help(g)
         sys.exit(0)
     for arg in argv:
-        if not arg.startswith("--"):
-            require(os.path.isfile(arg), f"config file {arg} not found (expected a file like "
-                    "config/train_diffusion.py or --key=value)")
-            cfg = {}
-            exec(open(arg).read(), {}, cfg)
-            pairs = [(k, v, arg) for k, v in cfg.items() if not k.startswith("_")]
-        else:
+        if arg.startswith("--"):
             key, eq, val = arg[2:].partition("=")
             require(eq, f"{arg} has no value: write --{key}=VALUE")
+            if key not in keys and others is not None:
+                others.append(arg)
+                continue
             if key in keys and not isinstance(g[key], str):
                 try:
                     val = ast.literal_eval(val)
                 except (SyntaxError, ValueError):
                     pass  # reported below as the wrong type
-            pairs = [(key, val, arg)]
-        if others is not None and arg.startswith("--") and pairs[0][0] not in keys:
-            others.append(arg)
-            continue
-        for key, val, where in pairs:
-            if key not in keys:
-                near = difflib.get_close_matches(key, keys, n=1)
-                hint = f"did you mean --{near[0]}?" if near else f"{sys.argv[0]} --help lists them"
-                die(f"unknown option '{key}' (from {where}): {hint}")
-            if type(g[key]) is float and type(val) is int:
-                val = float(val)
+            pairs = [(key, val)]
+        else:
+            require(os.path.isfile(arg), f"config file {arg} not found (expected a file like "
+                    "config/train_diffusion.py or --key=value)")
+            cfg = {}
+            exec(open(arg).read(), {}, cfg)
+            pairs = [(k, v) for k, v in cfg.items() if not k.startswith("_")]
+        for key, val in pairs:
+            near = difflib.get_close_matches(key, keys, n=1)
+            require(key in keys, f"unknown option '{key}' (from {arg}): "
+                    + (f"did you mean --{near[0]}?" if near else f"{sys.argv[0]} --help lists them"))
+            val = float(val) if type(g[key]) is float and type(val) is int else val
             require(type(val) is type(g[key]), f"--{key} wants a {type(g[key]).__name__}, got {val!r} "
-                    f"(from {where})")
+                    f"(from {arg})")
             g[key] = val
             given.add(key)
     return given
@@ -127,8 +121,8 @@ def autocast(dtype, device):
 
 def can_compile(device):
     """Whether torch.compile can build kernels here, by the checks its inductor backend makes:
-    triton for a GPU (none on Windows, none below compute capability 7.0), a C++ compiler for a CPU.
-    If not, one line says why and the caller stays eager (not a traceback at the first forward)."""
+    triton on a GPU (no Windows wheels; compute capability 7.0 at least), a C++ compiler on a CPU. If
+    not, one line says why and the caller stays eager (not a traceback at the first forward)."""
     try:
         if torch.device(device).type == "cuda":
             from torch.utils._triton import has_triton
@@ -141,8 +135,7 @@ def can_compile(device):
             from torch._inductor.cpp_builder import get_cpp_compiler
             get_cpp_compiler()
     except Exception as e:
-        print(f"compile=True, but {device} cannot compile ({type(e).__name__}: {first_line(e)}): "
-              "running eager")
+        print(f"compile=True, but {device} cannot compile ({type(e).__name__}: {first_line(e)}): running eager")
         return False
     return True
 
@@ -181,29 +174,15 @@ def writable_dir(path, flag):
     except OSError as e:
         die(f"cannot write to --{flag}={path} ({e.strerror}): pick a folder you can write to")
 
-def synchronize(device):
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
-    elif torch.device(device).type == "mps":
-        torch.mps.synchronize()
-
 def measure_peak_flops(device, dtype, seconds=0.3):
     """FLOP/s of F.linear (the model's kernel) in dtype, measured here and now: the MFU denominator,
     instead of a datasheet number for some other chip. The best of a few square sizes."""
-    sizes = (4096, 8192) if torch.device(device).type == "cuda" else (512, 1024, 2048)
     best = 0.0
-    for n in sizes:
+    for n in (4096, 8192) if device.startswith("cuda") else (512, 1024, 2048):
         # ones, not random numbers: training's RNG stays untouched
         a = torch.ones(n, n, device=device, dtype=dtype)
-        F.linear(a, a)
-        synchronize(device)
-        reps = 0
-        t = time.perf_counter()
-        while reps < 3 or time.perf_counter() - t < seconds:
-            F.linear(a, a)
-            reps += 1
-            synchronize(device)
-        best = max(best, 2 * n ** 3 * reps / (time.perf_counter() - t))
+        timer = torch.utils.benchmark.Timer("F.linear(a, a)", globals={"F": F, "a": a})
+        best = max(best, 2 * n ** 3 / timer.blocked_autorange(min_run_time=seconds).median)
     return best
 
 def atomic_save(obj, path):

@@ -144,15 +144,15 @@ class SonarPort:
     d_emb = 1024
     impl = "transformers"
 
-    def __init__(self, device, encoder, decoder):
+    def __init__(self, device, encoder_name, decoder_name):
         from transformers import AutoTokenizer
         from transformers.models.m2m_100.modeling_m2m_100 import M2M100Encoder
         self.device = torch.device(device)
         self.dtype = torch.float16 if self.device.type in ("cuda", "mps") else torch.float32
-        with self.loading(encoder):
-            self.tokenizer = AutoTokenizer.from_pretrained(encoder)
-            self.encoder = M2M100Encoder.from_pretrained(encoder, dtype=self.dtype).to(self.device).eval()
-        self.decoder_name = decoder
+        with self.loading(encoder_name):
+            self.tokenizer = AutoTokenizer.from_pretrained(encoder_name)
+            self.encoder = M2M100Encoder.from_pretrained(encoder_name, dtype=self.dtype).to(self.device).eval()
+        self.decoder_name = decoder_name
         self.decoder = None  # loaded on first use
 
     @contextmanager

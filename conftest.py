@@ -76,11 +76,10 @@ def write_dataset(root, name, train_docs, val_docs, eot, encoder="stand-in"):
 SONAR_DATA = {"encoder": "sonar", "lang": "eng_Latn", "d_emb": 1024, "eot": [0.0] * 1024,
               "spacy_model": "", "max_chars": 256, "dir": ""}
 
-def save_checkpoint(out, model, data):
+def save_checkpoint(out, model, data, model_type="baselcm"):
     os.makedirs(out, exist_ok=True)
     atomic_save({"model": model.state_dict(), "model_args": model.config.__dict__,
-                        "config": {}, "data": data},
-                        str(out / "ckpt.pt"))
+                 "config": {"model_type": model_type}, "data": data}, str(out / "ckpt.pt"))
 
 def rotation_docs(rng, n_docs, d=16, lo=6, hi=20):
     """Documents whose next concept is a fixed rotation of the current one: learnable, and far from

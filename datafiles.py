@@ -172,8 +172,8 @@ def same_space(a, b):
     return a == b or {a, b} <= {"sonar", "sonar_hf"}
 
 def check_trained_on(data_dir, meta, trained_on, model, flag, named=True):
-    """One line and an exit if the dataset in data_dir holds concepts of another space than those the
-    model was trained on (trained_on: a checkpoint's "data"), or was rebuilt since, unless named."""
+    """One line and an exit if data_dir holds concepts of another space than the model's (trained_on:
+    its checkpoint's "data"), or was rebuilt since, unless named."""
     if not same_space(meta["encoder"], trained_on["encoder"]) or meta["d_emb"] != trained_on["d_emb"]:
         die(f"{data_dir} holds {meta['encoder']} concepts (d_emb {meta['d_emb']}), but {model} was "
             f"trained on {trained_on['encoder']} (d_emb {trained_on['d_emb']}): pass a --{flag} built "
@@ -184,10 +184,9 @@ def check_trained_on(data_dir, meta, trained_on, model, flag, named=True):
 
 def sample_windows(rng, offsets, n, block_size, answers=None):
     """n random windows of up to block_size + 1 rows, each inside one document -> (starts, ends of
-    their documents, the first row each window predicts). A document is drawn with probability
-    proportional to its length, the start uniformly where the window fits. Pairs (answers: where
-    each document's answer starts): each pair alike, its window the last rows, up to the answer's
-    end of text; only the answer is predicted."""
+    their documents, the first row each window predicts). A document is drawn by its length, the
+    start uniformly where the window fits. Pairs (answers: where each answer starts): each pair
+    alike, its last rows, up to its end of text; only the answer is predicted."""
     if answers is not None:
         doc = rng.integers(0, len(offsets) - 1, n)
         end = offsets[doc + 1]
@@ -202,9 +201,9 @@ def sample_windows(rng, offsets, n, block_size, answers=None):
     return start, end, start + 1
 
 def stop_prior(offsets, answers, n):
-    """-> (the log-odds that a training target is end of text: one a text; the log-odds that a text
-    ends after i sentences, given that it has them, against that, (n,)): the texts' lengths, as a
-    prior for the stop head. A text: a document, or a pair's answer."""
+    """The texts' lengths (a text: a document, or a pair's answer) as the stop head's prior -> (the
+    log-odds that a target is end of text; the log-odds that a text of i sentences ends there, against
+    that, (n,))."""
     lengths = offsets[1:] - 1 - (offsets[:-1] if answers is None else answers)
     logit = lambda p: np.log(p / (1 - p))
     rate = logit(len(lengths) / (lengths + 1).sum())
@@ -212,9 +211,9 @@ def stop_prior(offsets, answers, n):
     return rate, logit(ends) - rate
 
 def fit(model, meta, offsets, answers, normalizer=True):
-    """This data's numbers in a model that starts on it: its normalizer (for a new model), its
-    training mean (the prediction without context), the stop head's bias (the share of ends, as
-    Adam moves a bias slowly) and prior (stop_prior, from the rows of offsets and answers)."""
+    """This data's numbers in a model that starts on it: the normalizer (a new model's), the training
+    mean (the prediction without context), the stop head's bias (the share of ends: Adam moves a bias
+    slowly) and prior (stop_prior)."""
     if normalizer:
         model.normalizer.center.copy_(torch.tensor(meta["normalizer"]["center"]))
         model.normalizer.scale.copy_(torch.tensor(meta["normalizer"]["scale"]))
@@ -227,9 +226,9 @@ def count_targets(starts, ends, first, block_size):
     return int((np.minimum(ends, starts + block_size + 1) - first).clip(0).sum())
 
 def get_batch(rows, starts, ends, first, block_size, device="cpu"):
-    """-> x (B, T, d_emb) inputs, y (B, T, d_emb) next concepts, mask (B, T) real targets: in the
-    document and at or after first, eot (B, T) the targets that are their document's end of text.
-    Short documents are padded with zeros; causality keeps padding out of the real positions."""
+    """-> x (B, T, d_emb) inputs, y (B, T, d_emb) next concepts, mask (B, T) real targets (in the
+    document, from first on), eot (B, T) the targets that end their document. Short documents are
+    padded with zeros; causality keeps padding out of the real positions."""
     n = np.minimum(ends - starts, block_size + 1)
     buf = np.zeros((len(starts), block_size + 1, rows.shape[1]), dtype=np.float32)
     for i, (s, k) in enumerate(zip(starts, n)):
@@ -250,10 +249,9 @@ def get_batch(rows, starts, ends, first, block_size, device="cpu"):
     return buf[:, :-1], buf[:, 1:], flags[0], flags[1]
 
 def eval_batches(rows, offsets, block_size, batch_size, n_windows, device, answers=None):
-    """Fixed windows over the first documents, every target predicted once (deterministic evals), in
-    batches: x, y, mask, eot as get_batch, doc (B,) the document of each window and row (B, T) the row
-    of each target, which the metrics need to find a target's neighbours. Pairs (answers): a window
-    per pair, its last rows, predicting the answer."""
+    """Fixed windows over the first documents, every target predicted once, in batches: x, y, mask,
+    eot as get_batch, doc (B,) each window's document and row (B, T) each target's row (the metrics
+    find a target's neighbours by them). Pairs (answers): a window a pair, predicting its answer."""
     starts = []
     for lo, end in zip(offsets[:-1], offsets[1:]):
         starts += [max(lo, end - block_size - 1)] if answers is not None else range(lo, end - 1, block_size)

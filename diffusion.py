@@ -89,14 +89,15 @@ class DiffusionLCM(BaseLCM):
         return pred, masked_mean(err, mask) + self.stop_loss(out if h is None else h, eot, mask)
 
     @torch.no_grad()
-    def predict(self, concepts, last=False, z=None, ddim_steps=40, guidance=3.0, rescale=0.7,
+    def predict(self, concepts, last=False, z=None, ddim_steps=10, guidance=3.0, rescale=0.7,
                 init_noise=0.6):
         """Sampling (Algorithm 2): a next concept after each of concepts (B, T, d_emb) (last: after
         the last one only), in the encoder's space, and the stop head's logits there (from the clean
         concepts' causal pass). DDIM (deterministic, "trailing" timesteps) from init_noise * z, z a
         standard normal draw (B, K, d_emb), with classifier-free guidance and its rescale (Lin et al.
-        2024), the paper's settings by default. One step without guidance gives the model's estimate
-        of the conditional mean. The conditional and the unconditional halves run in one batch."""
+        2024): the paper's settings, but for 10 steps where it takes 40 (docs/speed.md: the same
+        quality, 4x the speed). One step without guidance gives the model's estimate of the
+        conditional mean. The conditional and the unconditional halves run in one batch."""
         B, T, d = concepts.shape
         K = 1 if last else T
         halves = 1 if guidance == 1 else 2
@@ -209,6 +210,7 @@ class TwoTower(DiffusionLCM):
         self.final = nn.Linear(config.n_embd, 2 * config.n_embd)  # shift and scale before the post-net
         nn.init.zeros_(self.final.weight)
         nn.init.zeros_(self.final.bias)
+
 
     def contextualize(self, concepts, last=False):
         """concepts (B, T, d_emb), clean, in the encoder's space -> (the keys and values, in each

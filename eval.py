@@ -10,7 +10,7 @@ $ python eval.py                                   # the quick start's model, in
 $ python eval.py --out_dir=out-diffusion --guidance=1.5
 $ python eval.py --out_dir=out-diffusion --curve=1,1.5,2,3,5   # CA against l2 as guidance grows
 """
-import json, os, sys, time
+import json, os, sys
 
 import numpy as np
 import torch
@@ -90,29 +90,16 @@ def decoded(p, y, mask, doc, row):
         sums["mi_gain"], sums["mi_tokens"] = metrics.coherence_mi(lm, tokenizer, texts, contexts)
     return sums
 
+# -----------------------------------------------------------------------------
+# teacher-forced: the next concept after every position of the validation windows, by the model (with
+# --curve: at each guidance scale, a diffusion model's conditional mean first) and the baselines
+settings = {"model": sampling}
 if curve:
-    # CA against l2 as guidance grows, teacher-forced: a diffusion model's conditional mean first (one
-    # step from pure noise, no guidance), then each scale; the real next concepts' nearness last
     settings = {f"guidance {g}": sampling | {"guidance": float(g)} for g in curve.split(",")}
     if hasattr(model, "denoise"):
+        # one step from pure noise, no guidance: what the network reads of the context, as an MSE model
         settings = {"conditional mean": {"ddim_steps": 1, "guidance": 1.0}} | settings
-    out = {}
-    for name, s in tqdm(settings.items(), desc=f"guidance curve of {out_dir}", unit="scale"):
-        t = time.time()
-        out[name] = metrics.evaluate({"m": metrics.predictor(model, ctx, **s)}, batches, model.normalizer,
-                                     decoded)["m"] | {"seconds": time.time() - t}
-        tqdm.write(f"{out_dir:20} {name:17} l2 {out[name]['l2']:.4f} rt_l2 {out[name]['rt_l2']:.4f} "
-                   f"near {out[name]['near']:.3f} CA {100 * out[name]['ca']:.1f}% PAR {out[name]['par']:.3f}")
-    real = torch.cat([y[m] for _, y, m, *_ in batches]).float()
-    out["real next"] = {"near": torch.cosine_similarity(torch.as_tensor(nearest(real)[1]), real.cpu()).mean().item()}
-    print(f"{out_dir:20} {'real next':17} near {out['real next']['near']:.3f}")
-    with open(os.path.join(out_dir, "guidance.json"), "w") as f:
-        json.dump(out, f, indent=1)
-    sys.exit(0)
-
-# -----------------------------------------------------------------------------
-# teacher-forced: the next concept after every position of the validation windows
-predictors = {"model": metrics.predictor(model, ctx, **sampling)}
+predictors = {name: metrics.predictor(model, ctx, **s) for name, s in settings.items()}
 predictors |= metrics.baselines(torch.tensor(meta["mean"], device=device))
 results = metrics.evaluate(predictors, tqdm(batches, desc="next concepts", unit="batch", leave=False),
                            model.normalizer, decoded)
@@ -120,10 +107,19 @@ trained_on = checkpoint["data"]["dir"]
 where = "" if os.path.abspath(data_dir) == trained_on else f" (trained on {trained_on})"
 print(f"{windows} validation windows, {meta['val_docs']} documents of {data_dir}, iter "
       f"{checkpoint['iter_num']}{where}; decoded text: {decoded_by}" + (f"; MI with {mi_model}" if mi_model else ""))
-print(f"{'':8}    loss       l2    rt_l2    near      CA  CA-doc     PAR" + ("      MI" if mi_model else ""))
+print(f"{'':16}    loss       l2    rt_l2    near      CA  CA-doc     PAR" + ("      MI" if mi_model else ""))
 for name, r in results.items():
-    print(f"{name:8}{r['loss']:10.2f}{r['l2']:9.4f}{r['rt_l2']:9.4f}{r['near']:8.3f}{100 * r['ca']:7.1f}%"
+    print(f"{name:16}{r['loss']:10.2f}{r['l2']:9.4f}{r['rt_l2']:9.4f}{r['near']:8.3f}{100 * r['ca']:7.1f}%"
           f"{100 * r['ca_doc']:7.1f}%{r['par']:8.3f}" + (f"{r['mi']:8.3f}" if mi_model else ""))
+if curve:
+    # CA against l2 as guidance grows (scripts/plot.py draws it), and how near the real next concepts
+    # lie to a training sentence
+    real = torch.cat([y[m] for _, y, m, *_ in batches]).float()
+    results["real next"] = {"near": torch.cosine_similarity(torch.as_tensor(nearest(real)[1]), real.cpu()).mean().item()}
+    print(f"{'real next':16}{'':28}{results['real next']['near']:8.3f}")
+    with open(os.path.join(out_dir, "guidance.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    sys.exit(0)
 
 # -----------------------------------------------------------------------------
 # generation, as sample.py generates: the first `generate` validation texts (0: all), all at once

@@ -10,13 +10,12 @@ from torch.nn import functional as F
 
 @torch.no_grad()
 def concept_metrics(pred, x, y, mask, normalizer, doc, row):
-    """Sums over one batch for a predictor. pred, x (inputs), y (targets): (B, T, d_emb); mask (B,
-    T); doc (B,) the document of each window and row (B, T) the row of each target, to find a
-    target's neighbours. loss: the training loss. l2: the distance to the true next concept. ca:
-    contrastive accuracy as in the paper: against the batch's other targets but the truth's
-    neighbours in its document. ca_doc: as in the official code, against other documents' targets.
-    par: the mean max cosine to the context of the predictions over that of the true next concepts
-    (a ratio of means: a per-prediction ratio explodes where the truth's is near 0)."""
+    """Sums over one batch for a predictor. pred, x (inputs), y (targets): (B, T, d_emb); mask (B, T);
+    doc, row: as eval_batches gives them. loss: the training loss. l2: the distance to the true next
+    concept. ca: contrastive accuracy as in the paper: against the batch's other targets but the
+    truth's neighbours in its document; ca_doc as in the official code: other documents' targets.
+    par: the predictions' mean max cosine to their context over the true next concepts' (a ratio of
+    means: a per-prediction ratio explodes where the truth's is near 0)."""
     pred = pred.float()
     x = x.float()
     y = y.float()
@@ -94,27 +93,29 @@ def continuations(write, rows, offsets, texts, train_rows, train_offsets, k=3):
     docs = [(lo, end) for lo, end in zip(offsets[:-1], offsets[1:] - 1) if end - lo >= k + 2]
     real = [torch.as_tensor(np.asarray(rows[lo:end], dtype=np.float32)) for lo, end in docs]
     prompts = [(x[:k], texts[lo:lo + k]) for x, (lo, _) in zip(real, docs)]
+    n = len(prompts)
+    # the decoded texts and four more of each prompt, each from its own draws, in one batch (a
+    # Base-LCM's are the same); the predictions fed back (raw), retrieval repeating or not
+    said = {"decoded": write(prompts * 5, k, "decoded", False, 0), "raw": write(prompts, k, "raw", False, 0),
+            "raw, repeats": write(prompts, k, "raw", True, 0)}
     r = {}
-    for mode in ("decoded", "raw", "raw, repeats"):
-        said = write(prompts, k, mode.split(",")[0], mode == "raw, repeats", 0)
-        kept = [(t, c, x[k:]) for t, c, x in zip(said.texts, said.concepts, real) if t]
+    for mode, s in said.items():
+        kept = [(t, c, x[k:]) for t, c, x in zip(s.texts, s.concepts, real) if t]
         r[mode] = {"closeness": np.mean([closeness(c, x) for _, c, x in kept]),
                    "distinct": np.mean([len(set(t)) / len(t) for t, _, _ in kept]),
-                   "samples": len(kept)} | lengths(said.texts, said.stops)
-    # four continuations of each prompt, each from its own draws (a Base-LCM's are the same)
-    runs = [write(prompts, k, "decoded", False, seed) for seed in range(1, 5)]
+                   "samples": len(kept)} | lengths(s.texts[:n], s.stops[:n])
     off = ~torch.eye(4, dtype=torch.bool)
     kept = []
     for i, x in enumerate(real):
-        said = [(run.texts[i], run.concepts[i]) for run in runs]
-        if all(t for t, _ in said):
-            sentences = [s for t, _ in said for s in t]
-            first = F.normalize(torch.as_tensor(np.stack([c[0] for _, c in said])), dim=-1)
-            kept.append((np.mean([closeness(c, x[k:]) for _, c in said]), len(set(sentences)) / len(sentences),
+        four = [(said["decoded"].texts[i + j * n], said["decoded"].concepts[i + j * n]) for j in range(1, 5)]
+        if all(t for t, _ in four):
+            sentences = [s for t, _ in four for s in t]
+            first = F.normalize(torch.as_tensor(np.stack([c[0] for _, c in four])), dim=-1)
+            kept.append((np.mean([closeness(c, x[k:]) for _, c in four]), len(set(sentences)) / len(sentences),
                          max(0.0, 1 - (first @ first.T)[off].mean().item())))
     m = np.mean(np.reshape(kept, (-1, 3)), axis=0)
     r["4 samples"] = dict(zip(("closeness", "distinct", "spread"), m), samples=len(kept)) | \
-        lengths([t for run in runs for t in run.texts], [s for run in runs for s in run.stops])
+        lengths(said["decoded"].texts[n:], said["decoded"].stops[n:])
     rng = np.random.default_rng(0)
     train_eot = set(train_offsets[1:] - 1)
     picks = [[i for i in rng.integers(0, len(train_rows), 16) if i not in train_eot][:8] for _ in real]

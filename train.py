@@ -156,10 +156,10 @@ if not resume:
     # this data's numbers: normalizer (a new model), training mean, the stop head's start and prior
     datafiles.fit(model, meta, train_offsets, train_answers, normalizer=not finetune)
 model.to(device)
-# a resumed run goes on from its checkpoint's counts (older checkpoints did not count evaluations)
+# a resumed run goes on from its checkpoint's counts
 iter_num = checkpoint["iter_num"] if resume else 0
 best_val_loss = checkpoint["best_val_loss"] if resume else float("inf")
-evals_since_best = checkpoint.get("evals_since_best", 0) if resume else 0
+evals_since_best = checkpoint["evals_since_best"] if resume else 0
 scaler = torch.amp.GradScaler(torch.device(device).type, enabled=dtype == "float16")
 optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), eps)
 if resume:
@@ -228,7 +228,7 @@ if master:
                        "`wandb login`, or set WANDB_MODE=offline")
         # a resumed run goes on with the same W&B run
         wandb_run = wandb.init(project=wandb_project, name=wandb_run_name or out_dir, config=config,
-                               id=checkpoint.get("wandb_id") if resume else None,
+                               id=checkpoint["wandb_id"] if resume else None,
                                resume="allow" if resume else None)
     log_file = open(os.path.join(out_dir, "log.jsonl"), "a" if resume else "w")
     # the paper's baselines, copy the last concept and predict the training mean, do not change

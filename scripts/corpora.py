@@ -10,7 +10,9 @@ Writes the corpora beside Lee on which the defaults and the diffusion model were
   reStructuredText sources of the tutorial, library reference, HOWTOs, What's New), a document
   per section;
 - corpora/kernel.jsonl: the prose of the Linux kernel's documentation (Debian's linux-doc-6.1), one
-  document per section, the first 20,000 sections in path order.
+  document per section, the first 20,000 sections in path order;
+- corpora/kernel_long.jsonl: the same prose a document per file, long documents: the first 400 files of
+  60 sentences or more (by their full stops).
 $ sudo apt-get install python3-doc linux-doc-6.1     # for pyref and kernel
 $ python scripts/corpora.py
 $ python embed.py --dataset=corpora/pyref.jsonl      # and so on for each
@@ -92,6 +94,7 @@ def rst_sections(text):
 pyref = sorted(glob.glob("/usr/share/doc/python3*/html/_sources/**/*.rst.txt", recursive=True))
 write("pyref", [s for p in pyref for s in rst_sections(open(p, encoding="utf-8").read())])
 kernel = sorted(glob.glob("/usr/share/doc/linux-doc-*/Documentation/**/*.rst.gz", recursive=True))
-write("kernel", [s for p in kernel for s in rst_sections(gzip.open(p, "rt", encoding="utf-8",
-                                                                      errors="replace").read())],
-      limit=20_000)
+kernel = [rst_sections(gzip.open(p, "rt", encoding="utf-8", errors="replace").read()) for p in kernel]
+write("kernel", [s for sections in kernel for s in sections], limit=20_000)
+files = [" ".join(sections) for sections in kernel]
+write("kernel_long", [f for f in files if len(re.findall(r"[.!?] ", f)) >= 60], limit=400)

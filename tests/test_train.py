@@ -88,6 +88,15 @@ def test_resume_and_eval_only_follow_the_checkpoint_and_print_what_changed(train
     assert f"trained on {trained / 'data' / 'rot'}" in p.stdout
     assert json.load(open(trained / "o" / "eval.json"))["dataset"] == os.path.join("data", "rot2")
 
+def test_eval_only_evaluates_from_the_command_line_or_a_config_file_and_never_trains(trained):
+    ckpt = (trained / "o" / "ckpt.pt").read_bytes()
+    (trained / "evaluate.py").write_text("eval_only = True\nout_dir = 'o'\n")
+    for args in (["evaluate.py"], ["--init_from=resume", "--eval_only=True", "--out_dir=o"]):
+        (trained / "o" / "eval.json").unlink(missing_ok=True)
+        p = run("train.py", *args, cwd=trained)
+        assert "validation windows" in p.stdout and json.load(open(trained / "o" / "eval.json"))["iter"] == 10
+        assert (trained / "o" / "ckpt.pt").read_bytes() == ckpt
+
 @pytest.mark.parametrize("args, message", [
     (["--init_from=resume", "--n_layer=3"], "the model's settings cannot change"),
     (["--init_from=resume", "--dropout=0.2"], "the model's settings cannot change"),

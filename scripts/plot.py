@@ -1,0 +1,129 @@
+"""
+Draws what the runs measured, headless (matplotlib's Agg), into a PNG:
+  --kind=concepts  the mean and the samples: for a few validation prompts, the real next concept, the
+                   training sentences nearest it, a Base-LCM's prediction (and guided), a diffusion
+                   model's samples and the training mean, projected onto 2-D by a PCA fitted on them
+  --kind=guidance  CA against l2 as guidance grows, a curve a run (eval.py --curve's guidance.json)
+  --kind=run       a run's training and validation loss with its baselines, and CA (out_dir/log.jsonl)
+
+$ python scripts/plot.py --kind=run --out_dirs=out
+$ python scripts/plot.py --kind=guidance --out_dirs=out,out-diffusion --out=docs/guidance.png
+$ python scripts/plot.py --kind=concepts --out_dirs=out,out-diffusion --out=docs/concepts.png
+"""
+import json, os, sys, textwrap
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import matplotlib
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+import checkpoints, datafiles  # noqa: E402
+from common import configure, require  # noqa: E402
+from concepts import SentenceBank  # noqa: E402
+
+kind = "run"             # 'concepts', 'guidance' or 'run'
+out_dirs = "out"         # the runs, comma-separated (concepts: a Base-LCM's and a diffusion model's)
+out = ""                 # the PNG; '' = the first run's out_dir/KIND.png
+prompts = 4              # concepts: validation prompts (the first documents of 5 sentences or more)
+samples = 8              # concepts: the diffusion model's samples of each next concept
+guidance = 3.0           # concepts: the Base-LCM guided this much, beside its own prediction
+configure(globals(), sys.argv[1:])
+require(kind in ("concepts", "guidance", "run"), f"--kind={kind}: use concepts, guidance or run")
+runs = out_dirs.split(",")
+out = out or os.path.join(runs[0], f"{kind}.png")
+short = lambda text: textwrap.shorten(text, 48, placeholder="...")
+
+if kind == "run":
+    path = os.path.join(runs[0], "log.jsonl")
+    require(os.path.isfile(path), f"no {path}: train a run there with `python train.py --out_dir={runs[0]}`")
+    log = [json.loads(line) for line in open(path)]
+    evals = [r for r in log if "val" in r and "model" in r["val"]]
+    require(evals and all("copy" in r["val"] for r in evals), f"{path} holds no evaluations with their "
+            "baselines (a log of an older baselcm?): train the run again")
+    fig, ax = plt.subplots(figsize=(7, 4))
+    steps = [r["iter"] for r in log if "loss" in r]
+    ax.plot(steps, [r["loss"] for r in log if "loss" in r], color="0.6", label="training loss")
+    ax.plot([r["iter"] for r in evals], [r["val"]["model"]["loss"] for r in evals], "o-", label="val loss")
+    for name, style in (("copy", ":"), ("mean", "--")):
+        ax.axhline(evals[-1]["val"][name]["loss"], ls=style, color="k", label=f"val loss of {name}")
+    ax.set(xlabel="iteration", ylabel="loss (squared error, normalized space)", title=runs[0])
+    ca = ax.twinx()
+    ca.plot([r["iter"] for r in evals], [100 * r["val"]["model"]["ca"] for r in evals], "s-", color="C2",
+            label="CA")
+    ca.set_ylabel("contrastive accuracy (%)", color="C2")
+    fig.legend(loc="upper right", bbox_to_anchor=(0.88, 0.88), fontsize=8)
+
+if kind == "guidance":
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for i, run in enumerate(runs):
+        path = os.path.join(run, "guidance.json")
+        require(os.path.isfile(path), f"no {path}: run `python eval.py --out_dir={run} --curve=1,1.5,2,3,5`")
+        curve = json.load(open(path))
+        scales = [(float(k.split()[1]), r) for k, r in curve.items() if k.startswith("guidance ")]
+        ax.plot([r["l2"] for _, r in scales], [100 * r["ca"] for _, r in scales], "o-", color=f"C{i}",
+                label=run)
+        for g, r in scales:
+            ax.annotate(f"g {g:g}", (r["l2"], 100 * r["ca"]), textcoords="offset points", xytext=(4, -10),
+                        fontsize=7, color=f"C{i}")
+        if "conditional mean" in curve:
+            r = curve["conditional mean"]
+            ax.plot(r["l2"], 100 * r["ca"], "*", ms=12, color=f"C{i}", label=f"{run}: conditional mean")
+    # the baselines, from the first run that has them (the same windows for runs on one dataset)
+    for name, marker in (("copy", "X"), ("mean", "P")):
+        r = next((json.load(open(os.path.join(run, "guidance.json"))).get(name) for run in runs), None)
+        if r:
+            ax.plot(r["l2"], 100 * r["ca"], marker, ms=9, color="k", label=f"{name} (baseline)")
+    ax.set(xlabel="l2 to the real next concept (lower is better)", ylabel="contrastive accuracy (%)",
+           title="CA against l2 as guidance g grows")
+    ax.legend(fontsize=8)
+
+if kind == "concepts":
+    models = [checkpoints.load_model(run) for run in runs]
+    require(len(runs) == 2 and not hasattr(models[0][0], "denoise") and hasattr(models[1][0], "denoise"),
+            "--kind=concepts draws a Base-LCM's run and a diffusion model's: --out_dirs=BASE,DIFFUSION")
+    (base, ckpt), (diffusion, _) = models
+    data_dir = ckpt["data"]["dir"]
+    require(os.path.isdir(data_dir), f"{data_dir}, the dataset of {runs[0]}, is gone: build it again with embed.py")
+    meta = datafiles.load_meta(data_dir)
+    datafiles.check_trained_on(data_dir, meta, models[1][1]["data"], runs[1], "out_dirs")
+    bank = SentenceBank(data_dir, meta)
+    rows, offsets, _ = datafiles.load_split(data_dir, "val", meta)
+    texts = open(os.path.join(data_dir, "val.txt"), encoding="utf-8").read().splitlines()
+    starts = [lo for lo, end in zip(offsets[:-1], offsets[1:]) if end - lo >= 6][:prompts]
+    fig, axes = plt.subplots(1, len(starts), figsize=(4.5 * len(starts), 4.8), squeeze=False)
+    generator = torch.Generator().manual_seed(0)
+    for ax, lo in zip(axes[0], starts):
+        # a prompt of 3 sentences, and what comes after it
+        prompt = torch.as_tensor(np.asarray(rows[lo:lo + 3], np.float32))[None]
+        real = torch.as_tensor(np.asarray(rows[lo + 3], np.float32))
+        z = torch.randn(samples, 1, real.numel(), generator=generator)
+        points = {"real next": real[None], "nearest training sentences": torch.as_tensor(
+                      np.asarray(bank.rows[np.sort(bank.nearest(real[None], 6)[0][0])], np.float32)),
+                  "Base-LCM": base.predict(prompt, last=True)[0][0],
+                  f"Base-LCM, guided (g {guidance:g})": base.predict(prompt, last=True, guidance=guidance)[0][0],
+                  "diffusion samples": diffusion.predict(prompt.expand(samples, -1, -1), last=True, z=z)[0][:, 0],
+                  "training mean": torch.tensor(meta["mean"])[None]}
+        # PCA on these points (unit length: the cosine is what retrieval and the metrics read)
+        x = torch.nn.functional.normalize(torch.cat(list(points.values())), dim=-1)
+        x = x - x.mean(0)
+        xy = (x @ torch.linalg.svd(x, full_matrices=False)[2][:2].T).numpy()
+        at = 0
+        for (name, p), style in zip(points.items(), ("r*", "k.", "bs", "b^", "go", "mP")):
+            ax.plot(*xy[at:at + len(p)].T, style, ms=14 if style == "r*" else 8, alpha=0.8, label=name)
+            # the sentence of the first point of each (retrieval: its nearest training sentence)
+            sentence = texts[lo + 3] if name == "real next" else bank.texts(bank.nearest(p[:1], eot=False)[0][0])[0]
+            if name != "training mean":
+                ax.annotate(short(sentence), xy[at], fontsize=6, xytext=(3, 3), textcoords="offset points")
+            at += len(p)
+        ax.set_title(short(texts[lo + 2]), fontsize=8)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    axes[0][0].legend(fontsize=7, loc="lower left")
+    fig.suptitle("After each prompt (its last sentence above): the Base-LCM predicts a point between "
+                 "sentences; a diffusion model samples one (PCA of the points, cosine geometry)", fontsize=9)
+
+fig.tight_layout()
+fig.savefig(out, dpi=110)
+print(f"wrote {out}")

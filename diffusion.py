@@ -84,7 +84,7 @@ class DiffusionLCM(BaseLCM):
         noisy = a.sqrt() * x0 + (1 - a).sqrt() * noise
         uncond = torch.rand(B, T, generator=generator, device=x0.device) < self.config.cfg_dropout
         context, h = self.contextualize(concepts)
-        pred, out = self.denoise(context, noisy, t, uncond)
+        pred, out = self.denoise(context, noisy, self.timestep(t), uncond)
         err = (pred.float() - x0).pow(2).sum(-1)  # (B, T)
         return pred, masked_mean(err, mask) + self.stop_loss(out if h is None else h, eot, mask)
 
@@ -101,16 +101,16 @@ class DiffusionLCM(BaseLCM):
         B, T, d = concepts.shape
         K = 1 if last else T
         halves = 1 if guidance == 1 else 2
-        # the clean concepts read once, the noisy ones denoised at every step
-        context, h = self.contextualize(concepts.repeat(halves, 1, 1), last)
+        # the clean concepts read once, for both halves; the noisy ones denoised at every step
+        context, h = self.contextualize(concepts, last, halves)
         # the second half sees no context
         uncond = (torch.arange(halves * B, device=concepts.device) >= B)[:, None].expand(-1, K)
         times = (torch.arange(ddim_steps, 0, -1) * self.config.n_steps / ddim_steps).round().long() - 1
+        # what the network reads of each step's timestep, for all the steps at once; one for all rows
+        steps = self.timestep(times.to(z.device)[:, None, None])  # (ddim_steps, 1, 1, ...)
         z = init_noise * z
         for i, t in enumerate(times.tolist()):
-            # one timestep for all: its embedding computed once, broadcast
-            x, out = self.denoise(context, z.repeat(halves, 1, 1), torch.full((1, 1), t, device=z.device),
-                                  uncond)
+            x, out = self.denoise(context, z.repeat(halves, 1, 1), steps[i], uncond)
             h = out if h is None else h
             cond = x[:B].float()
             x0 = cond
@@ -127,28 +127,34 @@ class DiffusionLCM(BaseLCM):
         return self.normalizer.denormalize(z), stop
 
 class OneTower(DiffusionLCM):
-    def contextualize(self, concepts, last=False):
+    def contextualize(self, concepts, last=False, copies=1):
         """concepts (B, T, d_emb), clean, in the encoder's space -> (their pre-net embeddings (B, T,
         n_embd), which denoise runs with the noisy ones, and None: denoise gives their outputs); last
         (one next concept, generation): (their keys and values in every layer, computed once, in a
-        cache (a (2, B, nh, T + 1, hs) a layer), their outputs (B, T, n_embd), for the stop head)."""
+        cache (a (2, B, nh, T + 1, hs) a layer), their outputs (B, T, n_embd), for the stop head).
+        What denoise reads comes in copies (guidance's halves: batch copies * B)."""
         x = self.drop(self.prenet(self.normalizer.normalize(concepts)))
         if not last:
-            return x, None
+            return x.repeat(copies, 1, 1), None
         c = self.config
         shape = (2, x.size(0), c.n_head, x.size(1) + 1, c.n_embd // c.n_head)
         cache = [x.new_zeros(shape) for _ in self.blocks]
-        return cache, self.transformer(x, torch.arange(x.size(1), device=x.device), cache=cache)
+        h = self.transformer(x, torch.arange(x.size(1), device=x.device), cache=cache)
+        return [layer.repeat(1, copies, 1, 1, 1) for layer in cache], h
+
+    def timestep(self, t):
+        """timesteps t (...) -> what the network reads of them: their embedding (..., n_embd)"""
+        return self.time(t)
 
     def denoise(self, context, noisy, t, uncond):
         """The network. context: contextualize's; noisy (B, K, d_emb), normalized: the next concepts
-        after the last K positions, noised to timesteps t (B, K, or one for all: (1, 1)); uncond (B, K):
+        after the last K positions, noised to timesteps t (timestep's, (B, K, ...) or (1, 1, ...)); uncond (B, K):
         those that see no context -> (their predicted clean concepts (B, K, d_emb), normalized; the clean
         concepts' own outputs (B, T, n_embd), which the stop head reads, or None). The paper concatenates the timestep's
         embedding to the input; through the pre-net's linear layer that is a sum. One pass: the
         clean concepts never see a noisy one. With a cache, the one next concept after it (K = 1)
         runs alone against its keys and values."""
-        x = self.drop(self.prenet(noisy) + self.time(t))  # (B, K, n_embd)
+        x = self.drop(self.prenet(noisy) + t)  # (B, K, n_embd)
         cached = isinstance(context, list)
         T = context[0].size(3) - 1 if cached else context.size(1)
         follows = torch.arange(T - noisy.size(1), T, device=x.device)
@@ -192,10 +198,10 @@ class DenoiserBlock(nn.Module):
         B, T1, C = context.shape
         return self.kv(context).view(B, T1, 2, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
 
-    def forward(self, x, kv, sees, time):
-        """x (B, K, n_embd), kv: keys(context), sees (B, K, T + 1), time (B, K, n_embd) or (1, 1, n_embd)"""
-        shift1, scale1, gate1, shift2, scale2, gate2, shift3, scale3, gate3 = self.modulation(
-            F.silu(time)).chunk(9, -1)
+    def forward(self, x, kv, sees, modulation):
+        """x (B, K, n_embd), kv: keys(context), sees (B, K, T + 1), modulation: the timestep's, this
+        block's (B, K, 9 n_embd) or (1, 1, 9 n_embd)"""
+        shift1, scale1, gate1, shift2, scale2, gate2, shift3, scale3, gate3 = modulation.chunk(9, -1)
         x = x + gate1 * self.itself(modulate(self.norm(x), shift1, scale1))
         B, K, C = x.shape
         q = self.q(modulate(self.norm(x), shift2, scale2)).view(B, K, self.n_head, -1).transpose(1, 2)
@@ -212,15 +218,21 @@ class TwoTower(DiffusionLCM):
         nn.init.zeros_(self.final.bias)
 
 
-    def contextualize(self, concepts, last=False):
+    def contextualize(self, concepts, last=False, copies=1):
         """concepts (B, T, d_emb), clean, in the encoder's space -> (the keys and values, in each
         denoiser block, of the contextualizer's outputs (the Base-LCM's causal transformer) after a
-        zero vector, which a concept without context sees: computed once, however often denoise runs;
-        the outputs (B, T, n_embd), for the stop head)."""
+        zero vector, which a concept without context sees: computed once, however often denoise runs,
+        in copies (guidance's halves); the outputs (B, T, n_embd), for the stop head)."""
         x = self.drop(self.prenet(self.normalizer.normalize(concepts)))
         h = self.transformer(x, torch.arange(x.size(1), device=x.device))
-        context = torch.cat([torch.zeros_like(h[:, :1]), h], 1)  # (B, T + 1, n_embd)
+        context = torch.cat([torch.zeros_like(h[:, :1]), h], 1).repeat(copies, 1, 1)  # (copies B, T + 1, n_embd)
         return [block.keys(context) for block in self.denoiser], h
+
+    def timestep(self, t):
+        """timesteps t (...) -> what the network reads of them: every block's shift, scale and gate,
+        and the final norm's shift and scale (..., (9 n_denoiser + 2) n_embd)"""
+        time = F.silu(self.time(t))
+        return torch.cat([block.modulation(time) for block in self.denoiser] + [self.final(time)], -1)
 
     def denoise(self, context, noisy, t, uncond):
         """The network: as the One-Tower's, on the contextualizer's outputs. The concept after c_j
@@ -230,8 +242,8 @@ class TwoTower(DiffusionLCM):
         keys = torch.arange(T + 1, device=noisy.device)
         sees = (keys == 0) | (keys <= follows[:, None] + 1) & ~uncond[..., None]  # (B, K, T + 1)
         x = self.drop(self.prenet(noisy))
-        time = self.time(t)
-        for block, kv in zip(self.denoiser, context):
-            x = block(x, kv, sees, time)
-        shift, scale = self.final(F.silu(time)).chunk(2, -1)
+        *modulations, final = t.split(9 * x.size(-1), -1)
+        for block, kv, modulation in zip(self.denoiser, context, modulations):
+            x = block(x, kv, sees, modulation)
+        shift, scale = final.chunk(2, -1)
         return self.postnet(modulate(F.rms_norm(x, x.shape[-1:]), shift, scale)), None

@@ -31,8 +31,8 @@ def test_a_noisy_concept_sees_neither_its_clean_target_nor_later_concepts_nor_ot
     t = torch.randint(0, 100, (B, T))
     cond = torch.zeros(B, T, dtype=torch.bool)
     # the one network of training and sampling, on the clean concepts' context
-    denoise = lambda concepts, noisy, t, uncond: model.denoise(model.contextualize(concepts)[0], noisy, t,
-                                                              uncond)[0]
+    denoise = lambda concepts, noisy, t, uncond: model.denoise(model.contextualize(concepts)[0], noisy,
+                                                              model.timestep(t), uncond)[0]
     with torch.no_grad():
         pred = denoise(concepts, noisy, t, cond)
         # position k denoises the concept after c_k: c_{k+1} on is its target and the future
@@ -52,8 +52,9 @@ def test_a_noisy_concept_sees_neither_its_clean_target_nor_later_concepts_nor_ot
         assert torch.allclose(denoise(earlier, noisy, t, free)[:, k], alone, atol=1e-5)
         # generation keeps the context's keys and values (a cache) for the one next concept: the same
         last = torch.tensor([[False], [True]])
-        kept = model.denoise(model.contextualize(concepts, True)[0], noisy[:, -1:], t[:, -1:], last)[0]
-        again = model.denoise(model.contextualize(concepts)[0], noisy[:, -1:], t[:, -1:], last)[0]
+        at = model.timestep(t[:, -1:])
+        kept = model.denoise(model.contextualize(concepts, True)[0], noisy[:, -1:], at, last)[0]
+        again = model.denoise(model.contextualize(concepts)[0], noisy[:, -1:], at, last)[0]
         assert torch.allclose(kept, again, atol=1e-5)
 
 def test_the_schedule_goes_from_almost_clean_to_pure_noise():
@@ -72,7 +73,8 @@ def test_ddim_with_guidance_1_equals_sampling_without_guidance():
         steps = [99, 87, 74, 61, 49, 37, 24, 11]
         with torch.no_grad():
             for t, t_next in zip(steps, steps[1:] + [None]):
-                x0, _ = model.denoise(model.contextualize(concepts)[0], z, torch.full(z.shape[:2], t),
+                x0, _ = model.denoise(model.contextualize(concepts)[0], z,
+                                      model.timestep(torch.full(z.shape[:2], t)),
                                       torch.zeros(z.shape[:2], dtype=torch.bool))
                 a = model.alpha_bar[t]
                 a_next = model.alpha_bar[t_next] if t_next is not None else torch.tensor(1.0)

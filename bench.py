@@ -17,7 +17,7 @@ import torch
 from torch.nn import functional as F
 
 from baselcm import BaseLCM, LCMConfig, RMSNorm
-from common import autocast, configure, get_device, measure_peak_flops
+from common import autocast, configure, get_device, measure_peak_flops, synchronize
 from diffusion import DiffusionConfig, OneTower, TwoTower
 from generation import generate
 
@@ -51,11 +51,6 @@ for d in dtypes:
     print(f"{device_name}, {d}: matmul peak {results['peak_tflops'][d]:.3f} TFLOP/s (F.linear)")
 # the faster: for the diffusion figures
 dtype = max(dtypes, key=results["peak_tflops"].get)
-
-def synchronize(device):
-    # the accelerator's queued work done, before the clock is read
-    if device_type in ("cuda", "mps"):
-        getattr(torch, device_type).synchronize()
 
 def timed(fn):
     synchronize(device)

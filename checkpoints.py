@@ -41,8 +41,9 @@ def upgrade(ckpt):
     """An older baselcm's checkpoint in today's format, in this one place: the weights without
     torch.compile's prefix; before 711f3d5, one CPU random state (before d41f47d in a list); before the
     Two-Tower, the One-Tower named 'diffusion'; before the stop head, a head that never ends a text
-    (its prior -inf); before guidance, no training mean (the median stands in); before 28a130a, no count of
-    evaluations without a better one; before a87455b, no W&B run."""
+    (its prior -inf); before guidance, no training mean (the median stands in); before the Two-Tower's
+    denoiser read positions, none; before 28a130a, no count of evaluations without a better one;
+    before a87455b, no W&B run."""
     ckpt.setdefault("evals_since_best", 0)
     ckpt.setdefault("wandb_id", None)
     if "torch_rng" in ckpt:
@@ -58,6 +59,9 @@ def upgrade(ckpt):
         weights["stop.weight"] = torch.zeros(1, ckpt["model_args"]["n_embd"])
         weights["stop.bias"] = torch.zeros(1)
         weights["stop_prior"] = torch.full((128,), -torch.inf)
+    if ckpt["config"]["model_type"] != "baselcm":
+        # the Two-Tower of #30 attended to its context by content alone, as the paper's
+        ckpt["model_args"].setdefault("denoiser_rope", False)
     if "normalizer.mean" not in weights:
         print(f"{ckpt['path']} was made before guidance: guided, its prediction without context is the "
               "median")

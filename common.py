@@ -3,12 +3,11 @@ What the scripts share: their knobs (module globals, then config files and --key
 errors, the device, dtype and processes they run on, the measured matmul peak, atomic saves. The
 floor of the project: it imports nothing of it.
 """
-import ast, difflib, itertools, os, re, sys, tempfile
+import ast, difflib, itertools, os, re, sys, tempfile, time
 from contextlib import nullcontext
 from datetime import timedelta
 
 import torch
-import torch.utils.benchmark
 from torch.nn import functional as F
 
 def die(msg):
@@ -174,15 +173,29 @@ def writable_dir(path, flag):
     except OSError as e:
         die(f"cannot write to --{flag}={path} ({e.strerror}): pick a folder you can write to")
 
+def synchronize(device):
+    """Waits for the accelerator's queued work, before a clock is read."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+    elif torch.device(device).type == "mps":
+        torch.mps.synchronize()
+
 def measure_peak_flops(device, dtype, seconds=0.3):
     """FLOP/s of F.linear (the model's kernel) in dtype, measured here and now: the MFU denominator,
     instead of a datasheet number for some other chip. The best of a few square sizes."""
     best = 0.0
-    for n in (4096, 8192) if device.startswith("cuda") else (512, 1024, 2048):
+    for n in (4096, 8192) if torch.device(device).type == "cuda" else (512, 1024, 2048):
         # ones, not random numbers: training's RNG stays untouched
         a = torch.ones(n, n, device=device, dtype=dtype)
-        timer = torch.utils.benchmark.Timer("F.linear(a, a)", globals={"F": F, "a": a})
-        best = max(best, 2 * n ** 3 / timer.blocked_autorange(min_run_time=seconds).median)
+        F.linear(a, a)
+        synchronize(device)
+        reps = 0
+        t = time.perf_counter()
+        while reps < 3 or time.perf_counter() - t < seconds:
+            F.linear(a, a)
+            reps += 1
+            synchronize(device)
+        best = max(best, 2 * n ** 3 * reps / (time.perf_counter() - t))
     return best
 
 def atomic_save(obj, path):

@@ -16,13 +16,14 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from baselcm import BaseLCM, LCMConfig, SwiGLU, masked_mean
+from baselcm import BaseLCM, LCMConfig, SwiGLU, masked_mean, rope
 
 @dataclass
 class DiffusionConfig(LCMConfig):
     n_steps: int = 100             # diffusion timesteps (paper: 100)
     cfg_dropout: float = 0.15      # training: the share of noisy concepts that see no context
     n_denoiser: int = 2            # the Two-Tower's denoiser blocks (the paper's toy: 2)
+    denoiser_rope: bool = True     # its cross-attention by relative position (RoPE); False: the paper's
 
 def cosine_schedule(n_steps, s=0.008):
     """-> alpha_bar (n_steps,): the share of signal in the noisy concept at each timestep. The
@@ -84,7 +85,7 @@ class DiffusionLCM(BaseLCM):
         noisy = a.sqrt() * x0 + (1 - a).sqrt() * noise
         uncond = torch.rand(B, T, generator=generator, device=x0.device) < self.config.cfg_dropout
         context, h = self.contextualize(concepts)
-        pred, out = self.denoise(context, noisy, self.timestep(t), uncond)
+        pred, out = self.denoise(context, noisy, self.time(t), uncond)
         err = (pred.float() - x0).pow(2).sum(-1)  # (B, T)
         return pred, masked_mean(err, mask) + self.stop_loss(out if h is None else h, eot, mask)
 
@@ -106,8 +107,8 @@ class DiffusionLCM(BaseLCM):
         # the second half sees no context
         uncond = (torch.arange(halves * B, device=concepts.device) >= B)[:, None].expand(-1, K)
         times = (torch.arange(ddim_steps, 0, -1) * self.config.n_steps / ddim_steps).round().long() - 1
-        # what the network reads of each step's timestep, for all the steps at once; one for all rows
-        steps = self.timestep(times.to(z.device)[:, None, None])  # (ddim_steps, 1, 1, ...)
+        # each step's timestep embedded, for all the steps at once; one for all rows
+        steps = self.time(times.to(z.device)[:, None, None])  # (ddim_steps, 1, 1, n_embd)
         z = init_noise * z
         for i, t in enumerate(times.tolist()):
             x, out = self.denoise(context, z.repeat(halves, 1, 1), steps[i], uncond)
@@ -142,13 +143,9 @@ class OneTower(DiffusionLCM):
         h = self.transformer(x, torch.arange(x.size(1), device=x.device), cache=cache)
         return [layer.repeat(1, copies, 1, 1, 1) for layer in cache], h
 
-    def timestep(self, t):
-        """timesteps t (...) -> what the network reads of them: their embedding (..., n_embd)"""
-        return self.time(t)
-
     def denoise(self, context, noisy, t, uncond):
         """The network. context: contextualize's; noisy (B, K, d_emb), normalized: the next concepts
-        after the last K positions, noised to timesteps t (timestep's, (B, K, ...) or (1, 1, ...)); uncond (B, K):
+        after the last K positions, noised to timesteps embedded as t (B, K, n_embd) or (1, 1, n_embd); uncond (B, K):
         those that see no context -> (their predicted clean concepts (B, K, d_emb), normalized; the clean
         concepts' own outputs (B, T, n_embd), which the stop head reads, or None). The paper concatenates the timestep's
         embedding to the input; through the pre-net's linear layer that is a sum. One pass: the
@@ -198,14 +195,15 @@ class DenoiserBlock(nn.Module):
         B, T1, C = context.shape
         return self.kv(context).view(B, T1, 2, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
 
-    def forward(self, x, kv, sees, modulation):
-        """x (B, K, n_embd), kv: keys(context), sees (B, K, T + 1), modulation: the timestep's, this
-        block's (B, K, 9 n_embd) or (1, 1, 9 n_embd)"""
-        shift1, scale1, gate1, shift2, scale2, gate2, shift3, scale3, gate3 = modulation.chunk(9, -1)
+    def forward(self, x, kv, sees, time, rotate):
+        """x (B, K, n_embd), kv: keys(context), sees (B, K, T + 1), time (B, K, n_embd) or (1, 1,
+        n_embd); rotate: the queries' positions (the Two-Tower's rotate)"""
+        shift1, scale1, gate1, shift2, scale2, gate2, shift3, scale3, gate3 = self.modulation(
+            F.silu(time)).chunk(9, -1)
         x = x + gate1 * self.itself(modulate(self.norm(x), shift1, scale1))
         B, K, C = x.shape
         q = self.q(modulate(self.norm(x), shift2, scale2)).view(B, K, self.n_head, -1).transpose(1, 2)
-        y = F.scaled_dot_product_attention(q, kv[0], kv[1], sees[:, None])
+        y = F.scaled_dot_product_attention(rotate(q), kv[0], kv[1], sees[:, None])
         x = x + gate2 * self.proj(y.transpose(1, 2).reshape(B, K, C))
         return x + gate3 * self.mlp(modulate(self.norm(x), shift3, scale3))
 
@@ -217,33 +215,37 @@ class TwoTower(DiffusionLCM):
         nn.init.zeros_(self.final.weight)
         nn.init.zeros_(self.final.bias)
 
+    def rotate(self, x, pos):
+        """x (..., T, hs), at positions pos (T,): RoPE, where the denoiser reads positions (a departure
+        from the paper, whose denoiser has none: docs/results.md); else x as it is"""
+        if not self.config.denoiser_rope:
+            return x
+        angles = pos[:, None].float() * self.inv_freq
+        return rope(x, angles.cos(), angles.sin())
 
     def contextualize(self, concepts, last=False, copies=1):
         """concepts (B, T, d_emb), clean, in the encoder's space -> (the keys and values, in each
         denoiser block, of the contextualizer's outputs (the Base-LCM's causal transformer) after a
-        zero vector, which a concept without context sees: computed once, however often denoise runs,
-        in copies (guidance's halves); the outputs (B, T, n_embd), for the stop head)."""
+        zero vector, which a concept without context sees (the output at c_j is at position j + 1):
+        computed once, however often denoise runs, in copies (guidance's halves); the outputs (B, T,
+        n_embd), for the stop head)."""
         x = self.drop(self.prenet(self.normalizer.normalize(concepts)))
         h = self.transformer(x, torch.arange(x.size(1), device=x.device))
         context = torch.cat([torch.zeros_like(h[:, :1]), h], 1).repeat(copies, 1, 1)  # (copies B, T + 1, n_embd)
-        return [block.keys(context) for block in self.denoiser], h
-
-    def timestep(self, t):
-        """timesteps t (...) -> what the network reads of them: every block's shift, scale and gate,
-        and the final norm's shift and scale (..., (9 n_denoiser + 2) n_embd)"""
-        time = F.silu(self.time(t))
-        return torch.cat([block.modulation(time) for block in self.denoiser] + [self.final(time)], -1)
+        pos = torch.arange(context.size(1), device=x.device)
+        return [torch.stack([self.rotate(k, pos), v]) for k, v in (b.keys(context) for b in self.denoiser)], h
 
     def denoise(self, context, noisy, t, uncond):
-        """The network: as the One-Tower's, on the contextualizer's outputs. The concept after c_j
-        sees the zero vector and the outputs at c_0..c_j, or, where uncond, the zero vector alone."""
+        """The network: as the One-Tower's, on the contextualizer's outputs. The concept after c_j, at
+        position j + 1, sees the zero vector and the outputs at c_0..c_j, or, where uncond, the zero
+        vector alone."""
         T = context[0].size(3) - 1
         follows = torch.arange(T - noisy.size(1), T, device=noisy.device)
         keys = torch.arange(T + 1, device=noisy.device)
         sees = (keys == 0) | (keys <= follows[:, None] + 1) & ~uncond[..., None]  # (B, K, T + 1)
         x = self.drop(self.prenet(noisy))
-        *modulations, final = t.split(9 * x.size(-1), -1)
-        for block, kv, modulation in zip(self.denoiser, context, modulations):
-            x = block(x, kv, sees, modulation)
-        shift, scale = final.chunk(2, -1)
+        rotate = lambda q: self.rotate(q, follows + 1)
+        for block, kv in zip(self.denoiser, context):
+            x = block(x, kv, sees, t, rotate)
+        shift, scale = self.final(F.silu(t)).chunk(2, -1)
         return self.postnet(modulate(F.rms_norm(x, x.shape[-1:]), shift, scale)), None

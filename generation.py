@@ -42,35 +42,34 @@ class Transcript:
 def generate(model, prompts, eot, max_new, feed=None, generators=None, since=0, stop_eot=STOP_EOT,
              stop_end=STOP_END, stop_repeat=STOP_REPEAT, progress=None, **sampling):
     """prompts: a list of concepts (T_i, d_emb) -> for each, (its new concepts (n, d_emb), the cosine
-    of each to eot, the stop reason: "eot", "stop head", "repeat" or "max_new_concepts"). Each prediction
-    (model.predict's, with the sampling settings, from a standard normal draw of the text's own
-    generator, generators[i]) joins its context as feed(i's, predictions) makes it, if given (a
-    Transcript); a context over block_size keeps its end. The stop head's odds are multiplied by the
-    odds that the training texts end after as many sentences (since: the text's sentences in the
-    prompt; a pair's prompt has none of its answer). progress(n), if given, hears of the texts that end."""
+    of each to eot, the stop reason: "eot", "stop head", "repeat" or "max_new_concepts"). Each
+    prediction (model.predict's, with the sampling settings, from a standard normal draw of the
+    text's own generator, generators[i]) joins its context as feed(its texts, predictions) makes it,
+    if given (a Transcript); a context over block_size keeps its end. The stop head's odds are
+    multiplied by the odds that the training texts end after as many sentences (since: the text's
+    sentences in the prompt; a pair's has none of its answer). progress(n) hears of the texts that end."""
     out = [None] * len(prompts)
-    block_size = model.config.block_size
+    c = model.config
+    # a diffusion model samples each concept against the whole window; the Base-LCM keeps a KV cache
     cached = not hasattr(model, "denoise")
     for length in sorted({len(p) for p in prompts}):
         rows = [i for i, p in enumerate(prompts) if len(p) == length]
         seq = torch.stack([prompts[i] for i in rows]).float()  # (b, T, d_emb)
-        new = {i: [] for i in rows}
-        cosines = {i: [] for i in rows}
+        new = [[] for _ in prompts]
         ended = torch.zeros(len(rows), device=seq.device)  # P(the text has ended by now)
-        c = model.config
         # a tensor per layer, updated in place (compiled, a slice of a big one is copied whole)
-        shape = (2, len(rows), c.n_head, block_size, c.n_embd // c.n_head)
+        shape = (2, len(rows), c.n_head, c.block_size, c.n_embd // c.n_head)
         cache = [seq.new_zeros(shape) for _ in model.blocks] if cached else None
         start = 0  # where the window starts in seq
         in_cache = 0  # rows of the window already in the cache
         for step in range(max_new):
-            if seq.size(1) - start > block_size:
-                start = seq.size(1) - block_size // 2
+            if seq.size(1) - start > c.block_size:
+                start = seq.size(1) - c.block_size // 2
                 in_cache = 0
             # the rows not in the cache yet, at their positions in the window
             kv = {"cache": cache, "pos": torch.arange(in_cache, seq.size(1) - start, device=seq.device)}
-            z = torch.stack([torch.randn(1, seq.size(2), device=seq.device, generator=None if generators
-                                         is None else generators[i]) for i in rows])
+            z = torch.stack([torch.randn(1, seq.size(2), device=seq.device,
+                                         generator=generators[i] if generators else None) for i in rows])
             pred, stop = model.predict(seq[:, start + in_cache:], last=True, z=z, **kv if cached else {},
                                        **sampling)
             in_cache = seq.size(1) - start if cached else 0
@@ -86,12 +85,11 @@ def generate(model, prompts, eot, max_new, feed=None, generators=None, since=0, 
             seq = torch.cat([seq, pred[:, None]], 1)
             keep = []
             for j, i in enumerate(rows):
-                new[i].append(pred[j])
-                cosines[i].append(cos[j].item())
-                reason = "eot" if cos[j] >= stop_eot else "stop head" if at_end[j] else \
-                    "repeat" if near[j] >= stop_repeat > 0 else "max_new_concepts" if step == max_new - 1 else None
+                new[i].append((pred[j], cos[j].item()))
+                reason = "eot" if cos[j] >= stop_eot else "stop head" if at_end[j] else "repeat" \
+                    if near[j] >= stop_repeat > 0 else "max_new_concepts" if step == max_new - 1 else None
                 if reason:
-                    out[i] = (torch.stack(new[i]), cosines[i], reason)
+                    out[i] = (torch.stack([p for p, _ in new[i]]), [k for _, k in new[i]], reason)
                 else:
                     keep.append(j)
             if progress:

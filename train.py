@@ -41,6 +41,8 @@ rope_theta = 10000.0
 n_steps = 100            # diffusion: timesteps of the noise schedule (paper: 100)
 cfg_dropout = 0.15       # diffusion: share of noisy concepts trained without context (guidance)
 n_denoiser = 2           # the Two-Tower's denoiser blocks
+denoiser_rope = True     # its cross-attention finds the context by relative position (RoPE); False:
+                         # by content alone, the paper's (docs/results.md)
 # AdamW, warm-up then cosine decay (paper: lr 4e-4, betas 0.9/0.95, eps 1e-5, weight decay 0.1)
 learning_rate = 4e-4
 max_iters = 0            # 0 = follow the data: `epochs` passes over the training concepts
@@ -185,8 +187,8 @@ def get_lr(it):
 def evaluate():
     """The periodic evaluation on the fixed validation windows: the next-concept metrics of the model's
     prediction, as of the baselines' (a diffusion model's: its estimate of the conditional mean, one
-    denoising step from pure noise, no guidance: one forward pass), and a diffusion model's own loss
-    there (seeded noise) as "denoising", which chooses the best checkpoint."""
+    denoising step from pure noise, no guidance: one forward pass), which choose the best checkpoint;
+    and a diffusion model's own loss there (seeded noise) as "denoising"."""
     raw_model.eval()
     batches = list(val_batches())
     mean = {"guidance": 1.0} | ({"ddim_steps": 1} if model_type != "baselcm" else {})
@@ -257,10 +259,9 @@ while True:
             log({"iter": iter_num, "val": r})
             if iter_num > 0:
                 evals_since_best += 1
-                # a diffusion model: its denoising loss
-                val_loss = r["model"]["loss"] if denoising is None else denoising
-                if val_loss < best_val_loss:
-                    best_val_loss = val_loss
+                # a diffusion model's: its conditional mean's, what it reads of the context
+                if r["model"]["loss"] < best_val_loss:
+                    best_val_loss = r["model"]["loss"]
                     evals_since_best = 0
                 if evals_since_best == 0 or always_save_checkpoint:
                     common.atomic_save({"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),

@@ -8,11 +8,11 @@ Writes the corpora beside Lee on which the defaults and the diffusion model were
   and tables left out;
 - corpora/pyref.jsonl: the prose of Python's documentation (Debian's python3-doc: the
   reStructuredText sources of the tutorial, library reference, HOWTOs, What's New), a document
-  per section;
+  per section; corpora/pyref_long.jsonl: the same a document per file, long documents: the first 250
+  files of 60 sentences or more (by their full stops);
 - corpora/kernel.jsonl: the prose of the Linux kernel's documentation (Debian's linux-doc-6.1), one
   document per section, the first 20,000 sections in path order;
-- corpora/kernel_long.jsonl: the same prose a document per file, long documents: the first 400 files of
-  60 sentences or more (by their full stops).
+- corpora/kernel_long.jsonl: the same a document per file, the first 400 files of 60 sentences or more.
 $ sudo apt-get install python3-doc linux-doc-6.1     # for pyref and kernel
 $ python scripts/corpora.py
 $ python embed.py --dataset=corpora/pyref.jsonl      # and so on for each
@@ -92,9 +92,11 @@ def rst_sections(text):
     return [re.sub(r"\*\*?([^*]+)\*\*?", r"\1", p) for p in prose]
 
 pyref = sorted(glob.glob("/usr/share/doc/python3*/html/_sources/**/*.rst.txt", recursive=True))
-write("pyref", [s for p in pyref for s in rst_sections(open(p, encoding="utf-8").read())])
+pyref = [rst_sections(open(p, encoding="utf-8").read()) for p in pyref]
+write("pyref", [s for sections in pyref for s in sections])
+long = lambda files: [f for f in (" ".join(sections) for sections in files) if len(re.findall(r"[.!?] ", f)) >= 60]
+write("pyref_long", long(pyref), limit=250)
 kernel = sorted(glob.glob("/usr/share/doc/linux-doc-*/Documentation/**/*.rst.gz", recursive=True))
 kernel = [rst_sections(gzip.open(p, "rt", encoding="utf-8", errors="replace").read()) for p in kernel]
 write("kernel", [s for sections in kernel for s in sections], limit=20_000)
-files = [" ".join(sections) for sections in kernel]
-write("kernel_long", [f for f in files if len(re.findall(r"[.!?] ", f)) >= 60], limit=400)
+write("kernel_long", long(kernel), limit=400)

@@ -92,37 +92,47 @@ if kind == "concepts":
     rows, offsets, _ = datafiles.load_split(data_dir, "val", meta)
     texts = open(os.path.join(data_dir, "val.txt"), encoding="utf-8").read().splitlines()
     starts = [lo for lo, end in zip(offsets[:-1], offsets[1:]) if end - lo >= 6][:prompts]
-    fig, axes = plt.subplots(1, len(starts), figsize=(4.5 * len(starts), 4.8), squeeze=False)
+    columns = min(2, len(starts))
+    grid = -(-len(starts) // columns)
+    fig, axes = plt.subplots(grid, columns, figsize=(6.5 * columns, 5.5 * grid), squeeze=False)
     generator = torch.Generator().manual_seed(0)
-    for ax, lo in zip(axes[0], starts):
+    for ax, lo in zip(axes.flat, starts):
         # a prompt of 3 sentences, and what comes after it
         prompt = torch.as_tensor(np.asarray(rows[lo:lo + 3], np.float32))[None]
         real = torch.as_tensor(np.asarray(rows[lo + 3], np.float32))
         z = torch.randn(samples, 1, real.numel(), generator=generator)
-        points = {"real next": real[None], "nearest training sentences": torch.as_tensor(
-                      np.asarray(bank.rows[np.sort(bank.nearest(real[None], 6)[0][0])], np.float32)),
-                  "Base-LCM": base.predict(prompt, last=True)[0][0],
-                  f"Base-LCM, guided (g {guidance:g})": base.predict(prompt, last=True, guidance=guidance)[0][0],
-                  "diffusion samples": diffusion.predict(prompt.expand(samples, -1, -1), last=True, z=z)[0][:, 0],
-                  "training mean": torch.tensor(meta["mean"])[None]}
-        # PCA on these points (unit length: the cosine is what retrieval and the metrics read)
-        x = torch.nn.functional.normalize(torch.cat(list(points.values())), dim=-1)
-        x = x - x.mean(0)
-        xy = (x @ torch.linalg.svd(x, full_matrices=False)[2][:2].T).numpy()
-        at = 0
-        for (name, p), style in zip(points.items(), ("r*", "k.", "bs", "b^", "go", "mP")):
-            ax.plot(*xy[at:at + len(p)].T, style, ms=14 if style == "r*" else 8, alpha=0.8, label=name)
-            # the sentence of the first point of each (retrieval: its nearest training sentence)
-            sentence = texts[lo + 3] if name == "real next" else bank.texts(bank.nearest(p[:1], eot=False)[0][0])[0]
-            if name != "training mean":
-                ax.annotate(short(sentence), xy[at], fontsize=6, xytext=(3, 3), textcoords="offset points")
-            at += len(p)
-        ax.set_title(short(texts[lo + 2]), fontsize=8)
+        predicted = {"Base-LCM": base.predict(prompt, last=True)[0][0],
+                     f"Base-LCM, guided (g {guidance:g})": base.predict(prompt, last=True, guidance=guidance)[0][0],
+                     "diffusion samples": diffusion.predict(prompt.expand(samples, -1, -1), last=True, z=z)[0][:, 0]}
+        # each prediction's nearest training sentence (what retrieval decodes it to), and its cosine
+        decoded = {name: bank.nearest(p, eot=False) for name, p in predicted.items()}
+        near = np.sort(bank.nearest(real[None], 6, eot=False)[0][0])
+        points = {"real next": real[None], "training sentences nearest it": bank.rows[near]} | predicted
+        points["training mean"] = torch.tensor(meta["mean"])[None]
+        # PCA on these points, at unit length: the cosine is what retrieval and the metrics read
+        x = torch.nn.functional.normalize(torch.cat([torch.as_tensor(np.asarray(p, np.float32)) for p in
+                                                     points.values()]), dim=-1)
+        xy = ((x - x.mean(0)) @ torch.linalg.svd(x - x.mean(0), full_matrices=False)[2][:2].T).numpy()
+        at = dict(zip(points, np.split(xy, np.cumsum([len(p) for p in points.values()])[:-1])))
+        for name, marker, color in zip(points, "*.s^oP", "rkbbgm"):
+            ax.plot(*at[name].T, marker, color=color, ls="none", ms=14 if marker == "*" else 7, alpha=0.8, label=name)
+        for name, sentence in (("real next", texts[lo + 3]), ("Base-LCM", bank.texts(decoded["Base-LCM"][0][0])[0]),
+                               ("diffusion samples", bank.texts(decoded["diffusion samples"][0][0])[0])):
+            ax.annotate(short(sentence), at[name][0], fontsize=7, xytext=(4, 4), textcoords="offset points")
+        cosines = ", ".join(f"{name} {c[1].mean():.2f}" for name, c in decoded.items())
+        ax.text(0.01, 0.01, f"cosine to the nearest training sentence: {cosines}", transform=ax.transAxes,
+                fontsize=7)
+        ax.set_title("... " + short(texts[lo + 2]), fontsize=9)
         ax.set_xticks([])
         ax.set_yticks([])
-    axes[0][0].legend(fontsize=7, loc="lower left")
-    fig.suptitle("After each prompt (its last sentence above): the Base-LCM predicts a point between "
-                 "sentences; a diffusion model samples one (PCA of the points, cosine geometry)", fontsize=9)
+    for ax in axes.flat[len(starts):]:
+        ax.remove()
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles[:len(points)], labels[:len(points)], loc="lower center", ncol=4, fontsize=8)
+    fig.suptitle("The next concept after a prompt (its last sentence above each): the Base-LCM's one prediction "
+                 "and a diffusion\nmodel's samples, with the real next sentence and the training sentences nearest it "
+                 "(PCA of the points at unit length)", fontsize=10)
+    fig.subplots_adjust(bottom=0.1)
 
 fig.tight_layout()
 fig.savefig(out, dpi=110)

@@ -85,7 +85,7 @@ class DiffusionLCM(BaseLCM):
         noisy = a.sqrt() * x0 + (1 - a).sqrt() * noise
         uncond = torch.rand(B, T, generator=generator, device=x0.device) < self.config.cfg_dropout
         context, h = self.contextualize(concepts)
-        pred, out = self.denoise(context, noisy, self.time(t), uncond)
+        pred, out = self.denoise(context, noisy, self.timestep(t), uncond)
         err = (pred.float() - x0).pow(2).sum(-1)  # (B, T)
         return pred, masked_mean(err, mask) + self.stop_loss(out if h is None else h, eot, mask)
 
@@ -107,8 +107,8 @@ class DiffusionLCM(BaseLCM):
         # the second half sees no context
         uncond = (torch.arange(halves * B, device=concepts.device) >= B)[:, None].expand(-1, K)
         times = (torch.arange(ddim_steps, 0, -1) * self.config.n_steps / ddim_steps).round().long() - 1
-        # each step's timestep embedded, for all the steps at once; one for all rows
-        steps = self.time(times.to(z.device)[:, None, None])  # (ddim_steps, 1, 1, n_embd)
+        # what the network reads of each step's timestep, for all the steps at once; one for all rows
+        steps = self.timestep(times.to(z.device)[:, None, None])  # (ddim_steps, 1, 1, ...)
         z = init_noise * z
         for i, t in enumerate(times.tolist()):
             x, out = self.denoise(context, z.repeat(halves, 1, 1), steps[i], uncond)
@@ -128,6 +128,10 @@ class DiffusionLCM(BaseLCM):
         return self.normalizer.denormalize(z), stop
 
 class OneTower(DiffusionLCM):
+    def timestep(self, t):
+        """timesteps t (...) -> what the network reads of them: their embedding (..., n_embd)"""
+        return self.time(t)
+
     def contextualize(self, concepts, last=False, copies=1):
         """concepts (B, T, d_emb), clean, in the encoder's space -> (their pre-net embeddings (B, T,
         n_embd), which denoise runs with the noisy ones, and None: denoise gives their outputs); last
@@ -145,7 +149,7 @@ class OneTower(DiffusionLCM):
 
     def denoise(self, context, noisy, t, uncond):
         """The network. context: contextualize's; noisy (B, K, d_emb), normalized: the next concepts
-        after the last K positions, noised to timesteps embedded as t (B, K, n_embd) or (1, 1, n_embd); uncond (B, K):
+        after the last K positions, noised to timesteps t (timestep's: (B, K, ...) or (1, 1, ...)); uncond (B, K):
         those that see no context -> (their predicted clean concepts (B, K, d_emb), normalized; the clean
         concepts' own outputs (B, T, n_embd), which the stop head reads, or None). The paper concatenates the timestep's
         embedding to the input; through the pre-net's linear layer that is a sum. One pass: the
@@ -190,20 +194,23 @@ class DenoiserBlock(nn.Module):
         nn.init.zeros_(self.modulation.weight)
         nn.init.zeros_(self.modulation.bias)
 
-    def keys(self, context):
-        """context (B, T + 1, n_embd) -> its keys and values for the cross-attention (2, B, nh, T + 1, hs)"""
+    def keys(self, context, rotation=None):
+        """context (B, T + 1, n_embd) -> its keys, rotated (RoPE's (cos, sin), if given), and values
+        for the cross-attention (2, B, nh, T + 1, hs)"""
         B, T1, C = context.shape
-        return self.kv(context).view(B, T1, 2, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
+        k, v = self.kv(context).view(B, T1, 2, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
+        return torch.stack([rope(k, *rotation) if rotation else k, v])
 
-    def forward(self, x, kv, sees, time, rotate):
-        """x (B, K, n_embd), kv: keys(context), sees (B, K, T + 1), time (B, K, n_embd) or (1, 1,
-        n_embd); rotate: the queries' positions (the Two-Tower's rotate)"""
-        shift1, scale1, gate1, shift2, scale2, gate2, shift3, scale3, gate3 = self.modulation(
-            F.silu(time)).chunk(9, -1)
+    def forward(self, x, kv, sees, modulation, rotation=None):
+        """x (B, K, n_embd), kv: keys(context), sees (B, K, T + 1), modulation: this block's of the
+        timestep (B, K, 9 n_embd) or (1, 1, 9 n_embd); rotation: RoPE's (cos, sin) of the queries'
+        positions, if any"""
+        shift1, scale1, gate1, shift2, scale2, gate2, shift3, scale3, gate3 = modulation.chunk(9, -1)
         x = x + gate1 * self.itself(modulate(self.norm(x), shift1, scale1))
         B, K, C = x.shape
         q = self.q(modulate(self.norm(x), shift2, scale2)).view(B, K, self.n_head, -1).transpose(1, 2)
-        y = F.scaled_dot_product_attention(rotate(q), kv[0], kv[1], sees[:, None])
+        q = rope(q, *rotation) if rotation else q
+        y = F.scaled_dot_product_attention(q, kv[0], kv[1], sees[:, None])
         x = x + gate2 * self.proj(y.transpose(1, 2).reshape(B, K, C))
         return x + gate3 * self.mlp(modulate(self.norm(x), shift3, scale3))
 
@@ -215,13 +222,17 @@ class TwoTower(DiffusionLCM):
         nn.init.zeros_(self.final.weight)
         nn.init.zeros_(self.final.bias)
 
-    def rotate(self, x, pos):
-        """x (..., T, hs), at positions pos (T,): RoPE, where the denoiser reads positions (a departure
-        from the paper, whose denoiser has none: docs/results.md); else x as it is"""
-        if not self.config.denoiser_rope:
-            return x
-        angles = pos[:, None].float() * self.inv_freq
-        return rope(x, angles.cos(), angles.sin())
+    def rotation(self, pos):
+        """positions pos (T,) -> RoPE's (cos, sin) of them, where the denoiser reads positions (a
+        departure from the paper, whose denoiser has none: docs/results.md); else None"""
+        angles = pos[:, None].float() * self.inv_freq  # (T, hs/2)
+        return (angles.cos(), angles.sin()) if self.config.denoiser_rope else None
+
+    def timestep(self, t):
+        """timesteps t (...) -> what the network reads of them: every block's shift, scale and gate,
+        and the final norm's shift and scale (..., (9 n_denoiser + 2) n_embd)"""
+        time = F.silu(self.time(t))
+        return torch.cat([block.modulation(time) for block in self.denoiser] + [self.final(time)], -1)
 
     def contextualize(self, concepts, last=False, copies=1):
         """concepts (B, T, d_emb), clean, in the encoder's space -> (the keys and values, in each
@@ -232,8 +243,9 @@ class TwoTower(DiffusionLCM):
         x = self.drop(self.prenet(self.normalizer.normalize(concepts)))
         h = self.transformer(x, torch.arange(x.size(1), device=x.device))
         context = torch.cat([torch.zeros_like(h[:, :1]), h], 1).repeat(copies, 1, 1)  # (copies B, T + 1, n_embd)
-        pos = torch.arange(context.size(1), device=x.device)
-        return [torch.stack([self.rotate(k, pos), v]) for k, v in (b.keys(context) for b in self.denoiser)], h
+        rotation = self.rotation(torch.arange(context.size(1), device=x.device))
+        keys = [block.keys(context, rotation) for block in self.denoiser]
+        return keys, h
 
     def denoise(self, context, noisy, t, uncond):
         """The network: as the One-Tower's, on the contextualizer's outputs. The concept after c_j, at
@@ -244,8 +256,9 @@ class TwoTower(DiffusionLCM):
         keys = torch.arange(T + 1, device=noisy.device)
         sees = (keys == 0) | (keys <= follows[:, None] + 1) & ~uncond[..., None]  # (B, K, T + 1)
         x = self.drop(self.prenet(noisy))
-        rotate = lambda q: self.rotate(q, follows + 1)
-        for block, kv in zip(self.denoiser, context):
-            x = block(x, kv, sees, t, rotate)
-        shift, scale = self.final(F.silu(t)).chunk(2, -1)
+        rotation = self.rotation(follows + 1)
+        *modulations, final = t.split(9 * x.size(-1), -1)
+        for block, kv, modulation in zip(self.denoiser, context, modulations):
+            x = block(x, kv, sees, modulation, rotation)
+        shift, scale = final.chunk(2, -1)
         return self.postnet(modulate(F.rms_norm(x, x.shape[-1:]), shift, scale)), None

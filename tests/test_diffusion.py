@@ -32,7 +32,7 @@ def test_a_noisy_concept_sees_neither_its_clean_target_nor_later_concepts_nor_ot
     cond = torch.zeros(B, T, dtype=torch.bool)
     # the one network of training and sampling, on the clean concepts' context
     denoise = lambda concepts, noisy, t, uncond: model.denoise(model.contextualize(concepts)[0], noisy,
-                                                              model.time(t), uncond)[0]
+                                                              model.timestep(t), uncond)[0]
     with torch.no_grad():
         pred = denoise(concepts, noisy, t, cond)
         # position k denoises the concept after c_k: c_{k+1} on is its target and the future
@@ -52,7 +52,7 @@ def test_a_noisy_concept_sees_neither_its_clean_target_nor_later_concepts_nor_ot
         assert torch.allclose(denoise(earlier, noisy, t, free)[:, k], alone, atol=1e-5)
         # generation keeps the context's keys and values (a cache) for the one next concept: the same
         last = torch.tensor([[False], [True]])
-        at = model.time(t[:, -1:])
+        at = model.timestep(t[:, -1:])
         kept = model.denoise(model.contextualize(concepts, True)[0], noisy[:, -1:], at, last)[0]
         again = model.denoise(model.contextualize(concepts)[0], noisy[:, -1:], at, last)[0]
         assert torch.allclose(kept, again, atol=1e-5)
@@ -74,7 +74,7 @@ def test_ddim_with_guidance_1_equals_sampling_without_guidance():
         with torch.no_grad():
             for t, t_next in zip(steps, steps[1:] + [None]):
                 x0, _ = model.denoise(model.contextualize(concepts)[0], z,
-                                      model.time(torch.full(z.shape[:2], t)),
+                                      model.timestep(torch.full(z.shape[:2], t)),
                                       torch.zeros(z.shape[:2], dtype=torch.bool))
                 a = model.alpha_bar[t]
                 a_next = model.alpha_bar[t_next] if t_next is not None else torch.tensor(1.0)

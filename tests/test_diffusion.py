@@ -146,7 +146,7 @@ def test_a_diffusion_run_resumes_exactly_and_evaluates_with_sampling_settings_ch
     # the guidance curve: the same conditional mean, then each scale
     run("eval.py", "--out_dir=b", "--curve=1,2", cwd=tmp_path)
     curve = json.load(open(tmp_path / "b" / "guidance.json"))
-    assert list(curve) == ["conditional mean", "guidance 1", "guidance 2", "real next"]
+    assert list(curve) == ["conditional mean", "guidance 1", "guidance 2", "copy", "mean", "real next"]
     assert abs(curve["conditional mean"]["l2"] - val[-1]["model"]["l2"]) < 1e-4
     assert curve["guidance 1"]["l2"] != curve["guidance 2"]["l2"]
     # sampling's settings may change after training; the model's may not

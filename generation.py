@@ -94,11 +94,12 @@ def generate(model, prompts, eot, max_new, feed=None, generators=None, since=0, 
                     keep.append(j)
             if progress:
                 progress(len(rows) - len(keep))
-            # the texts that go on
-            rows = [rows[j] for j in keep]
-            seq = seq[keep]
-            ended = ended[keep]
-            cache = [layer[:, keep] for layer in cache] if cached else None
-            if not rows:
+            if not keep:
                 break
+            if len(keep) < len(rows):
+                # the texts that go on
+                rows = [rows[j] for j in keep]
+                seq = seq[keep]
+                ended = ended[keep]
+                cache = [layer[:, keep] for layer in cache] if cached else None
     return out

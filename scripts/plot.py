@@ -80,12 +80,13 @@ if kind == "guidance":
     ax.legend(fontsize=8)
 
 if kind == "concepts":
-    models = [checkpoints.load_model(run) for run in runs]
+    models = [(model.eval(), ckpt) for model, ckpt in map(checkpoints.load_model, runs)]
     require(len(runs) == 2 and not hasattr(models[0][0], "denoise") and hasattr(models[1][0], "denoise"),
             "--kind=concepts draws a Base-LCM's run and a diffusion model's: --out_dirs=BASE,DIFFUSION")
     (base, ckpt), (diffusion, _) = models
     data_dir = ckpt["data"]["dir"]
-    require(os.path.isdir(data_dir), f"{data_dir}, the dataset of {runs[0]}, is gone: build it again with embed.py")
+    require(os.path.isdir(data_dir), f"{data_dir}, the dataset of {runs[0]}, is gone: build it again "
+            "with embed.py")
     meta = datafiles.load_meta(data_dir)
     datafiles.check_trained_on(data_dir, meta, models[1][1]["data"], runs[1], "out_dirs")
     bank = SentenceBank(data_dir, meta)
@@ -101,9 +102,10 @@ if kind == "concepts":
         prompt = torch.as_tensor(np.asarray(rows[lo:lo + 3], np.float32))[None]
         real = torch.as_tensor(np.asarray(rows[lo + 3], np.float32))
         z = torch.randn(samples, 1, real.numel(), generator=generator)
+        guided = base.predict(prompt, last=True, guidance=guidance)[0][0]
+        sampled = diffusion.predict(prompt.expand(samples, -1, -1), last=True, z=z)[0][:, 0]
         predicted = {"Base-LCM": base.predict(prompt, last=True)[0][0],
-                     f"Base-LCM, guided (g {guidance:g})": base.predict(prompt, last=True, guidance=guidance)[0][0],
-                     "diffusion samples": diffusion.predict(prompt.expand(samples, -1, -1), last=True, z=z)[0][:, 0]}
+                     f"Base-LCM, guided (g {guidance:g})": guided, "diffusion samples": sampled}
         # each prediction's nearest training sentence (what retrieval decodes it to), and its cosine
         decoded = {name: bank.nearest(p, eot=False) for name, p in predicted.items()}
         near = np.sort(bank.nearest(real[None], 6, eot=False)[0][0])
@@ -115,13 +117,16 @@ if kind == "concepts":
         xy = ((x - x.mean(0)) @ torch.linalg.svd(x - x.mean(0), full_matrices=False)[2][:2].T).numpy()
         at = dict(zip(points, np.split(xy, np.cumsum([len(p) for p in points.values()])[:-1])))
         for name, marker, color in zip(points, "*.s^oP", "rkbbgm"):
-            ax.plot(*at[name].T, marker, color=color, ls="none", ms=14 if marker == "*" else 7, alpha=0.8, label=name)
-        for name, sentence in (("real next", texts[lo + 3]), ("Base-LCM", bank.texts(decoded["Base-LCM"][0][0])[0]),
-                               ("diffusion samples", bank.texts(decoded["diffusion samples"][0][0])[0])):
-            ax.annotate(short(sentence), at[name][0], fontsize=7, xytext=(4, 4), textcoords="offset points")
-        cosines = ", ".join(f"{name} {c[1].mean():.2f}" for name, c in decoded.items())
-        ax.text(0.01, 0.01, f"cosine to the nearest training sentence: {cosines}", transform=ax.transAxes,
-                fontsize=7)
+            ax.plot(*at[name].T, marker, color=color, ls="none", ms=14 if marker == "*" else 7, alpha=0.8,
+                    label=name)
+        labels = {"real next": texts[lo + 3]} | {name: bank.texts(decoded[name][0][0])[0] for name in
+                                                 ("Base-LCM", "diffusion samples")}
+        for name, sentence in labels.items():
+            right = at[name][0, 0] > xy[:, 0].mean()  # a label on the right half reads leftwards
+            ax.annotate(short(sentence), at[name][0], fontsize=7, xytext=(-4 if right else 4, 4),
+                        textcoords="offset points", ha="right" if right else "left", clip_on=True)
+        cosines = ", ".join(f"{name.split(' (')[0]} {c[1].mean():.2f}" for name, c in decoded.items())
+        ax.set_xlabel(f"cosine to the nearest training sentence: {cosines}", fontsize=7)
         ax.set_title("... " + short(texts[lo + 2]), fontsize=9)
         ax.set_xticks([])
         ax.set_yticks([])
@@ -129,11 +134,11 @@ if kind == "concepts":
         ax.remove()
     handles, labels = axes.flat[0].get_legend_handles_labels()
     fig.legend(handles[:len(points)], labels[:len(points)], loc="lower center", ncol=4, fontsize=8)
-    fig.suptitle("The next concept after a prompt (its last sentence above each): the Base-LCM's one prediction "
-                 "and a diffusion\nmodel's samples, with the real next sentence and the training sentences nearest it "
-                 "(PCA of the points at unit length)", fontsize=10)
-    fig.subplots_adjust(bottom=0.1)
-
-fig.tight_layout()
+    fig.suptitle("The next concept after a prompt (its last sentence above each): the Base-LCM's one "
+                 "prediction and a diffusion\nmodel's samples, with the real next sentence and the training "
+                 "sentences nearest it (PCA of the points at unit length)", fontsize=10)
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
+else:
+    fig.tight_layout()
 fig.savefig(out, dpi=110)
 print(f"wrote {out}")

@@ -74,7 +74,7 @@ def two_runs(tmp_path):
     data = {"encoder": meta["encoder"], "d_emb": 16, "key": "d", "dir": str(tmp_path / "data" / "d")}
     torch.manual_seed(0)
     for name, model_type in (("base", "baselcm"), ("two", "two_tower")):
-        model = tiny_model(model_type)
+        model = tiny_model(model_type, dropout=0.5)  # evaluated, a model has no dropout
         model.normalizer.mean.copy_(torch.tensor(meta["mean"]))
         save_checkpoint(tmp_path / name, model, data, model_type)
     return tmp_path
@@ -89,7 +89,13 @@ def test_concepts_show_each_prompts_real_next_neighbours_predictions_samples_and
         # real next, 6 neighbours, the prediction and its guided twin, the samples, the mean
         assert [len(line.get_xdata()) for line in ax.lines] == [1, 6, 1, 1, samples, 1]
         # the sentences of the real next, of the prediction and of a sample; their cosines to a sentence
-        assert len(ax.texts) == 4 and ax.texts[-1].get_text().startswith("cosine to the nearest")
+        assert len(ax.texts) == 3 and ax.get_xlabel().startswith("cosine to the nearest")
+        assert ax.get_xlabel().count("Base-LCM") == 2 and "diffusion samples" in ax.get_xlabel()
+    # drawn again, the same points: the models predict as evaluated (no dropout), the samples from seed 0
+    again, _ = draw("--kind=concepts", f"--out_dirs={two_runs / 'base'},{two_runs / 'two'}",
+                    f"--prompts={prompts}", f"--samples={samples}", f"--out={two_runs / 'c.png'}")
+    points = lambda f: [line.get_xydata().tolist() for ax in f.axes for line in ax.lines]
+    assert points(again) == points(fig)
 
 @pytest.mark.parametrize("case, message", [
     ("--kind=guidance", "no {out}/guidance.json: run `python eval.py --out_dir={out} --curve=1,1.5,2,3,5`"),

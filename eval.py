@@ -30,8 +30,9 @@ sonar_hf_decoder = ""    # folders); '' = the community port's (docs/sonar.md)
 guidance = 0.0           # guidance scale, 1 = none; 0 = the model's own (a diffusion model's: 3)
 ddim_steps = 0           # a diffusion model's sampling: DDIM steps; 0 = its default
 generate = 0             # continue (or answer) the first N validation texts; 0 = all of them
-curve = ""               # guidance scales, e.g. 1,1.5,2,3,5: the teacher-forced table at each (and a
-                         # diffusion model's conditional mean) into out_dir/guidance.json, instead
+curve = ""               # guidance scales, e.g. 1,1.5,2,3,5: the teacher-forced table at each (and
+                         # a diffusion model's conditional mean) into out_dir/guidance.json, and no
+                         # generation
 device = ""              # '' = autodetect: cuda, mps, cpu
 dtype = ""               # '' = as train.py picks it
 given = common.configure(globals(), sys.argv[1:])
@@ -44,13 +45,15 @@ run = checkpoints.settings(checkpoint)
 for k in ("dataset", "data_root", "eval_iters"):
     if k not in given:
         globals()[k] = run[k]
-checkpoints.check_changes(checkpoint, ckpt_path, {k: globals()[k] for k in given if k in run}, False)
+changed = {k: globals()[k] for k in given if k in run}
+checkpoints.check_changes(checkpoint, ckpt_path, changed, False)
 device = common.get_device(device)
 ctx, dtype = common.autocast(dtype, device)
 data_dir = os.path.join(data_root, dataset)
 meta = datafiles.load_meta(data_dir)
 # the model's concept space; its own dataset, unless another is named
-datafiles.check_trained_on(data_dir, meta, checkpoint["data"], ckpt_path, "dataset", "dataset" in given)
+datafiles.check_trained_on(data_dir, meta, checkpoint["data"], ckpt_path, "dataset",
+                           "dataset" in given)
 model = checkpoints.model_from(checkpoint).to(device).eval()
 sampling = checkpoints.sampling_settings(model, out_dir, guidance=guidance, ddim_steps=ddim_steps)
 rows, offsets, starts = datafiles.load_split(data_dir, "val", meta)
@@ -73,13 +76,13 @@ if mi_model:
         tokenizer = AutoTokenizer.from_pretrained(mi_model)
         lm = AutoModelForCausalLM.from_pretrained(mi_model).to(device).eval()
     except OSError as e:
-        common.die(f"cannot load --mi_model={mi_model} ({common.first_line(e)}): name a causal LM such as "
-                   "gpt2 (downloads once) or a local folder")
+        common.die(f"cannot load --mi_model={mi_model} ({common.first_line(e)}): name a causal LM "
+                   "such as gpt2 (downloads once) or a local folder")
 
 def decoded(p, y, mask, doc, row):
     """The sums of rt_l2, the distance of a prediction's round trip (decoded, encoded again) to the
     truth, and near, its cosine to the prediction: how close the prediction lies to a real sentence;
-    with an LM, of MI: the decoded sentence given the previous 10 of its document (paper: k = 10)."""
+    with an LM, of MI: the decoded sentence given the previous 10 of its document (paper: k=10)."""
     texts, back = nearest(p[mask].float())
     back = torch.as_tensor(back, device=y.device)
     sums = {"rt_l2": (back - y[mask]).norm(dim=-1).sum().item(),
@@ -90,32 +93,37 @@ def decoded(p, y, mask, doc, row):
         sums["mi_gain"], sums["mi_tokens"] = metrics.coherence_mi(lm, tokenizer, texts, contexts)
     return sums
 
-# -----------------------------------------------------------------------------
-# teacher-forced: the next concept after every position of the validation windows, by the model (with
-# --curve: at each guidance scale, a diffusion model's conditional mean first) and the baselines
+# ----------------------------------------------------------------------------- teacher-forced: the
+# next concept after every position of the validation windows, by the model (with --curve: at each
+# guidance scale, a diffusion model's conditional mean first) and the baselines
 settings = {"model": sampling}
 if curve:
     settings = {f"guidance {g}": sampling | {"guidance": float(g)} for g in curve.split(",")}
     if hasattr(model, "denoise"):
-        # one step from pure noise, no guidance: what the network reads of the context, as an MSE model
+        # one step from pure noise, no guidance: what the network reads of the context, as an MSE
+        # model
         settings = {"conditional mean": {"ddim_steps": 1, "guidance": 1.0}} | settings
 predictors = {name: metrics.predictor(model, ctx, **s) for name, s in settings.items()}
 predictors |= metrics.baselines(torch.tensor(meta["mean"], device=device))
-results = metrics.evaluate(predictors, tqdm(batches, desc="next concepts", unit="batch", leave=False),
-                           model.normalizer, decoded)
+bar = tqdm(batches, desc="next concepts", unit="batch", leave=False)
+results = metrics.evaluate(predictors, bar, model.normalizer, decoded)
 trained_on = checkpoint["data"]["dir"]
 where = "" if os.path.abspath(data_dir) == trained_on else f" (trained on {trained_on})"
 print(f"{windows} validation windows, {meta['val_docs']} documents of {data_dir}, iter "
-      f"{checkpoint['iter_num']}{where}; decoded text: {decoded_by}" + (f"; MI with {mi_model}" if mi_model else ""))
-print(f"{'':16}    loss       l2    rt_l2    near      CA  CA-doc     PAR" + ("      MI" if mi_model else ""))
+      f"{checkpoint['iter_num']}{where}; decoded text: {decoded_by}"
+      + (f"; MI with {mi_model}" if mi_model else ""))
+print(f"{'':16}    loss       l2    rt_l2    near      CA  CA-doc     PAR"
+      + ("      MI" if mi_model else ""))
 for name, r in results.items():
-    print(f"{name:16}{r['loss']:10.2f}{r['l2']:9.4f}{r['rt_l2']:9.4f}{r['near']:8.3f}{100 * r['ca']:7.1f}%"
-          f"{100 * r['ca_doc']:7.1f}%{r['par']:8.3f}" + (f"{r['mi']:8.3f}" if mi_model else ""))
+    print(f"{name:16}{r['loss']:10.2f}{r['l2']:9.4f}{r['rt_l2']:9.4f}{r['near']:8.3f}"
+          f"{100 * r['ca']:7.1f}%{100 * r['ca_doc']:7.1f}%{r['par']:8.3f}"
+          + (f"{r['mi']:8.3f}" if mi_model else ""))
 if curve:
-    # CA against l2 as guidance grows (scripts/plot.py draws it), and how near the real next concepts
-    # lie to a training sentence
+    # CA against l2 as guidance grows (scripts/plot.py draws it), and how near the real next
+    # concepts lie to a training sentence
     real = torch.cat([y[m] for _, y, m, *_ in batches]).float()
-    results["real next"] = {"near": torch.cosine_similarity(torch.as_tensor(nearest(real)[1]), real.cpu()).mean().item()}
+    near = torch.cosine_similarity(torch.as_tensor(nearest(real)[1]), real.cpu())
+    results["real next"] = {"near": near.mean().item()}
     print(f"{'real next':16}{'':28}{results['real next']['near']:8.3f}")
     with open(os.path.join(out_dir, "guidance.json"), "w") as f:
         json.dump(results, f, indent=1)
@@ -126,16 +134,18 @@ if curve:
 eot = torch.tensor(meta["eot"], device=device)
 
 def write(prompts, since, feedback, repeats, seed):
-    """prompts: (concepts, sentences) each -> a Transcript of up to 8 sentences after each, decoded as
-    they come and fed back, with sample.py's stops; .stops: each text's reason. Each text draws from
-    a generator of its own (seed, its index): the same texts, one at a time or all at once."""
-    said = generation.Transcript(decoder(enc, bank, meta["lang"], repeats), [t for _, t in prompts], feedback)
+    """prompts: (concepts, sentences) each -> a Transcript of up to 8 sentences after each, decoded
+    as they come and fed back, with sample.py's stops; .stops: each text's reason. Each text draws
+    from a generator of its own (seed, its index): the same texts, one at a time or all at once."""
+    decode = decoder(enc, bank, meta["lang"], repeats)
+    said = generation.Transcript(decode, [t for _, t in prompts], feedback)
     generators = [torch.Generator(device).manual_seed(1000 * seed + i) for i in range(len(prompts))]
     concepts = [c.to(device) for c, _ in prompts]
-    with tqdm(total=len(prompts), desc=f"generate: {feedback}{', repeats' if repeats else ''}, seed {seed}",
-              unit="text", leave=False) as bar:
-        said.stops = [r[2] for r in generation.generate(model, concepts, eot, 8, said, generators, since,
-                                                        progress=bar.update, **sampling)]
+    desc = f"generate: {feedback}{', repeats' if repeats else ''}, seed {seed}"
+    with tqdm(total=len(prompts), desc=desc, unit="text", leave=False) as bar:
+        out = generation.generate(model, concepts, eot, 8, said, generators, since,
+                                  progress=bar.update, **sampling)
+    said.stops = [reason for _, _, reason in out]
     return said
 
 train_rows, train_offsets, train_starts = datafiles.load_split(data_dir, "train", meta)
@@ -144,28 +154,32 @@ if starts is None:
     kind = "continuations"
     gen = metrics.continuations(write, rows, shown, sentences, train_rows, train_offsets)
     real = gen.pop("real")
-    print(f"continuations of {gen['random']['samples']} validation documents (prompt: 3 sentences, up to 8 "
-          f"generated; the real rest: {real['sentences']:.1f} sentences, median {real['median']:.0f}): "
-          "closeness to the real rest, sentences (mean, median), distinct share, ended at end of text; "
-          "4 samples: the spread of their first concepts")
+    print(f"continuations of {gen['random']['samples']} validation documents (prompt: 3 sentences, "
+          f"up to 8 generated; the real rest: {real['sentences']:.1f} sentences, median "
+          f"{real['median']:.0f}): closeness to the real rest, sentences (mean, median), distinct "
+          "share, ended at end of text; 4 samples: the spread of their first concepts")
     for name, r in gen.items() if gen["random"]["samples"] else ():
-        said = (f"{r['sentences']:6.1f}{r['median']:5.0f}{100 * r['distinct']:6.0f}%{100 * r['eot']:6.0f}%"
-                if "distinct" in r else "")
-        print(f"{name:14}{r['closeness']:8.3f}{said}" + (f"{r['spread']:8.3f}" if "spread" in r else ""))
+        said = (f"{r['sentences']:6.1f}{r['median']:5.0f}{100 * r['distinct']:6.0f}%"
+                f"{100 * r['eot']:6.0f}%" if "distinct" in r else "")
+        spread = f"{r['spread']:8.3f}" if "spread" in r else ""
+        print(f"{name:14}{r['closeness']:8.3f}{said}{spread}")
     gen["real"] = real
 else:
     kind = "answers"
     with open(os.path.join(data_dir, "train.txt"), encoding="utf-8") as f:
         train_texts = f.read().splitlines()
-    gen = metrics.answers(write, rows, shown, starts, sentences, nearest, train_texts, train_offsets,
-                          train_starts, model.config.block_size - 1, meta.get("prompt_end", ""))
-    print(f"answers to {gen['pairs']} validation prompts (until end of text, up to 8 sentences; the "
-          f"references: {gen['real']['sentences']:.1f} sentences, median {gen['real']['median']:.0f}): "
-          "ROUGE-1, ROUGE-2, ROUGE-L (F-measure, %), sentences (mean, median), ended at end of text")
+    gen = metrics.answers(write, rows, shown, starts, sentences, nearest, train_texts,
+                          train_offsets, train_starts, model.config.block_size - 1,
+                          meta.get("prompt_end", ""))
+    print(f"answers to {gen['pairs']} validation prompts (until end of text, up to 8 sentences; "
+          f"the references: {gen['real']['sentences']:.1f} sentences, median "
+          f"{gen['real']['median']:.0f}): ROUGE-1, ROUGE-2, ROUGE-L (F-measure, %), sentences "
+          "(mean, median), ended at end of text")
     for name, r in list(gen.items())[:-2]:
         rouge = "".join(f"{100 * r[k]:7.2f}" for k in ("rouge1", "rouge2", "rougeL"))
         ended = f"{r['median']:5.0f}{100 * r['eot']:6.0f}%" if "eot" in r else ""
         print(f"{name:16}{rouge}{r['sentences']:6.1f}{ended}")
 with open(os.path.join(out_dir, "eval.json"), "w") as f:
-    json.dump({"iter": checkpoint["iter_num"], "dataset": data_dir, "windows": windows, "decoded_by": decoded_by,
-               "mi_model": mi_model, "sampling": sampling, **results, kind: gen}, f, indent=1)
+    json.dump({"iter": checkpoint["iter_num"], "dataset": data_dir, "windows": windows,
+               "decoded_by": decoded_by, "mi_model": mi_model, "sampling": sampling, **results,
+               kind: gen}, f, indent=1)

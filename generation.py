@@ -9,8 +9,8 @@ from torch.nn import functional as F
 
 # where a text ends (sample.py's defaults and the evaluation's): at a prediction within cosine
 # STOP_EOT of end of text ("eot"); once the stop head says it has ended by now with probability
-# STOP_END (0.5: its median length; "stop head"); at a new concept within cosine STOP_REPEAT of one in
-# the context ("repeat"; real text never comes closer than 0.85); at max_new concepts
+# STOP_END (0.5: its median length; "stop head"); at a new concept within cosine STOP_REPEAT of one
+# in the context ("repeat"; real text never comes closer than 0.85); at max_new concepts
 STOP_EOT = 0.9
 STOP_END = 0.5
 STOP_REPEAT = 0.95

@@ -21,9 +21,9 @@ out_dir = "out"
 eval_interval = 25       # iterations between evaluations (and checkpoints)
 log_interval = 10
 eval_iters = 20          # evaluation batches of fixed validation windows
-eval_only = False        # evaluate out_dir's checkpoint instead: runs eval.py with the options it knows
+eval_only = False        # evaluate out_dir's checkpoint instead: eval.py, with the options it knows
 always_save_checkpoint = False  # False: keep the best val loss (small data overfits); True: latest
-init_from = "scratch"    # 'scratch', 'resume' (out_dir/ckpt.pt), or a run's out_dir or ckpt to finetune
+init_from = "scratch"    # 'scratch', 'resume' (out_dir/ckpt.pt), or a run's out_dir/ckpt to finetune
 # data
 dataset = "lee"          # reads data_root/dataset, built by embed.py
 data_root = "data"
@@ -98,7 +98,8 @@ if resume or finetune:
     checkpoints.check_changes(checkpoint, source, {k: globals()[k] for k in take if k in given}, finetune)
 config = {k: globals()[k] for k in config_keys}
 # settings that no run could use: one line each, before any work is done
-for k in ("batch_size", "block_size", "n_layer", "n_head", "n_embd", "gradient_accumulation_steps", "eval_iters"):
+for k in ("batch_size", "block_size", "n_layer", "n_head", "n_embd", "gradient_accumulation_steps",
+          "eval_iters"):
     common.require(config[k] >= 1, f"--{k}={config[k]} must be at least 1")
 common.require(n_embd % n_head == 0 and n_embd // n_head % 2 == 0, f"--n_embd={n_embd} must be a "
                f"multiple of --n_head={n_head} with an even head size (RoPE)")
@@ -211,7 +212,8 @@ def log(record):
         wandb_run.log({f"val/{k}/{m}": v for k, r in record["val"].items() for m, v in r.items()
                        if m in ("loss", "l2", "ca")}, record["iter"])
     elif wandb_run and "loss" in record:
-        wandb_run.log({"train/loss": record["loss"]} | {k: record[k] for k in ("lr", "ms", "mfu")}, record["iter"])
+        train = {"train/loss": record["loss"]} | {k: record[k] for k in ("lr", "ms", "mfu")}
+        wandb_run.log(train, record["iter"])
 
 # -----------------------------------------------------------------------------
 # training loop
@@ -288,7 +290,8 @@ while True:
     # one global batch, drawn alike on every rank, each taking a share in micro-batches; the loss is
     # averaged over the global batch's targets, so the gradient does not depend on the sharing
     windows = gradient_accumulation_steps * batch_size
-    starts, ends, first = datafiles.sample_windows(data_rng, train_offsets, windows, block_size, train_answers)
+    starts, ends, first = datafiles.sample_windows(data_rng, train_offsets, windows, block_size,
+                                                   train_answers)
     n_targets = datafiles.count_targets(starts, ends, first, block_size)
     share = np.array_split(np.arange(len(starts)), world)[rank]
     micro_batches = np.array_split(share, math.ceil(len(share) / batch_size))

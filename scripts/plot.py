@@ -1,10 +1,10 @@
 """
 Draws what the runs measured, headless (matplotlib's Agg), into a PNG:
-  --kind=concepts  the mean and the samples: for a few validation prompts, the real next concept, the
-                   training sentences nearest it, a Base-LCM's prediction (and guided), a diffusion
+  --kind=concepts  the mean and the samples: for a few validation prompts, the real next concept,
+                   the training sentences nearest it, a Base-LCM's prediction (and guided), a diffusion
                    model's samples and the training mean, projected onto 2-D by a PCA fitted on them
   --kind=guidance  CA against l2 as guidance grows, a curve a run (eval.py --curve's guidance.json)
-  --kind=run       a run's training and validation loss with its baselines, and CA (out_dir/log.jsonl)
+  --kind=run       a run's training and validation loss, its baselines' and CA (out_dir/log.jsonl)
 
 $ python scripts/plot.py --kind=run --out_dirs=out
 $ python scripts/plot.py --kind=guidance --out_dirs=out,out-diffusion --out=docs/guidance.png
@@ -24,7 +24,7 @@ from common import configure, require  # noqa: E402
 from concepts import SentenceBank  # noqa: E402
 
 kind = "run"             # 'concepts', 'guidance' or 'run'
-out_dirs = "out"         # the runs, comma-separated (concepts: a Base-LCM's and a diffusion model's)
+out_dirs = "out"         # the runs, comma-separated (concepts: a Base-LCM's, a diffusion model's)
 out = ""                 # the PNG; '' = the first run's out_dir/KIND.png
 prompts = 4              # concepts: validation prompts (the first documents of 5 sentences or more)
 samples = 8              # concepts: the diffusion model's samples of each next concept
@@ -37,7 +37,7 @@ short = lambda text: textwrap.shorten(text, 48, placeholder="...")
 
 if kind == "run":
     path = os.path.join(runs[0], "log.jsonl")
-    require(os.path.isfile(path), f"no {path}: train a run there with `python train.py --out_dir={runs[0]}`")
+    require(os.path.isfile(path), f"no {path}: train there, `python train.py --out_dir={runs[0]}`")
     log = [json.loads(line) for line in open(path)]
     evals = [r for r in log if "val" in r and "model" in r["val"]]
     require(evals and all("copy" in r["val"] for r in evals), f"{path} holds no evaluations with their "
@@ -45,7 +45,8 @@ if kind == "run":
     fig, ax = plt.subplots(figsize=(7, 4))
     steps = [r["iter"] for r in log if "loss" in r]
     ax.plot(steps, [r["loss"] for r in log if "loss" in r], color="0.6", label="training loss")
-    ax.plot([r["iter"] for r in evals], [r["val"]["model"]["loss"] for r in evals], "o-", label="val loss")
+    ax.plot([r["iter"] for r in evals], [r["val"]["model"]["loss"] for r in evals], "o-",
+            label="val loss")
     for name, style in (("copy", ":"), ("mean", "--")):
         ax.axhline(evals[-1]["val"][name]["loss"], ls=style, color="k", label=f"val loss of {name}")
     ax.set(xlabel="iteration", ylabel="loss (squared error, normalized space)", title=runs[0])
@@ -72,7 +73,7 @@ if kind == "guidance":
             ax.plot(r["l2"], 100 * r["ca"], "*", ms=12, color=f"C{i}", label=f"{run}: conditional mean")
     # the baselines, from the first run that has them (the same windows for runs on one dataset)
     for name, marker in (("copy", "X"), ("mean", "P")):
-        r = next((json.load(open(os.path.join(run, "guidance.json"))).get(name) for run in runs), None)
+        r = next((json.load(open(os.path.join(run, "guidance.json"))).get(name) for run in runs))
         if r:
             ax.plot(r["l2"], 100 * r["ca"], marker, ms=9, color="k", label=f"{name} (baseline)")
     ax.set(xlabel="l2 to the real next concept (lower is better)", ylabel="contrastive accuracy (%)",

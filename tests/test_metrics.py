@@ -38,8 +38,8 @@ def test_contrastive_accuracy_leaves_out_the_truth_and_its_neighbours_in_the_doc
     row = torch.tensor([[1, 2, 3], [0, 1, 2]])
     r = finish_metrics(concept_metrics(pred, y, y, mask, baselcm.Normalizer(2), doc, row))
     # 1.4 vs 1: all 4 distractors (3, 10, 20, 30) further; 2.9 vs 2: its neighbours 1 and 3 are left
-    # out, 3 of 3; 1.2 vs 3: 1 (not a neighbour) is closer, 3 of 4; window 1 is exact: 4 + 3 + 4 hits.
-    # The official variant takes only the other document's 3 targets: 18 of 18.
+    # out, 3 of 3; 1.2 vs 3: 1 (not a neighbour) is closer, 3 of 4; window 1 is exact: 4 + 3 + 4
+    # hits. The official variant takes only the other document's 3 targets: 18 of 18.
     assert r["ca"] == 21 / 22 and r["ca_doc"] == 1.0
 
 def test_par_is_the_max_cosine_to_the_context_of_prediction_over_truth():

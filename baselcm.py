@@ -11,6 +11,8 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
+MAX_SENTENCES = 128  # the stop prior's lengths; a longer text takes the last one's odds
+
 @dataclass
 class LCMConfig:
     d_emb: int = 384          # encoder width (SONAR 1024, MiniLM 384): taken from the data
@@ -116,7 +118,7 @@ class BaseLCM(nn.Module):
         self.postnet = nn.Linear(config.n_embd, config.d_emb)
         # the stop head, P(end of text next), no random draw; its prior: log-odds of ending after i
         self.stop = nn.utils.skip_init(nn.Linear, config.n_embd, 1)
-        self.register_buffer("stop_prior", torch.zeros(128))
+        self.register_buffer("stop_prior", torch.zeros(MAX_SENTENCES))
         hs = config.n_embd // config.n_head
         self.register_buffer("inv_freq", config.rope_theta ** (-torch.arange(0, hs, 2).float() / hs),
                              persistent=False)

@@ -7,7 +7,7 @@ import inspect, os
 
 import torch
 
-from baselcm import BaseLCM, LCMConfig
+from baselcm import MAX_SENTENCES, BaseLCM, LCMConfig
 from common import die, require
 from diffusion import DiffusionConfig, OneTower, TwoTower
 
@@ -58,7 +58,7 @@ def upgrade(ckpt):
         ckpt["optimizer"] = None
         weights["stop.weight"] = torch.zeros(1, ckpt["model_args"]["n_embd"])
         weights["stop.bias"] = torch.zeros(1)
-        weights["stop_prior"] = torch.full((128,), -torch.inf)
+        weights["stop_prior"] = torch.full((MAX_SENTENCES,), -torch.inf)
     if ckpt["config"]["model_type"] != "baselcm":
         # the Two-Tower of #30 attended to its context by content alone, as the paper's
         ckpt["model_args"].setdefault("denoiser_rope", False)

@@ -107,8 +107,7 @@ class DiffusionLCM(BaseLCM):
         # the second half sees no context
         uncond = (torch.arange(halves * B, device=concepts.device) >= B)[:, None].expand(-1, K)
         times = (torch.arange(ddim_steps, 0, -1) * self.config.n_steps / ddim_steps).round().long() - 1
-        # what the network reads of each step's timestep, for all the steps at once; one for all
-        # rows
+        # what the network reads of each step's timestep, for all the steps at once, all rows alike
         steps = self.timestep(times.to(z.device)[:, None, None])  # (ddim_steps, 1, 1, ...)
         z = init_noise * z
         for i, t in enumerate(times.tolist()):

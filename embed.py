@@ -124,7 +124,7 @@ except Exception as e:
         + ("" if files else " (check the name, config, network)"))
 require(first is not None, f"dataset '{dataset}' has no documents")
 docs = itertools.chain([first], docs)
-# the official LCM parquet schema: sentences and their SONAR concepts, [prompt_sentences,]
+# the official LCM parquet schema: sentences and their SONAR concepts, [prompt_sentences,] and
 # text_sentences
 official = [c for c in ("prompt_sentences", "text_sentences") if c in first] \
     if "text_sentences" in first and "text_sentences_sonar_emb" in first else []
@@ -157,8 +157,8 @@ def embed_chunk(rows, docs):
     kept = [(r, p, text) for r, (p, text) in zip(rows, docs) if text]
     sents = [p + text for _, p, text in kept]
     if official:
-        # the concepts as given, prompt then text; only a closing sentence (--prompt_end) is encoded
-        # here
+        # the concepts as given, prompt then text; only a closing sentence (--prompt_end) is
+        # encoded here
         given = lambda r, c: np.asarray(r.get(c) or [], np.float32).reshape(-1, enc.d_emb)
         closing = [enc.encode([prompt_end], lang=lang)] if prompt_end else []
         emb = [np.concatenate([given(r, "prompt_sentences_sonar_emb")] + closing * (len(p) > 0)

@@ -30,9 +30,8 @@ sonar_hf_decoder = ""    # folders); '' = the community port's (docs/sonar.md)
 guidance = 0.0           # guidance scale, 1 = none; 0 = the model's own (a diffusion model's: 3)
 ddim_steps = 0           # a diffusion model's sampling: DDIM steps; 0 = its default
 generate = 0             # continue (or answer) the first N validation texts; 0 = all of them
-curve = ""               # guidance scales, e.g. 1,1.5,2,3,5: the teacher-forced table at each (and
-                         # a diffusion model's conditional mean) into out_dir/guidance.json, and no
-                         # generation
+curve = ""               # guidance scales, e.g. 1,1.5,2,3,5: only the teacher-forced table at each
+                         # (and a diffusion model's conditional mean), into out_dir/guidance.json
 device = ""              # '' = autodetect: cuda, mps, cpu
 dtype = ""               # '' = as train.py picks it
 given = common.configure(globals(), sys.argv[1:])
@@ -100,8 +99,8 @@ settings = {"model": sampling}
 if curve:
     settings = {f"guidance {g}": sampling | {"guidance": float(g)} for g in curve.split(",")}
     if hasattr(model, "denoise"):
-        # one step from pure noise, no guidance: what the network reads of the context, as an MSE
-        # model
+        # one step from pure noise, no guidance: what the network reads of the context (an MSE
+        # model's prediction)
         settings = {"conditional mean": {"ddim_steps": 1, "guidance": 1.0}} | settings
 predictors = {name: metrics.predictor(model, ctx, **s) for name, s in settings.items()}
 predictors |= metrics.baselines(torch.tensor(meta["mean"], device=device))

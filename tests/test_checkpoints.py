@@ -55,8 +55,7 @@ def test_rng_states_restore_each_generator_of_the_device_a_run_drew_from(monkeyp
     checkpoints.set_rng_states(states, "cpu", 0, 1)
     assert torch.equal(torch.rand(4), drawn)
     assert capsys.readouterr().out == ""
-    # a GPU's generator (torch.cuda's functions stand in for one): saved, and restored on that kind
-    # only
+    # a GPU's generator (torch.cuda's functions stand in): saved, and restored on that kind only
     gpu = {"state": torch.tensor([1, 2], dtype=torch.uint8)}
     monkeypatch.setattr(torch.cuda, "get_rng_state", lambda: gpu["state"])
     monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s: gpu.update(state=s))
@@ -74,8 +73,7 @@ def test_a_dataset_and_checkpoint_written_by_d41f47d_still_work(tmp_path):
     shutil.copytree(os.path.join(fixture, "data"), tmp_path / "data")
     shutil.copytree(os.path.join(fixture, "out"), tmp_path / "out")
     meta = json.load(open(tmp_path / "data" / "tiny" / "meta.json"))
-    # the source where it was embedded, with the size and time it had: embed.py sees the same
-    # settings
+    # the source where it was embedded, with its size and time: embed.py sees the same settings
     source = meta["settings"]["dataset"]
     os.makedirs(os.path.dirname(source), exist_ok=True)
     shutil.copy(os.path.join(fixture, "docs.txt"), source)

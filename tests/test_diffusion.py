@@ -50,8 +50,7 @@ def test_a_noisy_concept_sees_neither_its_clean_target_nor_later_concepts_nor_ot
         free[:, k] = True
         alone = denoise(concepts, noisy, t, free)[:, k]
         assert torch.allclose(denoise(earlier, noisy, t, free)[:, k], alone, atol=1e-5)
-        # generation keeps the context's keys and values (a cache) for the one next concept: the
-        # same
+        # generation keeps the context's keys and values (a cache) for the one next concept: same
         last = torch.tensor([[False], [True]])
         at = model.timestep(t[:, -1:])
         kept = model.denoise(model.contextualize(concepts, True)[0], noisy[:, -1:], at, last)[0]

@@ -129,8 +129,7 @@ def test_a_pairs_dataset_round_trips_through_the_on_disk_format(sonar_env, tmp_p
         for doc, lo, start, (prompt, answer, _) in zip(docs, offsets, starts, mine):
             assert doc == prompt + answer + [concepts.EOT_TEXT]
             assert start - lo == len(prompt) and texts[start] == answer[0]
-    # the official schema's pairs: prompt and text sentences with their embeddings, not encoded
-    # again
+    # the official schema's pairs: prompt and text sentences with embeddings, not encoded again
     rng = np.random.default_rng(0)
     prompts = [[f"Prompt {i}."] * 2 for i in range(6)]
     answers = [[f"Text {i}."] for i in range(6)]

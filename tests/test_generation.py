@@ -37,8 +37,7 @@ def test_cached_generation_equals_recomputing_the_window_across_the_context_crop
     assert a.shape == (30, 16)  # 3 + 30 concepts: the 8-concept window was cut several times
     assert torch.allclose(a, b, atol=1e-4)
     assert np.allclose(cos_a, torch.cosine_similarity(b, eot[None]).numpy(), atol=1e-4)
-    # the prompt's prefill, the one-concept step, the prefill after a cut: not one graph per
-    # position
+    # the prompt's prefill, the one-concept step, the prefill after a cut: no graph per position
     if compiled:
         assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 3
 

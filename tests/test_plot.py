@@ -88,8 +88,7 @@ def test_concepts_show_each_prompts_real_next_neighbours_predictions_samples_and
     for ax in fig.axes:
         # real next, 6 neighbours, the prediction and its guided twin, the samples, the mean
         assert [len(line.get_xdata()) for line in ax.lines] == [1, 6, 1, 1, samples, 1]
-        # the sentences of the real next, of the prediction and of a sample; their cosines to a
-        # sentence
+        # the sentences of the real next, the prediction and a sample; their cosines to a sentence
         assert len(ax.texts) == 3 and ax.get_xlabel().startswith("cosine to the nearest")
         assert ax.get_xlabel().count("Base-LCM") == 2 and "diffusion samples" in ax.get_xlabel()
     # drawn again, the same points: the models predict as evaluated (no dropout), the samples from

@@ -2,7 +2,7 @@
 The scripts' plumbing (common.py): options, --help, devices, one-line errors for bad settings; and
 the project's import layers.
 """
-import ast, glob, os
+import ast, glob, os, re
 
 import pytest
 import torch
@@ -94,3 +94,9 @@ def test_every_import_points_down_a_layer_and_none_makes_a_circle():
                 [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 else []
             for imported in (n.split(".")[0] for n in names):
                 assert layer.get(imported, -1) < i, f"{name} imports {imported}"
+
+def test_the_readmes_file_table_gives_each_files_true_line_count():
+    table = re.findall(r"^\| `(\w+\.py)` \| (\d+) \|", open(os.path.join(HERE, "README.md")).read(), re.M)
+    assert len(table) == 5
+    for name, lines in table:
+        assert int(lines) == len(open(os.path.join(HERE, name)).readlines()), name

@@ -158,12 +158,12 @@ for name, run in runs:
     print(f"generate 200 concepts, d512 L8, float32, {name:14}: {gen[name]:5.0f} concepts/s, "
           f"{gen[name] / gen['no_cache']:.1f}x")
 
-# ----------------------------------------------------------------------------- the diffusion LCMs
-# (diffusion.py) against the Base-LCM of the same width and depth (the default model): a training
-# step (the One-Tower's sequence interleaves a clean and a noisy concept for each; the Two-Tower
-# adds 2 denoiser blocks), and sampled concepts/s at each model's default settings (a diffusion
-# model's DDIM steps with guidance, the two halves in one batch a step), one text at a time, in fp32
-# as sample.py runs
+# -----------------------------------------------------------------------------
+# the diffusion LCMs (diffusion.py) against the Base-LCM of the same width and depth (the default
+# model): a training step (the One-Tower's sequence interleaves a clean and a noisy concept for
+# each; the Two-Tower adds 2 denoiser blocks), and sampled concepts/s at each model's default
+# settings (a diffusion model's DDIM steps with guidance, the two halves in one batch a step), one
+# text at a time, in fp32 as sample.py runs
 shape = dict(d_emb=1024, n_embd=256, n_layer=4, n_head=4, block_size=16, dropout=0.0)
 models = {"baselcm": BaseLCM(LCMConfig(**shape)), "one_tower": OneTower(DiffusionConfig(**shape)),
           "two_tower": TwoTower(DiffusionConfig(**shape))}

@@ -23,7 +23,7 @@ class DiffusionConfig(LCMConfig):
     n_steps: int = 100             # diffusion timesteps (paper: 100)
     cfg_dropout: float = 0.15      # training: the share of noisy concepts that see no context
     n_denoiser: int = 2            # the Two-Tower's denoiser blocks (the paper's toy: 2)
-    denoiser_rope: bool = True     # its cross-attention by relative position (RoPE); False: the paper's
+    denoiser_rope: bool = True     # its cross-attention by position (RoPE); False: the paper's
 
 def cosine_schedule(n_steps, s=0.008):
     """-> alpha_bar (n_steps,): the share of signal in the noisy concept at each timestep. The
@@ -147,15 +147,16 @@ class OneTower(DiffusionLCM):
         h = self.transformer(x, torch.arange(x.size(1), device=x.device), cache=cache)
         return [layer.repeat(1, copies, 1, 1, 1) for layer in cache], h
 
-    def denoise(self, context, noisy, t, uncond):
+    def denoise(self, context, noisy, time, uncond):
         """The network. context: contextualize's; noisy (B, K, d_emb), normalized: the next concepts
-        after the last K positions, noised to timesteps t (timestep's: (B, K, ...) or (1, 1, ...)); uncond (B, K):
-        those that see no context -> (their predicted clean concepts (B, K, d_emb), normalized; the clean
-        concepts' own outputs (B, T, n_embd), which the stop head reads, or None). The paper concatenates the timestep's
-        embedding to the input; through the pre-net's linear layer that is a sum. One pass: the
-        clean concepts never see a noisy one. With a cache, the one next concept after it (K = 1)
-        runs alone against its keys and values."""
-        x = self.drop(self.prenet(noisy) + t)  # (B, K, n_embd)
+        after the last K positions, noised to their timesteps t; time: timestep(t), (B, K, ...), or
+        (1, 1, ...) for one t for all; uncond (B, K): those that see no context -> (their predicted
+        clean concepts (B, K, d_emb), normalized; the clean concepts' own outputs (B, T, n_embd),
+        which the stop head reads, or None). The paper concatenates the timestep's embedding to the
+        input; through the pre-net's linear layer that is a sum. One pass: the clean concepts never
+        see a noisy one. With a cache, the one next concept after it (K = 1) runs alone against its
+        keys and values."""
+        x = self.drop(self.prenet(noisy) + time)  # (B, K, n_embd)
         cached = isinstance(context, list)
         T = context[0].size(3) - 1 if cached else context.size(1)
         follows = torch.arange(T - noisy.size(1), T, device=x.device)
@@ -242,12 +243,13 @@ class TwoTower(DiffusionLCM):
         n_embd), for the stop head)."""
         x = self.drop(self.prenet(self.normalizer.normalize(concepts)))
         h = self.transformer(x, torch.arange(x.size(1), device=x.device))
-        context = torch.cat([torch.zeros_like(h[:, :1]), h], 1).repeat(copies, 1, 1)  # (copies B, T + 1, n_embd)
+        # (copies B, T + 1, n_embd)
+        context = torch.cat([torch.zeros_like(h[:, :1]), h], 1).repeat(copies, 1, 1)
         rotation = self.rotation(torch.arange(context.size(1), device=x.device))
         keys = [block.keys(context, rotation) for block in self.denoiser]
         return keys, h
 
-    def denoise(self, context, noisy, t, uncond):
+    def denoise(self, context, noisy, time, uncond):
         """The network: as the One-Tower's, on the contextualizer's outputs. The concept after c_j, at
         position j + 1, sees the zero vector and the outputs at c_0..c_j, or, where uncond, the zero
         vector alone."""
@@ -257,7 +259,7 @@ class TwoTower(DiffusionLCM):
         sees = (keys == 0) | (keys <= follows[:, None] + 1) & ~uncond[..., None]  # (B, K, T + 1)
         x = self.drop(self.prenet(noisy))
         rotation = self.rotation(follows + 1)
-        *modulations, final = t.split(9 * x.size(-1), -1)
+        *modulations, final = time.split(9 * x.size(-1), -1)
         for block, kv, modulation in zip(self.denoiser, context, modulations):
             x = block(x, kv, sees, modulation, rotation)
         shift, scale = final.chunk(2, -1)

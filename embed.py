@@ -101,9 +101,9 @@ if work is None:
 if ddp:
     torch.distributed.barrier()
 
-# ----------------------------------------------------------------------------- documents, streamed
-# through Hugging Face datasets: a .txt file is a document a line (in a folder, a document a file),
-# other formats hold rows with the columns named; nothing is loaded whole
+# -----------------------------------------------------------------------------
+# documents, streamed through Hugging Face datasets: a .txt file is a document a line (in a folder,
+# a document a file), other formats hold rows with the columns named; nothing is loaded whole
 import datasets
 # its errors reach the user as our one line
 datasets.logging.set_verbosity(datasets.logging.CRITICAL)

@@ -92,9 +92,10 @@ def decoded(p, y, mask, doc, row):
         sums["mi_gain"], sums["mi_tokens"] = metrics.coherence_mi(lm, tokenizer, texts, contexts)
     return sums
 
-# ----------------------------------------------------------------------------- teacher-forced: the
-# next concept after every position of the validation windows, by the model (with --curve: at each
-# guidance scale, a diffusion model's conditional mean first) and the baselines
+# -----------------------------------------------------------------------------
+# teacher-forced: the next concept after every position of the validation windows, by the model
+# (with --curve: at each guidance scale, a diffusion model's conditional mean first) and the
+# baselines
 settings = {"model": sampling}
 if curve:
     settings = {f"guidance {g}": sampling | {"guidance": float(g)} for g in curve.split(",")}

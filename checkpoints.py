@@ -59,9 +59,14 @@ def upgrade(ckpt):
         weights["stop.weight"] = torch.zeros(1, ckpt["model_args"]["n_embd"])
         weights["stop.bias"] = torch.zeros(1)
         weights["stop_prior"] = torch.full((MAX_SENTENCES,), -torch.inf)
-    if ckpt["config"]["model_type"] != "baselcm":
-        # the Two-Tower of #30 attended to its context by content alone, as the paper's
-        ckpt["model_args"].setdefault("denoiser_rope", False)
+    if ckpt["config"]["model_type"] != "baselcm" and "denoiser_rope" not in ckpt["model_args"]:
+        # the Two-Tower of #30 attended to its context by content alone, as the paper's; and its best
+        # was by the denoising loss, which no conditional mean's loss is to be compared with
+        print(f"{ckpt['path']} was made before a diffusion model's best was its conditional mean's: "
+              "resumed, it looks for the best afresh")
+        ckpt["model_args"]["denoiser_rope"] = False
+        ckpt["best_val_loss"] = float("inf")
+        ckpt["evals_since_best"] = 0
     if "normalizer.mean" not in weights:
         print(f"{ckpt['path']} was made before guidance: guided, its prediction without context is the "
               "median")

@@ -134,7 +134,8 @@ def can_compile(device):
             from torch._inductor.cpp_builder import get_cpp_compiler
             get_cpp_compiler()
     except Exception as e:
-        print(f"compile=True, but {device} cannot compile ({type(e).__name__}: {first_line(e)}): running eager")
+        print(f"compile=True, but {device} cannot compile ({type(e).__name__}: {first_line(e)}): "
+              "running eager")
         return False
     return True
 

@@ -94,7 +94,8 @@ def rst_sections(text):
 pyref = sorted(glob.glob("/usr/share/doc/python3*/html/_sources/**/*.rst.txt", recursive=True))
 pyref = [rst_sections(open(p, encoding="utf-8").read()) for p in pyref]
 write("pyref", [s for sections in pyref for s in sections])
-long = lambda files: [f for f in (" ".join(sections) for sections in files) if len(re.findall(r"[.!?] ", f)) >= 60]
+# a file a document, of 60 sentences or more (by their full stops)
+long = lambda files: [f for f in map(" ".join, files) if len(re.findall(r"[.!?] ", f)) >= 60]
 write("pyref_long", long(pyref), limit=250)
 kernel = sorted(glob.glob("/usr/share/doc/linux-doc-*/Documentation/**/*.rst.gz", recursive=True))
 kernel = [rst_sections(gzip.open(p, "rt", encoding="utf-8", errors="replace").read()) for p in kernel]

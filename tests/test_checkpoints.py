@@ -47,6 +47,23 @@ def test_a_checkpoint_made_before_guidance_loads_and_guides_from_the_median(tmp_
     center = loaded.normalizer.normalize(loaded.normalizer.center)
     assert torch.allclose(g, center + 2 * (p - center), atol=1e-5)
 
+def test_a_diffusion_checkpoint_made_before_its_best_was_the_conditional_means_looks_afresh(tmp_path,
+                                                                                           capsys):
+    model = checkpoints.build_model("two_tower", tiny_config().__dict__)
+    args = {k: v for k, v in model.config.__dict__.items() if k != "denoiser_rope"}  # as at d1cf044
+    common.atomic_save({"model": model.state_dict(), "model_args": args, "data": {},
+                        "config": {"model_type": "two_tower"}, "best_val_loss": 140.0,
+                        "evals_since_best": 2}, tmp_path / "c.pt")
+    loaded, ckpt = checkpoints.load_model(str(tmp_path / "c.pt"))
+    # the paper's denoiser, and no best by the denoising loss to hold a conditional mean's loss against
+    assert loaded.config.denoiser_rope is False and capsys.readouterr().out.count("afresh") == 1
+    assert ckpt["best_val_loss"] == float("inf") and ckpt["evals_since_best"] == 0
+    # one made since keeps its own
+    common.atomic_save({"model": model.state_dict(), "model_args": model.config.__dict__, "data": {},
+                        "config": {"model_type": "two_tower"}, "best_val_loss": 330.0}, tmp_path / "d.pt")
+    _, ckpt = checkpoints.load_model(str(tmp_path / "d.pt"))
+    assert ckpt["best_val_loss"] == 330.0 and capsys.readouterr().out == ""
+
 def test_rng_states_restore_each_generator_of_the_device_a_run_drew_from(monkeypatch, capsys):
     torch.manual_seed(3)
     states = checkpoints.rng_states("cpu")

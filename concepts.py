@@ -10,14 +10,10 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from common import die, first_line, require
-from datafiles import check_trained_on, load_meta, load_split
+from common import die, first_line, load_meta
+from datafiles import load_split
 
 EOT_TEXT = "End of text."  # every document ends with this sentence's concept (paper; no BOS)
-
-def check_lang(lang, flag="--lang"):
-    require(re.fullmatch(r"[a-z]{3}_[A-Z][a-z]{3}", lang), f"unknown language code '{lang}' for {flag}: use a "
-            "FLORES-200 code such as eng_Latn or fra_Latn")
 
 def sentence_splitter(spacy_model=""):
     """spaCy: a trained pipeline if named, else the rule-based sentencizer (needs no download)."""
@@ -229,12 +225,10 @@ class SentenceBank:
     """Retrieval decoding for encoders without a decoder: the nearest sentence of a split by cosine,
     never the end-of-text row that closes each document. The text stays on disk."""
 
-    def __init__(self, data_dir, meta=None, split="train", trained_on=None):
-        """trained_on: a checkpoint's "data"; the bank must hold concepts of the same space."""
-        meta = meta or load_meta(data_dir)
-        if trained_on:
-            check_trained_on(data_dir, meta, trained_on, "the checkpoint", "data_dir")
-        self.rows, offsets, _ = load_split(data_dir, split, meta)
+    def __init__(self, data_dir, meta=None, split="train"):
+        self.dir = data_dir
+        self.meta = meta or load_meta(data_dir)
+        self.rows, offsets, _ = load_split(data_dir, split, self.meta)
         self.eot_rows = torch.from_numpy(offsets[1:] - 1)
         self.text = np.memmap(os.path.join(data_dir, f"{split}.txt"), dtype=np.uint8, mode="r")
         self.ends = None

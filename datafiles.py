@@ -8,21 +8,13 @@ drawn from it. data_root/name/ holds:
   meta.json                            encoder, d_emb, normalizer, mean, eot, settings, ... (written last)
 Every document ends with the row of "End of text.".
 """
-import glob, hashlib, itertools, json, os, shutil, zlib
+import glob, itertools, json, os, zlib
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from common import die
-
-def load_meta(data_dir):
-    path = os.path.join(data_dir, "meta.json")
-    if not os.path.isfile(path):
-        die(f"no dataset at {data_dir} (meta.json missing): build it with `python embed.py` "
-            f"(or `python embed.py --dataset=FILE --name={os.path.basename(data_dir)}`)")
-    with open(path) as f:
-        return json.load(f)
 
 def load_split(data_dir, split, meta):
     """-> (rows: a read-only memmap (n, d_emb), offsets: (n_docs + 1,) where each document starts,
@@ -38,37 +30,6 @@ def fit_normalizer(x):
     q25, median, q75 = np.percentile(np.asarray(x, dtype=np.float64), [25, 50, 75], axis=0)
     scale = np.maximum((q75 - q25) / 1.349, 1e-6)  # 1.349: the IQR of a unit normal
     return median.astype(np.float32), scale.astype(np.float32)
-
-def start_work(out, settings, defaults, overwrite, rank):
-    """-> (the settings' key, the work folder for these settings, named by the key, or None if out
-    holds the finished dataset made with them). A dataset made from another source or with
-    other settings is refused in one line; partial work of other settings is removed (rank 0). A
-    knob added since a dataset was made, at its default value, made no difference."""
-    key = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
-    work = os.path.join(out, f"work-{key}")
-    if os.path.exists(os.path.join(out, "meta.json")) and not overwrite:
-        old = load_meta(out).get("settings")
-        if old is None:
-            what = "by an older baselcm, which did not record its settings"
-        elif old["dataset"] != settings["dataset"]:
-            what = f"from {old['dataset']}"
-        else:
-            differ = [k for k in settings if old.get(k, defaults.get(k)) != settings[k]]
-            if not differ:
-                return key, None
-            what = f"with other settings ({', '.join(differ)})"
-        die(f"{out} was built {what}: pass --name=NEW for a new dataset, or --overwrite=True to replace it")
-    if rank == 0:
-        for old_work in glob.glob(os.path.join(out, "work*")):
-            if old_work != work or overwrite:
-                if not overwrite:
-                    print(f"{old_work} holds partial work from other settings: starting clean")
-                shutil.rmtree(old_work)
-        if overwrite and os.path.exists(os.path.join(out, "meta.json")):
-            # unfinished from here on; the new files replace the old
-            os.remove(os.path.join(out, "meta.json"))
-    os.makedirs(work, exist_ok=True)
-    return key, work
 
 def chunks_to_do(docs, chunk_docs, work, rank, world, skipped):
     """-> (k, its rows) for each chunk of chunk_docs rows of docs that this rank encodes and that is
@@ -154,34 +115,6 @@ def finish_dataset(work, out, meta, norm_sample, seed):
     os.replace(os.path.join(out, "meta.json.tmp"), os.path.join(out, "meta.json"))
     shutil.rmtree(work)
 
-def data_facts(data_dir, meta):
-    """What a checkpoint keeps of its dataset, for sample.py and resume."""
-    facts = ("encoder", "lang", "d_emb", "eot", "spacy_model", "max_chars", "key", "prompt_end", "pairs")
-    return {k: meta.get(k) for k in facts} | {"dir": os.path.abspath(data_dir)}
-
-def settings_of(knobs, source, files):
-    """What decides a dataset (embed.py): its knobs, the source, each file's name, size and time."""
-    top = source if os.path.isdir(source) else os.path.dirname(source)
-    settings = dict(knobs, dataset=os.path.abspath(source) if files else source)
-    settings["files"] = [[os.path.relpath(f, top), os.path.getsize(f),
-                          os.stat(f).st_mtime_ns] for f in files]
-    return settings
-
-def same_space(a, b):
-    """Two encoder names that give the same concepts: SONAR's two implementations are one space."""
-    return a == b or {a, b} <= {"sonar", "sonar_hf"}
-
-def check_trained_on(data_dir, meta, trained_on, model, flag, named=True):
-    """One line and an exit if data_dir holds concepts of another space than the model's (trained_on:
-    its checkpoint's "data"), or was rebuilt since, unless named."""
-    if not same_space(meta["encoder"], trained_on["encoder"]) or meta["d_emb"] != trained_on["d_emb"]:
-        die(f"{data_dir} holds {meta['encoder']} concepts (d_emb {meta['d_emb']}), but {model} was "
-            f"trained on {trained_on['encoder']} (d_emb {trained_on['d_emb']}): pass a --{flag} built "
-            "with that encoder")
-    if meta.get("key") != trained_on.get("key") and not named:
-        die(f"{data_dir} was rebuilt after {model} was trained on it: pass --{flag}="
-            f"{os.path.basename(data_dir)} to use it anyway")
-
 def sample_windows(rng, offsets, n, block_size, answers=None):
     """n random windows of up to block_size + 1 rows, each inside one document -> (starts, ends of
     their documents, the first row each window predicts). A document is drawn by its length, the
@@ -209,18 +142,6 @@ def stop_prior(offsets, answers, n):
     rate = logit(len(lengths) / (lengths + 1).sum())
     ends = np.array([((lengths == i).sum() + 0.5) / ((lengths >= i).sum() + 1) for i in range(n)])
     return rate, logit(ends) - rate
-
-def fit(model, meta, offsets, answers, normalizer=True):
-    """This data's numbers in a model that starts on it: the normalizer (a new model's), the training
-    mean (the prediction without context), the stop head's bias (the share of ends: Adam moves a bias
-    slowly) and prior (stop_prior)."""
-    if normalizer:
-        model.normalizer.center.copy_(torch.tensor(meta["normalizer"]["center"]))
-        model.normalizer.scale.copy_(torch.tensor(meta["normalizer"]["scale"]))
-    model.normalizer.mean.copy_(torch.tensor(meta["mean"]))
-    bias, prior = stop_prior(offsets, answers, len(model.stop_prior))
-    model.stop.bias.data.fill_(bias)
-    model.stop_prior.copy_(torch.from_numpy(prior))
 
 def count_targets(starts, ends, first, block_size):
     return int((np.minimum(ends, starts + block_size + 1) - first).clip(0).sum())

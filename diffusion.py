@@ -90,6 +90,13 @@ class DiffusionLCM(BaseLCM):
         return pred, masked_mean(err, mask) + self.stop_loss(out if h is None else h, eot, mask)
 
     @torch.no_grad()
+    def denoising_loss(self, batches):
+        """The training loss on batches of eval_batches, from seeded noise: comparable between evaluations"""
+        generator = torch.Generator(self.alpha_bar.device).manual_seed(0)
+        losses = [self(x, y, mask, generator=generator)[1].item() * mask.sum().item() for x, y, mask, *_ in batches]
+        return sum(losses) / sum(b[2].sum().item() for b in batches)
+
+    @torch.no_grad()
     def predict(self, concepts, last=False, z=None, ddim_steps=10, guidance=3.0, rescale=0.7,
                 init_noise=0.6):
         """Sampling (Algorithm 2): a next concept after each of concepts (B, T, d_emb) (last: after

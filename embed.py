@@ -14,11 +14,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from common import configure, die, end_distributed, first_line, get_device, init_distributed, knobs, require
-from common import writable_dir
-from concepts import EOT_TEXT, check_lang, load_encoder, sentence_splitter, split_sentences
-from datafiles import (chunks_to_do, finish_dataset, same_space, settings_of, start_work,
-                       write_chunk, write_splits)
+from common import (check_lang, configure, die, end_distributed, first_line, get_device, init_distributed,
+                    knobs, require, same_space, settings_of, start_work, writable_dir)
+from concepts import EOT_TEXT, load_encoder, sentence_splitter, split_sentences
+from datafiles import chunks_to_do, finish_dataset, write_chunk, write_splits
 
 dataset = "lee"          # 'lee' (offline default), a .txt .jsonl .json .csv .parquet file, a folder
                          # of them (a .txt file there is one document), or a hub dataset's name

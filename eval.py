@@ -16,8 +16,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-import checkpoints, common, datafiles, metrics
-import generation
+import common, datafiles, generation, metrics
+from checkpoints import model_from
 from concepts import SentenceBank, decoder, load_encoder, roundtrip
 
 out_dir = "out"          # holds ckpt.pt
@@ -39,29 +39,26 @@ given = common.configure(globals(), sys.argv[1:])
 # -----------------------------------------------------------------------------
 # the model, and the training run's data and evaluation windows, but for those given here
 ckpt_path = os.path.join(out_dir, "ckpt.pt")
-checkpoint = checkpoints.load(ckpt_path)
-run = checkpoints.settings(checkpoint)
-for k in ("dataset", "data_root", "eval_iters"):
-    if k not in given:
-        globals()[k] = run[k]
-changed = {k: globals()[k] for k in given if k in run}
-checkpoints.check_changes(checkpoint, ckpt_path, changed, False)
+checkpoint = common.load_checkpoint(ckpt_path)
+run = checkpoint["config"]
+dataset = dataset or run["dataset"]
+data_root = data_root or run["data_root"]
+eval_iters = eval_iters or run["eval_iters"]
 device = common.get_device(device)
 ctx, dtype = common.autocast(dtype, device)
 data_dir = os.path.join(data_root, dataset)
-meta = datafiles.load_meta(data_dir)
+meta = common.load_meta(data_dir)
 # the model's concept space; its own dataset, unless another is named
-datafiles.check_trained_on(data_dir, meta, checkpoint["data"], ckpt_path, "dataset",
-                           "dataset" in given)
-model = checkpoints.model_from(checkpoint).to(device).eval()
-sampling = checkpoints.sampling_settings(model, out_dir, guidance=guidance, ddim_steps=ddim_steps)
+common.check_trained_on(data_dir, meta, checkpoint["data"], ckpt_path, "dataset", "dataset" in given)
+model = model_from(checkpoint).to(device).eval()
+sampling = common.sampling_settings(model, out_dir, guidance=guidance, ddim_steps=ddim_steps)
 rows, offsets, starts = datafiles.load_split(data_dir, "val", meta)
 batches = list(datafiles.eval_batches(rows, offsets, model.config.block_size, run["batch_size"],
                                       eval_iters * run["batch_size"], device, starts))
 windows = sum(len(b[0]) for b in batches)
 # text: SONAR's decoder (either implementation), else retrieval of the nearest training sentence
 enc = bank = None
-if datafiles.same_space(meta["encoder"], "sonar"):
+if common.same_space(meta["encoder"], "sonar"):
     enc = load_encoder(meta["encoder"], device, (sonar_hf_encoder, sonar_hf_decoder))
     decoded_by = "SONAR's decoder"
 else:

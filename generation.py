@@ -41,13 +41,10 @@ class Transcript:
 @torch.no_grad()
 def generate(model, prompts, eot, max_new, feed=None, generators=None, since=0, stop_eot=STOP_EOT,
              stop_end=STOP_END, stop_repeat=STOP_REPEAT, progress=None, **sampling):
-    """prompts: a list of concepts (T_i, d_emb) -> for each, (its new concepts (n, d_emb), the cosine
-    of each to eot, the stop reason: "eot", "stop head", "repeat" or "max_new_concepts"). Each
-    prediction (model.predict's, with the sampling settings, from a standard normal draw of the
-    text's own generator, generators[i]) joins its context as feed(its texts, predictions) makes it,
-    if given (a Transcript); a context over block_size keeps its end. The stop head's odds are
-    multiplied by the odds that the training texts end after as many sentences (since: the text's
-    sentences in the prompt; a pair's has none of its answer). progress(n) hears of the texts that end."""
+    """prompts: concepts (T_i, d_emb) each -> for each text, (its new concepts (n, d_emb), their cosines
+    to eot, the rule that stopped it). Each prediction (model.predict's, drawing z from the text's
+    generator) joins its context as feed makes it (a Transcript), if given. since: the sentences of the
+    text already in its prompt (the stop prior's count); progress(n) hears of the texts that end."""
     out = [None] * len(prompts)
     c = model.config
     # a diffusion model samples each concept against the whole window; the Base-LCM keeps a KV cache
@@ -55,7 +52,7 @@ def generate(model, prompts, eot, max_new, feed=None, generators=None, since=0, 
     for length in sorted({len(p) for p in prompts}):
         rows = [i for i, p in enumerate(prompts) if len(p) == length]
         seq = torch.stack([prompts[i] for i in rows]).float()  # (b, T, d_emb)
-        new = [[] for _ in prompts]
+        new = {i: ([], []) for i in rows}  # each text's concepts and their cosines to eot
         ended = torch.zeros(len(rows), device=seq.device)  # P(the text has ended by now)
         # a tensor per layer, updated in place (compiled, a slice of a big one is copied whole)
         shape = (2, len(rows), c.n_head, c.block_size, c.n_embd // c.n_head)
@@ -64,6 +61,7 @@ def generate(model, prompts, eot, max_new, feed=None, generators=None, since=0, 
         in_cache = 0  # rows of the window already in the cache
         for step in range(max_new):
             if seq.size(1) - start > c.block_size:
+                # the window slides by half its length; the cache starts again
                 start = seq.size(1) - c.block_size // 2
                 in_cache = 0
             # the rows not in the cache yet, at their positions in the window
@@ -75,21 +73,25 @@ def generate(model, prompts, eot, max_new, feed=None, generators=None, since=0, 
             in_cache = seq.size(1) - start if cached else 0
             pred = pred[:, 0]
             cos = F.cosine_similarity(pred, eot[None], dim=-1)
+            # the stop head's odds times the odds that the training texts end after as many sentences
             prior = model.stop_prior[min(since + step, len(model.stop_prior) - 1)]
             ended = 1 - (1 - ended) * (1 - torch.sigmoid(stop[:, 0] + prior))
-            at_end = (cos >= stop_eot) | (ended >= stop_end) & (stop_end > 0)
-            going = (~at_end).nonzero()[:, 0].tolist()
-            if feed is not None and going:
-                pred[going] = feed([rows[j] for j in going], pred[going])
+            # the rules, in the order they are told; the first two end a text before its concept is fed
+            rules = {"eot": cos >= stop_eot, "stop head": (ended >= stop_end) & (stop_end > 0)}
+            going = ~(rules["eot"] | rules["stop head"])
+            if feed is not None and going.any():
+                pred[going] = feed([i for i, g in zip(rows, going) if g], pred[going])
             near = F.cosine_similarity(pred[:, None], seq[:, start:], dim=-1).amax(1)
+            rules["repeat"] = (near >= stop_repeat) & (stop_repeat > 0)
+            rules["max_new_concepts"] = torch.full_like(going, step == max_new - 1)
             seq = torch.cat([seq, pred[:, None]], 1)
             keep = []
             for j, i in enumerate(rows):
-                new[i].append((pred[j], cos[j].item()))
-                reason = "eot" if cos[j] >= stop_eot else "stop head" if at_end[j] else "repeat" \
-                    if near[j] >= stop_repeat > 0 else "max_new_concepts" if step == max_new - 1 else None
+                new[i][0].append(pred[j])
+                new[i][1].append(cos[j].item())
+                reason = next((rule for rule, hit in rules.items() if hit[j]), None)
                 if reason:
-                    out[i] = (torch.stack([p for p, _ in new[i]]), [k for _, k in new[i]], reason)
+                    out[i] = (torch.stack(new[i][0]), new[i][1], reason)
                 else:
                     keep.append(j)
             if progress:

@@ -12,9 +12,9 @@ import json as jsonlib, os, sys
 
 import torch
 
-from checkpoints import load_model, sampling_settings
-from common import can_compile, configure, die, get_device, require
-from concepts import SentenceBank, check_lang, decoder, load_encoder, sentence_splitter, split_sentences
+from checkpoints import load_model
+from common import can_compile, check_lang, check_trained_on, configure, die, get_device, require, sampling_settings
+from concepts import SentenceBank, decoder, load_encoder, sentence_splitter, split_sentences
 from generation import STOP_END, STOP_EOT, STOP_REPEAT, Transcript, generate
 
 out_dir = "out"          # holds ckpt.pt
@@ -67,7 +67,10 @@ enc = load_encoder(data["encoder"], device, (sonar_hf_encoder, sonar_hf_decoder)
 require(enc.d_emb == model.config.d_emb, f"encoder {data['encoder']} gives d_emb {enc.d_emb}, "
         f"the model wants {model.config.d_emb}")
 # SONAR decodes; otherwise the nearest sentence the encoder saw is retrieved, with its cosine
-bank = None if enc.decode else SentenceBank(data_dir or data["dir"], trained_on=data)
+bank = None
+if not enc.decode:
+    bank = SentenceBank(data_dir or data["dir"])
+    check_trained_on(bank.dir, bank.meta, data, "the checkpoint", "data_dir")
 decode = decoder(enc, bank, lang, repeats)
 require(feedback in ("decoded", "raw"), f"--feedback={feedback}: use decoded or raw")
 concepts = torch.as_tensor(enc.encode(prompt, lang=prompt_lang), device=device)  # (T, d_emb)

@@ -8,20 +8,21 @@ $ python train.py config/train_diffusion.py        # the Two-Tower diffusion LCM
 $ python train.py --dataset=pairs --init_from=out --out_dir=out-ft  # finetune on prompt -> answer
 $ torchrun --standalone --nproc_per_node=4 train.py config/train_laptop_gpu.py
 """
-import json, math, os, sys, time
+import math, os, sys, time
 
 import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-import checkpoints, common, datafiles, metrics
+import common, datafiles, metrics
+from checkpoints import MODELS, build_model, model_from
 
 # I/O
 out_dir = "out"
 eval_interval = 25       # iterations between evaluations (and checkpoints)
 log_interval = 10
 eval_iters = 20          # evaluation batches of fixed validation windows
-eval_only = False        # evaluate out_dir's checkpoint instead: eval.py, with the options it knows
+eval_only = False        # evaluate out_dir's checkpoint instead: runs eval.py (with its options too)
 always_save_checkpoint = False  # False: keep the best val loss (small data overfits); True: latest
 init_from = "scratch"    # 'scratch', 'resume' (out_dir/ckpt.pt), or a run's out_dir/ckpt to finetune
 # data
@@ -65,64 +66,30 @@ device = ""              # '' = autodetect: cuda, mps, cpu
 dtype = ""               # '' = bf16 on GPUs that have it, else fp16; fp32 on a Mac and a CPU
 compile = False          # torch.compile the model
 backend = ""             # DDP: '' = nccl on cuda, gloo otherwise
-seed = 1337
+seed = 1337              # the weights' init; each iteration's draws come from (seed, iteration)
 config_keys = common.knobs(globals())
-others = []
-given = common.configure(globals(), sys.argv[1:], others)
-if eval_only:
-    # nanoGPT's way to evaluate a checkpoint; the evaluation is a script of its own, eval.py, which
-    # takes the checkpoint's settings, and the options it knows from here (its own among the others)
-    shared = [f"--{k}={globals()[k]}" for k in given if k in ("out_dir", "dataset", "data_root",
-                                                              "eval_iters", "device", "dtype")]
-    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "eval.py")
-    os.execv(sys.executable, [sys.executable, script, *shared, *others])
-# an option of neither script: one line
-common.configure(globals(), others)
+given = common.configure(globals(), sys.argv[1:])
 
 # -----------------------------------------------------------------------------
-# a new model; or a run's checkpoint, to go on with (resume) or to finetune (another run's)
+# a new model; or a checkpoint to go on with (resume) or to finetune (another run's)
 ckpt_path = os.path.join(out_dir, "ckpt.pt")
 resume = init_from == "resume"
-finetune = not resume and init_from != "scratch"
+finetune = init_from not in ("scratch", "resume")
 if resume or finetune:
     source = ckpt_path if resume else init_from
-    checkpoint = checkpoints.load(source, mmap=False)
-    old = checkpoints.settings(checkpoint)
-    # resuming, all its settings but this machine's; finetuning, its model's
-    take = checkpoints.model_settings(checkpoint) if finetune else [
-        k for k in old if k not in ("out_dir", "init_from", "eval_only", "device", "backend")]
-    for k in take:
-        if k in config_keys and k not in given:
-            globals()[k] = old[k]
-    # those given here stay, but the model's settings cannot change (but for finetuning's dropout)
-    checkpoints.check_changes(checkpoint, source, {k: globals()[k] for k in take if k in given}, finetune)
+    checkpoint = common.load_checkpoint(source, mmap=False)
+    # resuming takes the run's settings, finetuning its model's, but for those given here
+    common.take_settings(globals(), given, checkpoint, source, finetune)
 config = {k: globals()[k] for k in config_keys}
-# settings that no run could use: one line each, before any work is done
-for k in ("batch_size", "block_size", "n_layer", "n_head", "n_embd", "gradient_accumulation_steps",
-          "eval_iters"):
-    common.require(config[k] >= 1, f"--{k}={config[k]} must be at least 1")
-common.require(n_embd % n_head == 0 and n_embd // n_head % 2 == 0, f"--n_embd={n_embd} must be a "
-               f"multiple of --n_head={n_head} with an even head size (RoPE)")
-common.require(0 <= dropout < 1, f"--dropout={dropout} must be in [0, 1)")
-common.require(model_type in checkpoints.MODELS, f"--model_type={model_type}: use baselcm, one_tower or "
-               "two_tower")
-init = os.path.join(init_from, "ckpt.pt") if os.path.isdir(init_from) else init_from
-common.require(os.path.realpath(init) != os.path.realpath(ckpt_path), f"--init_from={init_from} is "
-               "--out_dir's own checkpoint: finetune into another --out_dir")
-# torchrun's processes share the global batch
-world = int(os.environ.get("WORLD_SIZE", 1))
-common.require(world <= gradient_accumulation_steps * batch_size, f"{world} processes share a global batch "
-               f"of {gradient_accumulation_steps * batch_size} windows: raise --batch_size or "
-               "--gradient_accumulation_steps, or use fewer processes")
+common.check_train_settings(config, MODELS)
 
 # -----------------------------------------------------------------------------
-# devices and processes
+# devices and processes: with torchrun, world processes share each global batch (DDP)
 device = common.get_device(device)
 rank, world, device = common.init_distributed(device, backend)
 ddp = torch.distributed.is_initialized()
 master = rank == 0
 ctx, dtype = common.autocast(dtype, device)
-torch.manual_seed(seed + rank)
 torch.backends.cuda.matmul.allow_tf32 = True
 if master:
     common.writable_dir(out_dir, "out_dir")
@@ -130,12 +97,12 @@ if master:
 # -----------------------------------------------------------------------------
 # data: memmaps, never the whole set in RAM
 data_dir = os.path.join(data_root, dataset)
-meta = datafiles.load_meta(data_dir)
+meta = common.load_meta(data_dir)
 if resume or finetune:
     # the checkpoint's concept space; resuming, its data too, unless another is named
-    datafiles.check_trained_on(data_dir, meta, checkpoint["data"], source, "dataset",
-                               finetune or "dataset" in given)
-# answers: prompt -> answer pairs' (the loss covers the answers only), else None
+    common.check_trained_on(data_dir, meta, checkpoint["data"], source, "dataset",
+                            finetune or "dataset" in given)
+# answers: where each prompt -> answer pair's answer starts (the loss covers answers only), else None
 train_rows, train_offsets, train_answers = datafiles.load_split(data_dir, "train", meta)
 val_rows, val_offsets, val_answers = datafiles.load_split(data_dir, "val", meta)
 concepts_per_iter = gradient_accumulation_steps * batch_size * block_size
@@ -143,21 +110,27 @@ if not max_iters:
     # the same number of passes over the data, whatever its size
     max_iters = math.ceil(epochs * meta["train_rows"] / concepts_per_iter)
 lr_decay_iters = lr_decay_iters or max_iters
-# the same on every rank: together they draw one global batch
-data_rng = np.random.default_rng(seed)
-val_batches = lambda: datafiles.eval_batches(val_rows, val_offsets, block_size, batch_size,
-                                             eval_iters * batch_size, device, val_answers)
+val_batches = list(datafiles.eval_batches(val_rows, val_offsets, block_size, batch_size,
+                                          eval_iters * batch_size, device, val_answers))
 
 # -----------------------------------------------------------------------------
 # model
+torch.manual_seed(seed)
 if resume or finetune:
     # its weights and normalizer (finetuning: a dropout of its own)
-    model = checkpoints.model_from(checkpoint, dropout=dropout)
+    model = model_from(checkpoint, dropout=dropout)
 else:
-    model = checkpoints.build_model(model_type, config | {"d_emb": meta["d_emb"]})
+    model = build_model(model_type, config | {"d_emb": meta["d_emb"]})
 if not resume:
-    # this data's numbers: normalizer (a new model), training mean, the stop head's start and prior
-    datafiles.fit(model, meta, train_offsets, train_answers, normalizer=not finetune)
+    # this data's numbers: the normalizer (a new model's), the training mean (the prediction without
+    # context, for guidance), the stop head's bias (the share of ends) and prior (the texts' lengths)
+    if not finetune:
+        model.normalizer.center.copy_(torch.tensor(meta["normalizer"]["center"]))
+        model.normalizer.scale.copy_(torch.tensor(meta["normalizer"]["scale"]))
+    model.normalizer.mean.copy_(torch.tensor(meta["mean"]))
+    stop_bias, stop_prior = datafiles.stop_prior(train_offsets, train_answers, len(model.stop_prior))
+    model.stop.bias.data.fill_(stop_bias)
+    model.stop_prior.copy_(torch.from_numpy(stop_prior))
 model.to(device)
 # a resumed run goes on from its checkpoint's counts
 iter_num = checkpoint["iter_num"] if resume else 0
@@ -166,9 +139,7 @@ evals_since_best = checkpoint["evals_since_best"] if resume else 0
 scaler = torch.amp.GradScaler(torch.device(device).type, enabled=dtype == "float16")
 optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), eps)
 if resume:
-    checkpoints.load_optimizer(optimizer, scaler, checkpoint)
-    data_rng.bit_generator.state = checkpoint["data_rng"]
-    checkpoints.set_rng_states(checkpoint["rng"], device, rank, world)
+    common.load_optimizer(optimizer, scaler, checkpoint)
 raw_model = model
 if compile and common.can_compile(device):
     model = torch.compile(model)
@@ -184,60 +155,32 @@ def get_lr(it):
     ratio = (it - warmup_iters) / max(1, lr_decay_iters - warmup_iters)
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
 
+# the paper's baselines, copying the last concept and predicting the training mean, never change
+train_mean = torch.tensor(meta["mean"], device=device)
+baselines = metrics.evaluate(metrics.baselines(train_mean), val_batches, raw_model.normalizer)
+# the prediction that picks the best checkpoint: a Base-LCM's, unguided; a diffusion model's estimate
+# of the conditional mean (one denoising step from pure noise, unguided: one pass)
+point = {"guidance": 1.0} | ({"ddim_steps": 1} if model_type != "baselcm" else {})
+
 @torch.no_grad()
 def evaluate():
-    """The periodic evaluation on the fixed validation windows: the next-concept metrics of the model's
-    prediction, as of the baselines' (a diffusion model's: its estimate of the conditional mean, one
-    denoising step from pure noise, no guidance: one forward pass), which choose the best checkpoint;
-    and a diffusion model's own loss there (seeded noise) as "denoising"."""
+    """The model's next-concept metrics on the validation windows (a diffusion model's: also its own
+    denoising loss), beside the baselines'"""
     raw_model.eval()
-    batches = list(val_batches())
-    mean = {"guidance": 1.0} | ({"ddim_steps": 1} if model_type != "baselcm" else {})
-    r = metrics.evaluate({"model": metrics.predictor(raw_model, ctx, **mean)}, batches, raw_model.normalizer)
-    if model_type != "baselcm":
-        generator = torch.Generator(device).manual_seed(0)
+    r = metrics.evaluate({"model": metrics.predictor(raw_model, ctx, **point)}, val_batches,
+                         raw_model.normalizer)
+    if hasattr(raw_model, "denoising_loss"):
         with ctx:
-            losses = [raw_model(x, y, mask, generator=generator)[1].item() for x, y, mask, *_ in batches]
-        n = [b[2].sum().item() for b in batches]
-        r["model"]["denoising"] = sum(a * b for a, b in zip(losses, n)) / sum(n)
+            r["model"]["denoising"] = raw_model.denoising_loss(val_batches)
     raw_model.train()
-    return r | baseline_metrics
-
-def log(record):
-    """One record of the run: a JSON line in out_dir/log.jsonl, and to W&B, if on: training as
-    train/loss, lr, ms, mfu; evaluations as val/{model,copy,mean}/{loss,l2,ca}."""
-    log_file.write(json.dumps(record) + "\n")
-    log_file.flush()
-    if wandb_run and "val" in record:
-        wandb_run.log({f"val/{k}/{m}": v for k, r in record["val"].items() for m, v in r.items()
-                       if m in ("loss", "l2", "ca")}, record["iter"])
-    elif wandb_run and "loss" in record:
-        train = {"train/loss": record["loss"]} | {k: record[k] for k in ("lr", "ms", "mfu")}
-        wandb_run.log(train, record["iter"])
+    return r | baselines
 
 # -----------------------------------------------------------------------------
 # training loop
 if master:
     peak = common.measure_peak_flops(device, getattr(torch, dtype))
-    wandb_run = None
-    if wandb_log:
-        # imported here only: a missing or broken wandb, or no login, is one line
-        try:
-            import wandb
-        except Exception as e:
-            common.die(f"--wandb_log=True, but wandb does not import ({type(e).__name__}: "
-                       f"{common.first_line(e)}): pip install wandb")
-        offline = os.environ.get("WANDB_MODE") in ("offline", "disabled")
-        common.require(offline or wandb.login(prompt=False), "--wandb_log=True, but W&B has no login: run "
-                       "`wandb login`, or set WANDB_MODE=offline")
-        # a resumed run goes on with the same W&B run
-        wandb_run = wandb.init(project=wandb_project, name=wandb_run_name or out_dir, config=config,
-                               id=checkpoint["wandb_id"] if resume else None,
-                               resume="allow" if resume else None)
-    log_file = open(os.path.join(out_dir, "log.jsonl"), "a" if resume else "w")
-    # the paper's baselines, copy the last concept and predict the training mean, do not change
-    baselines = metrics.baselines(torch.tensor(meta["mean"], device=device))
-    baseline_metrics = metrics.evaluate(baselines, val_batches(), raw_model.normalizer)
+    log = common.RunLog(out_dir, resume, wandb_log, wandb_project, wandb_run_name or out_dir, config,
+                        checkpoint["wandb_id"] if resume else None)
     print(f"{sum(p.numel() for p in raw_model.parameters()) / 1e6:.2f}M parameters, "
           f"{meta['train_rows']} train concepts ({meta['encoder']}, d_emb {meta['d_emb']}), "
           f"{max_iters} iterations ({max_iters * concepts_per_iter / meta['train_rows']:.1f} epochs), "
@@ -250,8 +193,6 @@ while True:
         group["lr"] = lr
     if iter_num % eval_interval == 0 or iter_num == max_iters:
         stop = torch.zeros((), device=device)
-        # every rank's, for the checkpoint
-        rng = checkpoints.rng_states(device)
         if master:
             r = evaluate()
             denoising = r["model"].get("denoising")
@@ -261,18 +202,17 @@ while True:
             log({"iter": iter_num, "val": r})
             if iter_num > 0:
                 evals_since_best += 1
-                # a diffusion model's: its conditional mean's, what it reads of the context
                 if r["model"]["loss"] < best_val_loss:
                     best_val_loss = r["model"]["loss"]
                     evals_since_best = 0
                 if evals_since_best == 0 or always_save_checkpoint:
-                    common.atomic_save({"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
-                                        "scaler": scaler.state_dict(), "model_args": raw_model.config.__dict__,
-                                        "iter_num": iter_num, "best_val_loss": best_val_loss,
-                                        "evals_since_best": evals_since_best, "config": config,
-                                        "data_rng": data_rng.bit_generator.state, "rng": rng,
-                                        "data": datafiles.data_facts(data_dir, meta),
-                                        "wandb_id": wandb_run.id if wandb_run else None}, ckpt_path)
+                    checkpoint = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+                                  "model_args": raw_model.config.__dict__, "iter_num": iter_num,
+                                  "best_val_loss": best_val_loss, "config": config,
+                                  # what sampling and the checks need of the data; the rest of the run
+                                  "data": common.data_facts(data_dir, meta), "scaler": scaler.state_dict(),
+                                  "evals_since_best": evals_since_best, "wandb_id": log.wandb_id}
+                    common.atomic_save(checkpoint, ckpt_path)
             stop.fill_(patience > 0 and evals_since_best >= patience)
         if ddp:
             # the processes stop together
@@ -287,11 +227,13 @@ while True:
         t0_iter = iter_num
     if iter_num >= max_iters:
         break
-    # one global batch, drawn alike on every rank, each taking a share in micro-batches; the loss is
-    # averaged over the global batch's targets, so the gradient does not depend on the sharing
-    windows = gradient_accumulation_steps * batch_size
-    starts, ends, first = datafiles.sample_windows(data_rng, train_offsets, windows, block_size,
-                                                   train_answers)
+    # each iteration draws from seeds of its own: the windows alike on every process, dropout and noise
+    # per process; so a resumed run draws what an unbroken one would have
+    rng = np.random.default_rng([seed, iter_num])
+    torch.manual_seed(int(rng.integers(2 ** 31)) + rank)
+    # one global batch of windows; this process takes its share of them, in micro-batches
+    starts, ends, first = datafiles.sample_windows(rng, train_offsets, gradient_accumulation_steps * batch_size,
+                                                   block_size, train_answers)
     n_targets = datafiles.count_targets(starts, ends, first, block_size)
     share = np.array_split(np.arange(len(starts)), world)[rank]
     micro_batches = np.array_split(share, math.ceil(len(share) / batch_size))
@@ -304,8 +246,9 @@ while True:
             model.require_backward_grad_sync = i == len(micro_batches) - 1
         with ctx:
             _, loss = model(x, y, mask, eot)
-        # DDP averages over the world
-        loss = loss * mask.sum() * world / n_targets
+        # the micro-batch's mean over its targets -> its part of the mean over the global batch's; times
+        # world, as DDP averages the processes' gradients: the gradient does not depend on the sharing
+        loss = loss * mask.sum() / n_targets * world
         loss_sum += loss.detach()
         scaler.scale(loss).backward()
     if grad_clip > 0:
@@ -316,13 +259,13 @@ while True:
     optimizer.zero_grad(set_to_none=True)
     iter_num += 1
     if ddp and iter_num % log_interval == 0:
-        # the global batch's loss: each rank holds its share
+        # the global batch's loss: each process holds its share
         torch.distributed.all_reduce(loss_sum)
     if master and iter_num % log_interval == 0:
         # .item() syncs with the device: only when logging
         loss_val = loss_sum.item() / world
         dt = (time.time() - t0) / (iter_num - t0_iter)
-        # the global batch's FLOPs over the peak of all processes (each measured like rank 0's)
+        # the global batch's FLOPs over the peak of all processes (each measured like this one's)
         mfu = raw_model.flops_per_concept() * concepts_per_iter / dt / (peak * world)
         print(f"iter {iter_num}: loss {loss_val:.2f}, lr {lr:.2e}, {dt * 1000:.1f}ms, "
               f"{n_targets / dt:.0f} concepts/s, mfu {100 * mfu:.1f}%")

@@ -19,7 +19,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-import checkpoints, datafiles  # noqa: E402
+import checkpoints, common, datafiles  # noqa: E402
 from common import configure, require  # noqa: E402
 from concepts import SentenceBank  # noqa: E402
 
@@ -88,8 +88,8 @@ if kind == "concepts":
     data_dir = ckpt["data"]["dir"]
     require(os.path.isdir(data_dir), f"{data_dir}, the dataset of {runs[0]}, is gone: build it again "
             "with embed.py")
-    meta = datafiles.load_meta(data_dir)
-    datafiles.check_trained_on(data_dir, meta, models[1][1]["data"], runs[1], "out_dirs")
+    meta = common.load_meta(data_dir)
+    common.check_trained_on(data_dir, meta, models[1][1]["data"], runs[1], "out_dirs")
     bank = SentenceBank(data_dir, meta)
     rows, offsets, _ = datafiles.load_split(data_dir, "val", meta)
     texts = open(os.path.join(data_dir, "val.txt"), encoding="utf-8").read().splitlines()

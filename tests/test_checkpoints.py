@@ -1,6 +1,6 @@
 """
-Checkpoints (checkpoints.py, common.atomic_save): atomic writes, compiled models, every rank's random
-states, and what an older baselcm wrote.
+Checkpoints (checkpoints.py, common.py): atomic writes, compiled models, and what an older baselcm
+wrote.
 """
 import json, os, shutil
 
@@ -63,26 +63,6 @@ def test_a_diffusion_checkpoint_made_before_its_best_was_the_conditional_means_l
                         "config": {"model_type": "two_tower"}, "best_val_loss": 330.0}, tmp_path / "d.pt")
     _, ckpt = checkpoints.load_model(str(tmp_path / "d.pt"))
     assert ckpt["best_val_loss"] == 330.0 and capsys.readouterr().out == ""
-
-def test_rng_states_restore_each_generator_of_the_device_a_run_drew_from(monkeypatch, capsys):
-    torch.manual_seed(3)
-    states = checkpoints.rng_states("cpu")
-    drawn = torch.rand(4)
-    torch.manual_seed(4)
-    checkpoints.set_rng_states(states, "cpu", 0, 1)
-    assert torch.equal(torch.rand(4), drawn)
-    assert capsys.readouterr().out == ""
-    # a GPU's generator (torch.cuda's functions stand in): saved, and restored on that kind only
-    gpu = {"state": torch.tensor([1, 2], dtype=torch.uint8)}
-    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda: gpu["state"])
-    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s: gpu.update(state=s))
-    states = checkpoints.rng_states("cuda")
-    assert states[0]["device"] == "cuda" and torch.equal(states[0]["cuda"], torch.tensor([1, 2]))
-    gpu["state"] = torch.tensor([9, 9], dtype=torch.uint8)
-    checkpoints.set_rng_states(states, "cuda", 0, 1)
-    assert torch.equal(gpu["state"], torch.tensor([1, 2]))
-    checkpoints.set_rng_states(states, "cpu", 0, 2)
-    assert "states of 1 process(es) on cuda, this run is 2 on cpu" in capsys.readouterr().out
 
 @pytest.mark.slow
 def test_a_dataset_and_checkpoint_written_by_d41f47d_still_work(tmp_path):

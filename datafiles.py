@@ -8,7 +8,7 @@ drawn from it. data_root/name/ holds:
   meta.json                            encoder, d_emb, normalizer, mean, eot, settings, ... (written last)
 Every document ends with the row of "End of text.".
 """
-import glob, itertools, json, os, zlib
+import glob, itertools, json, os, shutil, zlib
 
 import numpy as np
 import torch
@@ -17,8 +17,8 @@ from tqdm import tqdm
 from common import die
 
 def load_split(data_dir, split, meta):
-    """-> (rows: a read-only memmap (n, d_emb), offsets: (n_docs + 1,) where each document starts,
-    answers: (n_docs,) where each answer starts, in a dataset of prompt -> answer pairs; or None)."""
+    """-> (rows: a read-only memmap (n, d_emb), offsets (n_docs + 1,): where each document starts,
+    answers (n_docs,): where each pair's answer starts, or None)"""
     rows = np.memmap(os.path.join(data_dir, f"{split}.bin"), dtype=meta["dtype"], mode="r")
     offsets = np.load(os.path.join(data_dir, f"{split}_offsets.npy"))
     answers = np.load(os.path.join(data_dir, f"{split}_answers.npy")) if meta.get("pairs") else None
@@ -116,10 +116,8 @@ def finish_dataset(work, out, meta, norm_sample, seed):
     shutil.rmtree(work)
 
 def sample_windows(rng, offsets, n, block_size, answers=None):
-    """n random windows of up to block_size + 1 rows, each inside one document -> (starts, ends of
-    their documents, the first row each window predicts). A document is drawn by its length, the
-    start uniformly where the window fits. Pairs (answers: where each answer starts): each pair
-    alike, its last rows, up to its end of text; only the answer is predicted."""
+    """n random windows of up to block_size + 1 rows inside a document, drawn by its length -> (starts,
+    ends of their documents, the first row each predicts). Pairs (answers): each pair alike, its end."""
     if answers is not None:
         doc = rng.integers(0, len(offsets) - 1, n)
         end = offsets[doc + 1]
@@ -134,9 +132,8 @@ def sample_windows(rng, offsets, n, block_size, answers=None):
     return start, end, start + 1
 
 def stop_prior(offsets, answers, n):
-    """The texts' lengths (a text: a document, or a pair's answer) as the stop head's prior -> (the
-    log-odds that a target is end of text; the log-odds that a text of i sentences ends there, against
-    that, (n,))."""
+    """The texts' lengths (documents, or answers) -> (the log-odds that a target is end of text; (n,) the
+    log-odds that a text of i sentences ends there, less that)"""
     lengths = offsets[1:] - 1 - (offsets[:-1] if answers is None else answers)
     logit = lambda p: np.log(p / (1 - p))
     rate = logit(len(lengths) / (lengths + 1).sum())
@@ -147,9 +144,8 @@ def count_targets(starts, ends, first, block_size):
     return int((np.minimum(ends, starts + block_size + 1) - first).clip(0).sum())
 
 def get_batch(rows, starts, ends, first, block_size, device="cpu"):
-    """-> x (B, T, d_emb) inputs, y (B, T, d_emb) next concepts, mask (B, T) real targets (in the
-    document, from first on), eot (B, T) the targets that end their document. Short documents are
-    padded with zeros; causality keeps padding out of the real positions."""
+    """-> x (B, T, d_emb) inputs, y (B, T, d_emb) next concepts, mask (B, T) real targets (in the document,
+    from first on), eot (B, T) those that end it. Short documents are padded with zeros (after them)."""
     n = np.minimum(ends - starts, block_size + 1)
     buf = np.zeros((len(starts), block_size + 1, rows.shape[1]), dtype=np.float32)
     for i, (s, k) in enumerate(zip(starts, n)):
@@ -170,9 +166,8 @@ def get_batch(rows, starts, ends, first, block_size, device="cpu"):
     return buf[:, :-1], buf[:, 1:], flags[0], flags[1]
 
 def eval_batches(rows, offsets, block_size, batch_size, n_windows, device, answers=None):
-    """Fixed windows over the first documents, every target predicted once, in batches: x, y, mask,
-    eot as get_batch, doc (B,) each window's document and row (B, T) each target's row (the metrics
-    find a target's neighbours by them). Pairs (answers): a window a pair, predicting its answer."""
+    """Fixed windows over the first documents, every target once (pairs: a window each, the answer), in
+    batches: x, y, mask, eot as get_batch's, doc (B,) each window's document, row (B, T) each target's"""
     starts = []
     for lo, end in zip(offsets[:-1], offsets[1:]):
         starts += [max(lo, end - block_size - 1)] if answers is not None else range(lo, end - 1, block_size)

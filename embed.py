@@ -14,9 +14,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from common import (check_lang, configure, die, end_distributed, first_line, get_device, init_distributed,
+from common import (configure, die, end_distributed, first_line, get_device, init_distributed,
                     knobs, require, same_space, settings_of, start_work, writable_dir)
-from concepts import EOT_TEXT, load_encoder, sentence_splitter, split_sentences
+from concepts import EOT_TEXT, check_lang, load_encoder, sentence_splitter, split_sentences
 from datafiles import chunks_to_do, finish_dataset, write_chunk, write_splits
 
 dataset = "lee"          # 'lee' (offline default), a .txt .jsonl .json .csv .parquet file, a folder

@@ -12,7 +12,6 @@ $ python eval.py --out_dir=out-diffusion --curve=1,1.5,2,3,5   # CA against l2 a
 """
 import json, os, sys
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -67,18 +66,15 @@ else:
 nearest = roundtrip(enc, bank, meta["lang"])
 sentences = open(os.path.join(data_dir, "val.txt"), encoding="utf-8").read().splitlines()
 if mi_model:
-    try:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    with common.one_line(f"cannot load --mi_model={mi_model}", "name a causal LM such as gpt2 (downloads "
+                         "once) or a local folder", OSError):
         tokenizer = AutoTokenizer.from_pretrained(mi_model)
         lm = AutoModelForCausalLM.from_pretrained(mi_model).to(device).eval()
-    except OSError as e:
-        common.die(f"cannot load --mi_model={mi_model} ({common.first_line(e)}): name a causal LM "
-                   "such as gpt2 (downloads once) or a local folder")
 
 def decoded(p, y, mask, doc, row):
-    """The sums of rt_l2, the distance of a prediction's round trip (decoded, encoded again) to the
-    truth, and near, its cosine to the prediction: how close the prediction lies to a real sentence;
-    with an LM, of MI: the decoded sentence given the previous 10 of its document (paper: k=10)."""
+    """Sums of rt_l2 (the decoded prediction's distance to the truth), near (its cosine to the
+    prediction) and, with an LM, MI (given the 10 sentences before it, the paper's k)"""
     texts, back = nearest(p[mask].float())
     back = torch.as_tensor(back, device=y.device)
     sums = {"rt_l2": (back - y[mask]).norm(dim=-1).sum().item(),
@@ -131,9 +127,8 @@ if curve:
 eot = torch.tensor(meta["eot"], device=device)
 
 def write(prompts, since, feedback, repeats, seed):
-    """prompts: (concepts, sentences) each -> a Transcript of up to 8 sentences after each, decoded
-    as they come and fed back, with sample.py's stops; .stops: each text's reason. Each text draws
-    from a generator of its own (seed, its index): the same texts, one at a time or all at once."""
+    """prompts: (concepts, sentences) each -> a Transcript of up to 8 sentences each, with .stops; each
+    text draws from a generator of its own (seed, its index): the same, alone or in a batch"""
     decode = decoder(enc, bank, meta["lang"], repeats)
     said = generation.Transcript(decode, [t for _, t in prompts], feedback)
     generators = [torch.Generator(device).manual_seed(1000 * seed + i) for i in range(len(prompts))]

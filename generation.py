@@ -16,10 +16,9 @@ STOP_END = 0.5
 STOP_REPEAT = 0.95
 
 class Transcript:
-    """What generate feeds back, text by text: each new concept decoded at once (decode: concepts.
-    decoder's, passing over the text's sentences in avoid and those said so far); its sentence,
-    retrieval cosine and decoded concept kept (texts[i], sims[i], concepts[i]); the context takes the
-    decoded sentence's concept (feedback 'decoded') or the prediction itself ('raw')."""
+    """What generate feeds back: each new concept decoded at once (decode: concepts.decoder's, avoiding
+    the text's sentences in avoid and those said so far), its sentence, cosine and concept kept; the
+    context takes the decoded sentence's concept (feedback 'decoded') or the prediction ('raw')."""
 
     def __init__(self, decode, avoid, feedback="decoded"):
         self.decode = decode
@@ -41,10 +40,9 @@ class Transcript:
 @torch.no_grad()
 def generate(model, prompts, eot, max_new, feed=None, generators=None, since=0, stop_eot=STOP_EOT,
              stop_end=STOP_END, stop_repeat=STOP_REPEAT, progress=None, **sampling):
-    """prompts: concepts (T_i, d_emb) each -> for each text, (its new concepts (n, d_emb), their cosines
-    to eot, the rule that stopped it). Each prediction (model.predict's, drawing z from the text's
-    generator) joins its context as feed makes it (a Transcript), if given. since: the sentences of the
-    text already in its prompt (the stop prior's count); progress(n) hears of the texts that end."""
+    """prompts: concepts (T_i, d_emb) each -> for each text, (its new concepts (n, d_emb), their cosines to
+    eot, the rule that stopped it). Each prediction (drawing from the text's generator) joins its context
+    as feed makes it (a Transcript), if given; since: the text's sentences in the prompt (the prior's)."""
     out = [None] * len(prompts)
     c = model.config
     # a diffusion model samples each concept against the whole window; the Base-LCM keeps a KV cache

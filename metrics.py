@@ -10,12 +10,9 @@ from torch.nn import functional as F
 
 @torch.no_grad()
 def concept_metrics(pred, x, y, mask, normalizer, doc, row):
-    """Sums over one batch for a predictor. pred, x (inputs), y (targets): (B, T, d_emb); mask (B, T);
-    doc, row: as eval_batches gives them. loss: the training loss. l2: the distance to the true next
-    concept. ca: contrastive accuracy as in the paper: against the batch's other targets but the
-    truth's neighbours in its document; ca_doc as in the official code: other documents' targets.
-    par: the predictions' mean max cosine to their context over the true next concepts' (a ratio of
-    means: a per-prediction ratio explodes where the truth's is near 0)."""
+    """Sums over one batch (as eval_batches gives it) of a predictor's pred (B, T, d_emb): the loss, l2,
+    CA (the paper's: against the batch's other targets but the truth's neighbours; ca_doc, the official
+    code's: other documents' targets) and PAR (a ratio of means: one per prediction explodes near 0)"""
     pred = pred.float()
     x = x.float()
     y = y.float()
@@ -57,9 +54,8 @@ def finish_metrics(sums):
 
 @torch.no_grad()
 def coherence_mi(lm, tokenizer, texts, contexts):
-    """MI as sums: (log p(s | its context sentences) - log p(s), summed over the texts s; their
-    length in tokens); MI is the first over the second. A newline starts and ends a text
-    (official)."""
+    """MI as sums: (log p(s | its context) - log p(s) over the texts s, their tokens); a newline starts
+    and ends a text (official)"""
     gain = 0.0
     n_tokens = 0
     for text, context in zip(texts, contexts):
@@ -81,15 +77,10 @@ def closeness(generated, real):
     return cos.amax(1).mean().item()
 
 def continuations(write, rows, offsets, texts, train_rows, train_offsets, k=3):
-    """Generation against the real text: the first k sentences of each validation document of at
-    least k + 2 are the prompt; write(prompts, since, feedback, repeats, seed) continues them (a
-    generate.Transcript, each text's stop reason in .stops), decoded sentences or raw predictions fed
-    back. -> name -> the closeness (above) of the generated sentences to the document's real rest,
-    the share of distinct sentences per text, the sentences generated (mean and median) and the
-    share that ended at end of text; "real": the real rest's length. "4 samples": four continuations
-    of each prompt, each from its own draws: their closeness, the share of distinct sentences among
-    all four, the mean cosine distance between their first concepts. Baselines: 8 random training
-    sentences; the prompt's last, repeated."""
+    """Each validation document's first k sentences continued by write(prompts, since, feedback,
+    repeats, seed) (-> a Transcript with .stops): the closeness of each mode's texts to the real rest,
+    their distinct share and lengths; four samples of each prompt (their distinct share, the spread of
+    their first concepts); baselines: 8 random training sentences, the prompt's last repeated."""
     docs = [(lo, end) for lo, end in zip(offsets[:-1], offsets[1:] - 1) if end - lo >= k + 2]
     real = [torch.as_tensor(np.asarray(rows[lo:end], dtype=np.float32)) for lo, end in docs]
     prompts = [(x[:k], texts[lo:lo + k]) for x, (lo, _) in zip(real, docs)]
@@ -128,13 +119,10 @@ def continuations(write, rows, offsets, texts, train_rows, train_offsets, k=3):
 
 def answers(write, rows, offsets, starts, texts, nearest, train_texts, train_offsets, train_starts,
             cut, prompt_end=""):
-    """Prompt -> answer pairs, scored as the paper does: each validation answer (from the row
-    starts) generated from its prompt's last cut sentences by write (as continuations' takes it),
-    joined with spaces and scored against the reference with Google's rouge-score: ROUGE-1, ROUGE-2
-    and ROUGE-L F-measure, no stemming. Baselines: lead-k, the prompt's first k sentences (k: the
-    references' mean length); a random training answer; the decoder's best, the reference's own
-    concepts decoded (nearest: concepts.roundtrip's). -> name -> the means of rouge1, rouge2, rougeL,
-    sentences."""
+    """Prompt -> answer pairs scored as the paper does: each answer generated from its prompt's last cut
+    sentences by write, joined and scored by rouge-score (ROUGE-1, -2, -L F-measure, no stemming).
+    Baselines: lead-k (k: the references' mean length), a random training answer, and the reference's
+    own concepts decoded by nearest (the decoder's best)."""
     from rouge_score.rouge_scorer import RougeScorer
     scorer = RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=False, split_summaries=True)
     rng = np.random.default_rng(0)
@@ -162,9 +150,7 @@ def answers(write, rows, offsets, starts, texts, nearest, train_texts, train_off
     return r | {"pairs": len(pairs), "real": {"sentences": np.mean(real), "median": np.median(real)}}
 
 def lengths(texts, stops):
-    """Generated texts (each a list of sentences) and their stop reasons -> the mean and median of
-    their sentences, and the share that ended at end of text (by either rule: not by a repeat, nor
-    by the cap)."""
+    """Texts and their stop reasons -> their sentences' mean and median, the share ended at end of text"""
     n = [len(t) for t in texts]
     return {"sentences": np.mean(n), "median": np.median(n),
             "eot": np.mean([s in ("eot", "stop head") for s in stops])}
@@ -174,9 +160,8 @@ def baselines(mean):
     return {"copy": lambda x: x, "mean": lambda x: mean.expand_as(x)}
 
 def predictor(model, ctx, **sampling):
-    """A model as a predictor of the next concept at every position, in the encoder's space: (B, T,
-    d_emb) -> (B, T, d_emb). Its draws (a diffusion model's) come from a seeded generator, so that
-    evaluations are repeatable and training's own random state stays untouched."""
+    """A model as a predictor, (B, T, d_emb) -> the next concepts (B, T, d_emb); its draws (a diffusion
+    model's) from a seeded generator: evaluations repeat, training's random state stays untouched"""
     def predict(x):
         z = torch.randn(x.shape, generator=torch.Generator(x.device).manual_seed(0), device=x.device)
         with ctx:
@@ -185,9 +170,8 @@ def predictor(model, ctx, **sampling):
 
 @torch.no_grad()
 def evaluate(predictors, batches, normalizer, more=None):
-    """Teacher-forced next-concept metrics for each predictor, name -> function x -> predictions
-    (B, T, d_emb) in the encoder's space, over batches from datafiles.eval_batches; more(pred, y,
-    mask, doc, row) -> more sums (eval.py's round trip and MI; finish_metrics knows them)."""
+    """Teacher-forced metrics of each predictor (name -> x -> predictions) over eval_batches' batches;
+    more(pred, y, mask, doc, row) -> more sums (eval.py's round trip and MI)"""
     sums = {}
     for x, y, mask, _, doc, row in batches:
         for name, predict in predictors.items():

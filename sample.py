@@ -13,8 +13,8 @@ import json as jsonlib, os, sys
 import torch
 
 from checkpoints import load_model
-from common import can_compile, check_lang, check_trained_on, configure, die, get_device, require, sampling_settings
-from concepts import SentenceBank, decoder, load_encoder, sentence_splitter, split_sentences
+from common import can_compile, check_trained_on, configure, get_device, read_text, require, sampling_settings
+from concepts import SentenceBank, check_lang, decoder, load_encoder, sentence_splitter, split_sentences
 from generation import STOP_END, STOP_EOT, STOP_REPEAT, Transcript, generate
 
 out_dir = "out"          # holds ckpt.pt
@@ -52,12 +52,7 @@ prompt_lang = prompt_lang or data["lang"]
 lang = lang or prompt_lang
 check_lang(prompt_lang, "--prompt_lang")
 check_lang(lang)
-if start.startswith("FILE:"):
-    require(os.path.isfile(start[5:]), f"prompt file {start[5:]} not found")
-    try:
-        start = open(start[5:], encoding="utf-8").read()
-    except UnicodeDecodeError as e:
-        die(f"prompt file {start[5:]} is not UTF-8 ({e.reason} at byte {e.start}): re-save it as UTF-8")
+start = read_text(start[5:], "prompt file") if start.startswith("FILE:") else start
 prompt = split_sentences(sentence_splitter(data["spacy_model"]), [start], data["max_chars"])[0]
 require(prompt, "the prompt is empty: pass --start='Some sentences.' or --start=FILE:prompt.txt")
 # a model finetuned on pairs whose prompts closed with a sentence (embed.py --prompt_end) expects it

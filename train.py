@@ -8,7 +8,7 @@ $ python train.py config/train_diffusion.py        # the Two-Tower diffusion LCM
 $ python train.py --dataset=pairs --init_from=out --out_dir=out-ft  # finetune on prompt -> answer
 $ torchrun --standalone --nproc_per_node=4 train.py config/train_laptop_gpu.py
 """
-import math, os, sys, time
+import json, math, os, sys, time
 
 import numpy as np
 import torch
@@ -110,6 +110,9 @@ if not max_iters:
     # the same number of passes over the data, whatever its size
     max_iters = math.ceil(epochs * meta["train_rows"] / concepts_per_iter)
 lr_decay_iters = lr_decay_iters or max_iters
+# what a checkpoint keeps of its data: for sample.py, and the checks that refuse to mix datasets
+data_facts = {k: meta.get(k) for k in ("encoder", "lang", "d_emb", "eot", "spacy_model", "max_chars", "key",
+                                       "prompt_end", "pairs")} | {"dir": os.path.abspath(data_dir)}
 val_batches = list(datafiles.eval_batches(val_rows, val_offsets, block_size, batch_size,
                                           eval_iters * batch_size, device, val_answers))
 
@@ -176,11 +179,35 @@ def evaluate():
     return r | baselines
 
 # -----------------------------------------------------------------------------
+# the run's log: a JSON line a record in out_dir/log.jsonl, and W&B's charts if wandb_log
+if master:
+    log_file = open(os.path.join(out_dir, "log.jsonl"), "a" if resume else "w")
+    wandb_run = None
+    if wandb_log:
+        # imported here only: a missing or broken wandb, or no login, is one line
+        with common.one_line("--wandb_log=True, but wandb does not import", "pip install wandb"):
+            import wandb
+        offline = os.environ.get("WANDB_MODE") in ("offline", "disabled")
+        common.require(offline or wandb.login(prompt=False), "--wandb_log=True, but W&B has no login: run "
+                       "`wandb login`, or set WANDB_MODE=offline")
+        # a resumed run goes on with its W&B run
+        run_id = checkpoint["wandb_id"] if resume else None
+        wandb_run = wandb.init(project=wandb_project, name=wandb_run_name or out_dir, config=config, id=run_id,
+                               resume="allow" if resume else None)
+
+def log(record):
+    log_file.write(json.dumps(record) + "\n")
+    log_file.flush()
+    if wandb_run and "val" in record:
+        wandb_run.log({f"val/{k}/{m}": v for k, r in record["val"].items() for m, v in r.items()
+                       if m in ("loss", "l2", "ca")}, record["iter"])
+    elif wandb_run and "loss" in record:
+        wandb_run.log({"train/loss": record["loss"]} | {k: record[k] for k in ("lr", "ms", "mfu")}, record["iter"])
+
+# -----------------------------------------------------------------------------
 # training loop
 if master:
     peak = common.measure_peak_flops(device, getattr(torch, dtype))
-    log = common.RunLog(out_dir, resume, wandb_log, wandb_project, wandb_run_name or out_dir, config,
-                        checkpoint["wandb_id"] if resume else None)
     print(f"{sum(p.numel() for p in raw_model.parameters()) / 1e6:.2f}M parameters, "
           f"{meta['train_rows']} train concepts ({meta['encoder']}, d_emb {meta['d_emb']}), "
           f"{max_iters} iterations ({max_iters * concepts_per_iter / meta['train_rows']:.1f} epochs), "
@@ -210,8 +237,8 @@ while True:
                                   "model_args": raw_model.config.__dict__, "iter_num": iter_num,
                                   "best_val_loss": best_val_loss, "config": config,
                                   # what sampling and the checks need of the data; the rest of the run
-                                  "data": common.data_facts(data_dir, meta), "scaler": scaler.state_dict(),
-                                  "evals_since_best": evals_since_best, "wandb_id": log.wandb_id}
+                                  "data": data_facts, "scaler": scaler.state_dict(),
+                                  "evals_since_best": evals_since_best, "wandb_id": wandb_run and wandb_run.id}
                     common.atomic_save(checkpoint, ckpt_path)
             stop.fill_(patience > 0 and evals_since_best >= patience)
         if ddp:

@@ -150,9 +150,10 @@ def sentences(rows):
     prompts = parts[0] if len(parts) == 2 else [[]] * len(rows)
     return [(p + [prompt_end] if p and prompt_end else p, t) for p, t in zip(prompts, parts[-1])]
 
-def embed_chunk(rows, docs):
+def embed_chunk(rows, docs, progress):
     """-> (each document's sentences and end of text, their concepts, where each one's answer starts
-    (pairs; else 0), whether each is held out (None: by hash), the documents skipped: no text)"""
+    (pairs; else 0), whether each is held out (None: by hash), the documents skipped: no text);
+    progress(sentences, documents) hears of them as they are encoded"""
     kept = [(r, p, text) for r, (p, text) in zip(rows, docs) if text]
     sents = [p + text for _, p, text in kept]
     if official:
@@ -162,9 +163,15 @@ def embed_chunk(rows, docs):
         closing = [enc.encode([prompt_end], lang=lang)] if prompt_end else []
         emb = [np.concatenate([given(r, "prompt_sentences_sonar_emb")] + closing * (len(p) > 0)
                               + [given(r, "text_sentences_sonar_emb")]) for r, p, _ in kept]
+        progress(sum(map(len, emb)), len(kept))
     else:
         flat = [s for doc in sents for s in doc]
-        emb = [enc.encode(flat, lang=lang, batch_size=batch_size)] if flat else []
+        ends = np.cumsum([len(s) for s in sents])
+        # a few batches at a time, so that progress shows on long documents too
+        emb = []
+        for at in range(0, len(flat), 8 * batch_size):
+            emb.append(enc.encode(flat[at:at + 8 * batch_size], lang=lang, batch_size=batch_size))
+            progress(len(emb[-1]), np.searchsorted(ends, at + len(emb[-1]), side="right"))
     emb = np.concatenate(emb + [np.zeros((0, enc.d_emb), np.float32)])
     # end of text closes each document
     emb = np.insert(emb, np.cumsum([len(s) for s in sents], dtype=np.int64), eot, axis=0)
@@ -175,23 +182,31 @@ def embed_chunk(rows, docs):
 
 # chunk k belongs to rank k % world; a chunk already on disk is not encoded again
 t0 = time.time()
-n_sent = 0
-bar = tqdm(total=max_docs or None, unit="doc", disable=rank != 0, desc=f"embed {out}")
+n_docs = 0  # documents done, or passed over (on disk, or another rank's)
+bar = tqdm(unit="sent", disable=rank != 0, desc=f"embed {out}", postfix={"docs": 0})
+
+def docs_done(n):
+    global n_docs
+    n_docs += n
+
+def progress(sentences, docs):
+    # sentences encoded, and the documents of the chunk that they complete
+    bar.update(sentences)
+    bar.set_postfix(docs=n_docs + docs, refresh=False)
+
 try:
     # chunk k + 1 is split into sentences while chunk k is encoded
     with ThreadPoolExecutor(1) as pool:
-        todo = chunks_to_do(docs, chunk_docs, work, rank, world, skipped=bar.update)
+        todo = chunks_to_do(docs, chunk_docs, work, rank, world, docs_done)
         jobs = ((k, rows, pool.submit(sentences, rows)) for k, rows in todo)
         job = next(jobs, None)
         while job:
             k, rows, split = job
             job = next(jobs, None)
-            sents, emb, answers, held_out, n_empty = embed_chunk(rows, split.result())
-            # sentences encoded, without the end-of-text rows
-            n_sent += len(emb) - len(sents)
+            sents, emb, answers, held_out, n_empty = embed_chunk(rows, split.result(), progress)
             write_chunk(work, rank, k, emb, sents, answers, held_out, n_empty)
-            bar.update(len(rows))
-            bar.set_postfix(sent_per_s=f"{n_sent * world / (time.time() - t0):.0f}")
+            docs_done(len(rows))
+            bar.set_postfix(docs=n_docs)
 except UnicodeDecodeError as e:
     # streaming reads the file as it goes
     not_utf8(dataset, e)
@@ -212,5 +227,5 @@ finish_dataset(work, out, meta, norm_sample, seed)
 print(f"{out}: {meta['train_docs']} train / {meta['val_docs']} val documents, "
       f"{meta['train_rows']} / {meta['val_rows']} concepts (d_emb {enc.d_emb}, {encoder}); "
       f"{meta['empty_docs_skipped']} empty documents skipped; {time.time() - t0:.1f}s, "
-      f"{n_sent * world / (time.time() - t0):.0f} sentences/s")
+      f"{bar.n * world / (time.time() - t0):.0f} sentences/s")
 end_distributed()

@@ -132,7 +132,7 @@ class BaseLCM(nn.Module):
                 nn.init.normal_(p, std=0.02 / math.sqrt(2 * config.n_layer) if scaled else 0.02)
 
     def transformer(self, x, pos, attn_mask=None, cache=None):
-        """The blocks on x (B, T, n_embd) at positions pos (T,), causal unless attn_mask says otherwise"""
+        """The blocks on x (B, T, n_embd) at positions pos (T,), causal unless attn_mask"""
         angles = pos[:, None].float() * self.inv_freq  # (T, hs/2)
         cos, sin = angles.cos(), angles.sin()
         for i, block in enumerate(self.blocks):
@@ -140,9 +140,7 @@ class BaseLCM(nn.Module):
         return self.ln_f(x)
 
     def forward(self, concepts, targets=None, mask=None, eot=None, cache=None, pos=None):
-        """concepts (B, T, d_emb) -> normalized predictions of the next ones (B, T, d_emb), and the loss:
-        the squared error, summed over dimensions, averaged where mask is True (without targets: the stop
-        head's logits (B, T)). With a cache, pos (T,) holds the concepts' positions in the window."""
+        """concepts (B, T, d_emb) -> normalized next concepts, and the loss (or stop logits)"""
         T = concepts.size(1)
         assert T <= self.config.block_size, f"{T} concepts > block_size {self.config.block_size}"
         pos = torch.arange(T, device=concepts.device) if pos is None else pos
@@ -164,9 +162,7 @@ class BaseLCM(nn.Module):
 
     @torch.no_grad()
     def predict(self, concepts, last=False, z=None, guidance=1.0, noise=0.0, cache=None, pos=None):
-        """The next concept after each of concepts (last: the last only), in the encoder's space, and the
-        stop head's logits. Guided from the training mean (the prediction without context); plus noise
-        times z, a standard normal draw, in the normalized space."""
+        """The next concepts (last: the last only), guided from the training mean, + noise * z"""
         pred, stop = self(concepts, cache=cache, pos=pos)
         if last:
             pred, stop = pred[:, -1:], stop[:, -1:]

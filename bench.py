@@ -17,7 +17,8 @@ import torch
 from torch.nn import functional as F
 
 from baselcm import BaseLCM, LCMConfig, RMSNorm
-from common import autocast, configure, get_device, measure_peak_flops, synchronize
+from common import autocast, configure, get_device
+from metrics import measure_peak_flops, synchronize
 from diffusion import DiffusionConfig, OneTower, TwoTower
 from generation import generate
 

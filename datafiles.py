@@ -17,8 +17,7 @@ from tqdm import tqdm
 from common import die
 
 def load_split(data_dir, split, meta):
-    """-> (rows: a read-only memmap (n, d_emb), offsets (n_docs + 1,): where each document starts,
-    answers (n_docs,): where each pair's answer starts, or None)"""
+    """-> (rows: a memmap (n, d_emb), offsets (n_docs + 1,), answers (n_docs,) or None)"""
     rows = np.memmap(os.path.join(data_dir, f"{split}.bin"), dtype=meta["dtype"], mode="r")
     offsets = np.load(os.path.join(data_dir, f"{split}_offsets.npy"))
     answers = np.load(os.path.join(data_dir, f"{split}_answers.npy")) if meta.get("pairs") else None
@@ -32,8 +31,7 @@ def fit_normalizer(x):
     return median.astype(np.float32), scale.astype(np.float32)
 
 def chunks_to_do(docs, chunk_docs, work, rank, world, skipped):
-    """-> (k, its rows) for each chunk of chunk_docs rows of docs that this rank encodes and that is
-    not on disk yet: chunk k is rank k % world's. skipped(n) is told of the rows of the others."""
+    """-> (k, rows) of each chunk of docs this rank encodes that is not on disk yet"""
     for k in itertools.count():
         rows = list(itertools.islice(docs, chunk_docs))
         if not rows:
@@ -44,9 +42,7 @@ def chunks_to_do(docs, chunk_docs, work, rank, world, skipped):
             skipped(len(rows))
 
 def write_chunk(work, rank, k, emb, sents, answers, held_out, n_empty):
-    """Chunk k of a dataset: its concepts, the sentences of each document, where each one's answer
-    starts (pairs), whether each is held out (None: by hash), the empty documents skipped. Atomic:
-    on disk whole or not at all (its temporary file is never read as a chunk)."""
+    """Chunk k of a dataset, written atomically: on disk whole or not at all"""
     tmp = os.path.join(work, f"tmp{rank}.npz")
     np.savez(tmp, emb=emb, lengths=np.array([len(s) for s in sents], dtype=np.int64),
              text=np.array("\n".join("\n".join(s) for s in sents)), n_empty=n_empty,
@@ -55,9 +51,7 @@ def write_chunk(work, rank, k, emb, sents, answers, held_out, n_empty):
     os.replace(tmp, os.path.join(work, f"chunk{k:06d}.npz"))
 
 def write_splits(work, seed, val_fraction):
-    """The chunks in work, streamed in order, -> the train and val files in work. A document's split
-    is its row's (--split_column), else depends on its index and the seed only, not on chunking or
-    ranks. -> counts for meta.json."""
+    """The chunks, in order -> train and val files; a document's split by its index"""
     chunks = sorted(glob.glob(os.path.join(work, "chunk*.npz")))
     files = {s: {"bin": open(os.path.join(work, f"{s}.bin"), "wb"),
                  "txt": open(os.path.join(work, f"{s}.txt"), "w"),
@@ -98,8 +92,7 @@ def write_splits(work, seed, val_fraction):
     return counts | {"empty_docs_skipped": n_empty, "pairs": pairs}
 
 def finish_dataset(work, out, meta, norm_sample, seed):
-    """Fits the normalizer on (a sample of) the training concepts, moves the split files from work
-    to out, then writes meta.json: last, as it marks the dataset finished."""
+    """Fits the normalizer, moves the splits to out, then writes meta.json, last"""
     rows, _, _ = load_split(work, "train", meta)
     pick = np.random.default_rng(seed).choice(len(rows), min(len(rows), norm_sample), replace=False)
     sample = np.asarray(rows[np.sort(pick)], dtype=np.float32)
@@ -116,8 +109,7 @@ def finish_dataset(work, out, meta, norm_sample, seed):
     shutil.rmtree(work)
 
 def sample_windows(rng, offsets, n, block_size, answers=None):
-    """n random windows of up to block_size + 1 rows inside a document, drawn by its length -> (starts,
-    ends of their documents, the first row each predicts). Pairs (answers): each pair alike, its end."""
+    """n random windows inside documents -> (starts, documents' ends, first row predicted)"""
     if answers is not None:
         doc = rng.integers(0, len(offsets) - 1, n)
         end = offsets[doc + 1]
@@ -132,8 +124,7 @@ def sample_windows(rng, offsets, n, block_size, answers=None):
     return start, end, start + 1
 
 def stop_prior(offsets, answers, n):
-    """The texts' lengths (documents, or answers) -> (the log-odds that a target is end of text; (n,) the
-    log-odds that a text of i sentences ends there, less that)"""
+    """The texts' lengths -> (log-odds of end of text; of ending after i sentences, less it)"""
     lengths = offsets[1:] - 1 - (offsets[:-1] if answers is None else answers)
     logit = lambda p: np.log(p / (1 - p))
     rate = logit(len(lengths) / (lengths + 1).sum())
@@ -144,8 +135,7 @@ def count_targets(starts, ends, first, block_size):
     return int((np.minimum(ends, starts + block_size + 1) - first).clip(0).sum())
 
 def get_batch(rows, starts, ends, first, block_size, device="cpu"):
-    """-> x (B, T, d_emb) inputs, y (B, T, d_emb) next concepts, mask (B, T) real targets (in the document,
-    from first on), eot (B, T) those that end it. Short documents are padded with zeros (after them)."""
+    """-> x, y (B, T, d_emb) inputs and next concepts; mask, eot (B, T) real targets, ends"""
     n = np.minimum(ends - starts, block_size + 1)
     buf = np.zeros((len(starts), block_size + 1, rows.shape[1]), dtype=np.float32)
     for i, (s, k) in enumerate(zip(starts, n)):
@@ -166,8 +156,7 @@ def get_batch(rows, starts, ends, first, block_size, device="cpu"):
     return buf[:, :-1], buf[:, 1:], flags[0], flags[1]
 
 def eval_batches(rows, offsets, block_size, batch_size, n_windows, device, answers=None):
-    """Fixed windows over the first documents, every target once (pairs: a window each, the answer), in
-    batches: x, y, mask, eot as get_batch's, doc (B,) each window's document, row (B, T) each target's"""
+    """Fixed windows, every target once: get_batch's, and doc (B,), row (B, T) of each"""
     starts = []
     for lo, end in zip(offsets[:-1], offsets[1:]):
         starts += [max(lo, end - block_size - 1)] if answers is not None else range(lo, end - 1, block_size)

@@ -91,9 +91,10 @@ class DiffusionLCM(BaseLCM):
 
     @torch.no_grad()
     def denoising_loss(self, batches):
-        """The training loss on batches of eval_batches, from seeded noise: comparable between evaluations"""
+        """The training loss over batches (eval_batches'), from seeded noise: comparable between evaluations"""
         generator = torch.Generator(self.alpha_bar.device).manual_seed(0)
-        losses = [self(x, y, mask, generator=generator)[1].item() * mask.sum().item() for x, y, mask, *_ in batches]
+        losses = [self(x, y, mask, generator=generator)[1].item() * mask.sum().item()
+                  for x, y, mask, *_ in batches]
         return sum(losses) / sum(b[2].sum().item() for b in batches)
 
     @torch.no_grad()

@@ -143,17 +143,14 @@ eot = enc.encode([EOT_TEXT] * batch_size, lang=lang, batch_size=batch_size)[0]
 nlp = sentence_splitter(spacy_model)
 
 def sentences(rows):
-    """dataset rows -> each document's prompt (pairs only) and text, as sentences (in a thread,
-    beside the encoder). The official schema's sentences match its concepts: they are never cut."""
+    """dataset rows -> each document's prompt (pairs) and text, as sentences (in a thread)"""
     cut = None if official else max_chars
     parts = [split_sentences(nlp, [r.get(c) for r in rows], cut) for c in official or columns]
     prompts = parts[0] if len(parts) == 2 else [[]] * len(rows)
     return [(p + [prompt_end] if p and prompt_end else p, t) for p, t in zip(prompts, parts[-1])]
 
 def embed_chunk(rows, docs, progress):
-    """-> (each document's sentences and end of text, their concepts, where each one's answer starts
-    (pairs; else 0), whether each is held out (None: by hash), the documents skipped: no text);
-    progress(sentences, documents) hears of them as they are encoded"""
+    """-> (sentences, concepts, answer starts, held out, skipped); progress(sents, docs)"""
     kept = [(r, p, text) for r, (p, text) in zip(rows, docs) if text]
     sents = [p + text for _, p, text in kept]
     if official:

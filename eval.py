@@ -67,14 +67,13 @@ nearest = roundtrip(enc, bank, meta["lang"])
 sentences = open(os.path.join(data_dir, "val.txt"), encoding="utf-8").read().splitlines()
 if mi_model:
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    with common.one_line(f"cannot load --mi_model={mi_model}", "name a causal LM such as gpt2 (downloads "
-                         "once) or a local folder", OSError):
+    with common.one_line(f"cannot load --mi_model={mi_model}", "name a causal LM such as gpt2 "
+                         "(downloads once) or a local folder", OSError):
         tokenizer = AutoTokenizer.from_pretrained(mi_model)
         lm = AutoModelForCausalLM.from_pretrained(mi_model).to(device).eval()
 
 def decoded(p, y, mask, doc, row):
-    """Sums of rt_l2 (the decoded prediction's distance to the truth), near (its cosine to the
-    prediction) and, with an LM, MI (given the 10 sentences before it, the paper's k)"""
+    """Sums of rt_l2 and near (the decoded prediction's), and MI given the 10 before it"""
     texts, back = nearest(p[mask].float())
     back = torch.as_tensor(back, device=y.device)
     sums = {"rt_l2": (back - y[mask]).norm(dim=-1).sum().item(),
@@ -127,8 +126,7 @@ if curve:
 eot = torch.tensor(meta["eot"], device=device)
 
 def write(prompts, since, feedback, repeats, seed):
-    """prompts: (concepts, sentences) each -> a Transcript of up to 8 sentences each, with .stops; each
-    text draws from a generator of its own (seed, its index): the same, alone or in a batch"""
+    """prompts (concepts, sentences) -> a Transcript of up to 8 sentences each, with .stops"""
     decode = decoder(enc, bank, meta["lang"], repeats)
     said = generation.Transcript(decode, [t for _, t in prompts], feedback)
     generators = [torch.Generator(device).manual_seed(1000 * seed + i) for i in range(len(prompts))]

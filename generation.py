@@ -16,9 +16,7 @@ STOP_END = 0.5
 STOP_REPEAT = 0.95
 
 class Transcript:
-    """What generate feeds back: each new concept decoded at once (decode: concepts.decoder's, avoiding
-    the text's sentences in avoid and those said so far), its sentence, cosine and concept kept; the
-    context takes the decoded sentence's concept (feedback 'decoded') or the prediction ('raw')."""
+    """What generate feeds back: each new concept decoded at once, its sentence kept"""
 
     def __init__(self, decode, avoid, feedback="decoded"):
         self.decode = decode
@@ -40,9 +38,7 @@ class Transcript:
 @torch.no_grad()
 def generate(model, prompts, eot, max_new, feed=None, generators=None, since=0, stop_eot=STOP_EOT,
              stop_end=STOP_END, stop_repeat=STOP_REPEAT, progress=None, **sampling):
-    """prompts: concepts (T_i, d_emb) each -> for each text, (its new concepts (n, d_emb), their cosines to
-    eot, the rule that stopped it). Each prediction (drawing from the text's generator) joins its context
-    as feed makes it (a Transcript), if given; since: the text's sentences in the prompt (the prior's)."""
+    """prompts (T_i, d_emb) -> per text: (new concepts, their cosines to eot, stop rule)"""
     out = [None] * len(prompts)
     c = model.config
     # a diffusion model samples each concept against the whole window; the Base-LCM keeps a KV cache

@@ -2,17 +2,18 @@
 The paper's metrics (section 2.4.1) on predictions in the encoder's space: l2, contrastive accuracy
 (CA, and the official code's CA-doc), paraphrasing (PAR), round-trip l2 and MI; any predictor's on
 the fixed validation windows; and generation scored against the real text: continuations by their
-closeness, answers by ROUGE. They know no model: a predictor is a function, generation too.
+closeness, answers by ROUGE. They know no model: a predictor is a function, generation too. And
+the peak FLOP/s that MFU divides by, measured on the device.
 """
+import time
+
 import numpy as np
 import torch
 from torch.nn import functional as F
 
 @torch.no_grad()
 def concept_metrics(pred, x, y, mask, normalizer, doc, row):
-    """Sums over one batch (as eval_batches gives it) of a predictor's pred (B, T, d_emb): the loss, l2,
-    CA (the paper's: against the batch's other targets but the truth's neighbours; ca_doc, the official
-    code's: other documents' targets) and PAR (a ratio of means: one per prediction explodes near 0)"""
+    """Sums over one batch of a predictor's pred (B, T, d_emb): loss, l2, CA, CA-doc, PAR"""
     pred = pred.float()
     x = x.float()
     y = y.float()
@@ -54,8 +55,7 @@ def finish_metrics(sums):
 
 @torch.no_grad()
 def coherence_mi(lm, tokenizer, texts, contexts):
-    """MI as sums: (log p(s | its context) - log p(s) over the texts s, their tokens); a newline starts
-    and ends a text (official)"""
+    """MI's sums: log p(s | context) - log p(s) over the texts s, and their tokens"""
     gain = 0.0
     n_tokens = 0
     for text, context in zip(texts, contexts):
@@ -77,10 +77,7 @@ def closeness(generated, real):
     return cos.amax(1).mean().item()
 
 def continuations(write, rows, offsets, texts, train_rows, train_offsets, k=3):
-    """Each validation document's first k sentences continued by write(prompts, since, feedback,
-    repeats, seed) (-> a Transcript with .stops): the closeness of each mode's texts to the real rest,
-    their distinct share and lengths; four samples of each prompt (their distinct share, the spread of
-    their first concepts); baselines: 8 random training sentences, the prompt's last repeated."""
+    """Validation documents' first k sentences continued by write, against the real rest"""
     docs = [(lo, end) for lo, end in zip(offsets[:-1], offsets[1:] - 1) if end - lo >= k + 2]
     real = [torch.as_tensor(np.asarray(rows[lo:end], dtype=np.float32)) for lo, end in docs]
     prompts = [(x[:k], texts[lo:lo + k]) for x, (lo, _) in zip(real, docs)]
@@ -114,15 +111,13 @@ def continuations(write, rows, offsets, texts, train_rows, train_offsets, k=3):
     r["repeat last"] = [closeness(x[k - 1:k], x[k:]) for x in real]
     for name in ("random", "repeat last"):
         r[name] = {"closeness": np.mean(r[name]), "samples": len(real)}
-    r["real"] = {"sentences": np.mean([len(x) - k for x in real]), "median": np.median([len(x) - k for x in real])}
+    rest = [len(x) - k for x in real]
+    r["real"] = {"sentences": np.mean(rest), "median": np.median(rest)}
     return {name: {key: v if key == "samples" else float(v) for key, v in m.items()} for name, m in r.items()}
 
 def answers(write, rows, offsets, starts, texts, nearest, train_texts, train_offsets, train_starts,
             cut, prompt_end=""):
-    """Prompt -> answer pairs scored as the paper does: each answer generated from its prompt's last cut
-    sentences by write, joined and scored by rouge-score (ROUGE-1, -2, -L F-measure, no stemming).
-    Baselines: lead-k (k: the references' mean length), a random training answer, and the reference's
-    own concepts decoded by nearest (the decoder's best)."""
+    """Prompt -> answer pairs: each answer written from its prompt, scored by ROUGE"""
     from rouge_score.rouge_scorer import RougeScorer
     scorer = RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=False, split_summaries=True)
     rng = np.random.default_rng(0)
@@ -150,7 +145,7 @@ def answers(write, rows, offsets, starts, texts, nearest, train_texts, train_off
     return r | {"pairs": len(pairs), "real": {"sentences": np.mean(real), "median": np.median(real)}}
 
 def lengths(texts, stops):
-    """Texts and their stop reasons -> their sentences' mean and median, the share ended at end of text"""
+    """Texts and their stop rules -> sentences (mean, median), the share ended at end of text"""
     n = [len(t) for t in texts]
     return {"sentences": np.mean(n), "median": np.median(n),
             "eot": np.mean([s in ("eot", "stop head") for s in stops])}
@@ -160,8 +155,7 @@ def baselines(mean):
     return {"copy": lambda x: x, "mean": lambda x: mean.expand_as(x)}
 
 def predictor(model, ctx, **sampling):
-    """A model as a predictor, (B, T, d_emb) -> the next concepts (B, T, d_emb); its draws (a diffusion
-    model's) from a seeded generator: evaluations repeat, training's random state stays untouched"""
+    """A model as a predictor x -> next concepts; its draws seeded: evaluations repeat"""
     def predict(x):
         z = torch.randn(x.shape, generator=torch.Generator(x.device).manual_seed(0), device=x.device)
         with ctx:
@@ -170,12 +164,32 @@ def predictor(model, ctx, **sampling):
 
 @torch.no_grad()
 def evaluate(predictors, batches, normalizer, more=None):
-    """Teacher-forced metrics of each predictor (name -> x -> predictions) over eval_batches' batches;
-    more(pred, y, mask, doc, row) -> more sums (eval.py's round trip and MI)"""
+    """Teacher-forced metrics of each predictor (name -> x -> predictions) over batches"""
     sums = {}
     for x, y, mask, _, doc, row in batches:
         for name, predict in predictors.items():
             p = predict(x)
-            m = concept_metrics(p, x, y, mask, normalizer, doc, row) | (more(p, y, mask, doc, row) if more else {})
+            m = concept_metrics(p, x, y, mask, normalizer, doc, row)
+            m |= more(p, y, mask, doc, row) if more else {}
             sums[name] = {k: sums.get(name, {}).get(k, 0) + v for k, v in m.items()}
     return {name: finish_metrics(s) for name, s in sums.items()}
+
+def synchronize(device):
+    if torch.device(device).type in ("cuda", "mps"):
+        getattr(torch, torch.device(device).type).synchronize()
+
+def measure_peak_flops(device, dtype, seconds=0.3):
+    """FLOP/s of F.linear in dtype, measured here and now: the MFU denominator"""
+    best = 0.0
+    for n in (4096, 8192) if torch.device(device).type == "cuda" else (512, 1024, 2048):
+        # ones, not random numbers: training's RNG stays untouched
+        a = torch.ones(n, n, device=device, dtype=dtype)
+        F.linear(a, a)
+        synchronize(device)
+        reps, t = 0, time.perf_counter()
+        while reps < 3 or time.perf_counter() - t < seconds:
+            F.linear(a, a)
+            reps += 1
+            synchronize(device)
+        best = max(best, 2 * n ** 3 * reps / (time.perf_counter() - t))
+    return best

@@ -13,7 +13,8 @@ import json as jsonlib, os, sys
 import torch
 
 from checkpoints import load_model
-from common import can_compile, check_trained_on, configure, get_device, read_text, require, sampling_settings
+from common import (can_compile, check_trained_on, configure, get_device, read_text, require,
+                    sampling_settings)
 from concepts import SentenceBank, check_lang, decoder, load_encoder, sentence_splitter, split_sentences
 from generation import STOP_END, STOP_EOT, STOP_REPEAT, Transcript, generate
 

@@ -111,8 +111,8 @@ if not max_iters:
     max_iters = math.ceil(epochs * meta["train_rows"] / concepts_per_iter)
 lr_decay_iters = lr_decay_iters or max_iters
 # what a checkpoint keeps of its data: for sample.py, and the checks that refuse to mix datasets
-data_facts = {k: meta.get(k) for k in ("encoder", "lang", "d_emb", "eot", "spacy_model", "max_chars", "key",
-                                       "prompt_end", "pairs")} | {"dir": os.path.abspath(data_dir)}
+data_facts = {k: meta.get(k) for k in ("encoder", "lang", "d_emb", "eot", "spacy_model", "max_chars",
+                                       "key", "prompt_end", "pairs")} | {"dir": os.path.abspath(data_dir)}
 val_batches = list(datafiles.eval_batches(val_rows, val_offsets, block_size, batch_size,
                                           eval_iters * batch_size, device, val_answers))
 
@@ -188,12 +188,12 @@ if master:
         with common.one_line("--wandb_log=True, but wandb does not import", "pip install wandb"):
             import wandb
         offline = os.environ.get("WANDB_MODE") in ("offline", "disabled")
-        common.require(offline or wandb.login(prompt=False), "--wandb_log=True, but W&B has no login: run "
-                       "`wandb login`, or set WANDB_MODE=offline")
+        common.require(offline or wandb.login(prompt=False), "--wandb_log=True, but W&B has no login: "
+                       "run `wandb login`, or set WANDB_MODE=offline")
         # a resumed run goes on with its W&B run
         run_id = checkpoint["wandb_id"] if resume else None
-        wandb_run = wandb.init(project=wandb_project, name=wandb_run_name or out_dir, config=config, id=run_id,
-                               resume="allow" if resume else None)
+        wandb_run = wandb.init(project=wandb_project, name=wandb_run_name or out_dir, config=config,
+                               id=run_id, resume="allow" if resume else None)
 
 def log(record):
     log_file.write(json.dumps(record) + "\n")
@@ -202,12 +202,13 @@ def log(record):
         wandb_run.log({f"val/{k}/{m}": v for k, r in record["val"].items() for m, v in r.items()
                        if m in ("loss", "l2", "ca")}, record["iter"])
     elif wandb_run and "loss" in record:
-        wandb_run.log({"train/loss": record["loss"]} | {k: record[k] for k in ("lr", "ms", "mfu")}, record["iter"])
+        train = {"train/loss": record["loss"]} | {k: record[k] for k in ("lr", "ms", "mfu")}
+        wandb_run.log(train, record["iter"])
 
 # -----------------------------------------------------------------------------
 # training loop
 if master:
-    peak = common.measure_peak_flops(device, getattr(torch, dtype))
+    peak = metrics.measure_peak_flops(device, getattr(torch, dtype))
     print(f"{sum(p.numel() for p in raw_model.parameters()) / 1e6:.2f}M parameters, "
           f"{meta['train_rows']} train concepts ({meta['encoder']}, d_emb {meta['d_emb']}), "
           f"{max_iters} iterations ({max_iters * concepts_per_iter / meta['train_rows']:.1f} epochs), "
@@ -238,7 +239,8 @@ while True:
                                   "best_val_loss": best_val_loss, "config": config,
                                   # what sampling and the checks need of the data; the rest of the run
                                   "data": data_facts, "scaler": scaler.state_dict(),
-                                  "evals_since_best": evals_since_best, "wandb_id": wandb_run and wandb_run.id}
+                                  "evals_since_best": evals_since_best,
+                                  "wandb_id": wandb_run and wandb_run.id}
                     common.atomic_save(checkpoint, ckpt_path)
             stop.fill_(patience > 0 and evals_since_best >= patience)
         if ddp:
@@ -259,8 +261,8 @@ while True:
     rng = np.random.default_rng([seed, iter_num])
     torch.manual_seed(int(rng.integers(2 ** 31)) + rank)
     # one global batch of windows; this process takes its share of them, in micro-batches
-    starts, ends, first = datafiles.sample_windows(rng, train_offsets, gradient_accumulation_steps * batch_size,
-                                                   block_size, train_answers)
+    windows = gradient_accumulation_steps * batch_size
+    starts, ends, first = datafiles.sample_windows(rng, train_offsets, windows, block_size, train_answers)
     n_targets = datafiles.count_targets(starts, ends, first, block_size)
     share = np.array_split(np.arange(len(starts)), world)[rank]
     micro_batches = np.array_split(share, math.ceil(len(share) / batch_size))

@@ -195,6 +195,25 @@ def test_embed_bad_input_gives_one_line_and_leaves_no_dataset(case, message, son
     assert len(p.stderr.strip().splitlines()) == 1, p.stderr
     assert not list(tmp_path.glob("data/*/meta.json")) and ("network" in p.stderr) == (case == "hub")
 
+@pytest.mark.slow
+def test_the_bar_counts_sentences_and_documents_as_they_are_encoded_on_a_few_long_documents(sonar_env,
+                                                                                          tmp_path):
+    env, calls = sonar_env
+    # three documents of 200 sentences: one chunk, which the bar must not wait for
+    src = tmp_path / "long.txt"
+    src.write_text("".join(" ".join(f"Doc {d} says thing {i}." for i in range(200)) + "\n" for d in range(3)))
+    p = run("embed.py", f"--dataset={src}", "--encoder=sonar", "--batch_size=8", "--val_fraction=0.34",
+            cwd=tmp_path, env=dict(env, FAKE_SONAR_DELAY="0.15"))
+    updates = [u for u in p.stderr.replace("\r", "\n").splitlines() if "sent" in u and "docs=" in u]
+    counts = [int(u.split("sent")[0].split()[-1]) for u in updates]
+    # the encoder took 64 sentences at a time (8 batches), and the bar moved with each
+    assert [c["n"] for c in calls() if c["call"] == "encode"][1:] == [64] * 9 + [24]
+    within = {c for c in counts if 0 < c < 600}
+    assert len(within) >= 3 and all(c % 64 == 0 for c in within) and max(counts) == 600, counts
+    docs = [int(u.split("docs=")[1].split("]")[0]) for u in updates]
+    assert docs == sorted(docs) and 1 in docs and docs[-1] == 3, updates
+    assert "/s" in updates[-1]
+
 def kill_after_chunks(args, env, cwd, n):
     """Starts embed.py with a slow encoder and kills it (-9) once n chunks are on disk."""
     p = subprocess.Popen([sys.executable, os.path.join(HERE, "embed.py"), *args], cwd=cwd,

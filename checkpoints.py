@@ -4,9 +4,11 @@ The models a checkpoint can hold, by their model_type, and a checkpoint's model 
 from baselcm import BaseLCM, LCMConfig
 from common import load_checkpoint, unreadable
 from diffusion import DiffusionConfig, OneTower, TwoTower
+from quant import QuantC, QuantConfig, QuantD
 
 MODELS = {"baselcm": (BaseLCM, LCMConfig), "one_tower": (OneTower, DiffusionConfig),
-          "two_tower": (TwoTower, DiffusionConfig)}
+          "two_tower": (TwoTower, DiffusionConfig), "quant_c": (QuantC, QuantConfig),
+          "quant_d": (QuantD, QuantConfig)}
 
 def build_model(model_type, settings):
     """-> a new model of model_type, with the settings (a dict) that its config has."""

@@ -66,6 +66,9 @@ def attention_mask(T, follows, uncond):
 class DiffusionLCM(BaseLCM):
     """What both towers share: the schedule, the timestep's embedding, training and sampling. A tower
     defines contextualize (what the network reads of the clean concepts) and denoise (the network)."""
+    # the prediction that picks the best checkpoint: the estimate of the conditional mean, one denoising
+    # step from pure noise, unguided (one pass)
+    point = {"guidance": 1.0, "ddim_steps": 1}
 
     def __init__(self, config):
         super().__init__(config)

@@ -28,6 +28,8 @@ sonar_hf_encoder = ""    # SONAR's transformers port, its encoder and decoder (h
 sonar_hf_decoder = ""    # folders); '' = the community port's (docs/sonar.md)
 guidance = 0.0           # guidance scale, 1 = none; 0 = the model's own (a diffusion model's: 3)
 ddim_steps = 0           # a diffusion model's sampling: DDIM steps; 0 = its default
+temperature = 0.0        # a Quant-LCM's sampling: temperature; 0 = its default
+top_k = 0                # a Quant-LCM's sampling: units drawn among the top k; 0 = its default
 generate = 0             # continue (or answer) the first N validation texts; 0 = all of them
 curve = ""               # guidance scales, e.g. 1,1.5,2,3,5: only the teacher-forced table at each
                          # (and a diffusion model's conditional mean), into out_dir/guidance.json
@@ -50,7 +52,8 @@ meta = common.load_meta(data_dir)
 # the model's concept space; its own dataset, unless another is named
 common.check_trained_on(data_dir, meta, checkpoint["data"], ckpt_path, "dataset", "dataset" in given)
 model = model_from(checkpoint).to(device).eval()
-sampling = common.sampling_settings(model, out_dir, guidance=guidance, ddim_steps=ddim_steps)
+sampling = common.sampling_settings(model, out_dir, guidance=guidance, ddim_steps=ddim_steps,
+                                    temperature=temperature, top_k=top_k)
 rows, offsets, starts = datafiles.load_split(data_dir, "val", meta)
 batches = list(datafiles.eval_batches(rows, offsets, model.config.block_size, run["batch_size"],
                                       eval_iters * run["batch_size"], device, starts))
@@ -91,10 +94,10 @@ def decoded(p, y, mask, doc, row):
 settings = {"model": sampling}
 if curve:
     settings = {f"guidance {g}": sampling | {"guidance": float(g)} for g in curve.split(",")}
-    if hasattr(model, "denoise"):
-        # one step from pure noise, no guidance: what the network reads of the context (an MSE
-        # model's prediction)
-        settings = {"conditional mean": {"ddim_steps": 1, "guidance": 1.0}} | settings
+    if model.point != {"guidance": 1.0}:
+        # the point prediction: a diffusion model's conditional mean (one step from pure noise, no
+        # guidance: what the network reads of the context, as an MSE prediction), a Quant-LCM's greedy one
+        settings = {"conditional mean" if "ddim_steps" in model.point else "greedy": model.point} | settings
 predictors = {name: metrics.predictor(model, ctx, **s) for name, s in settings.items()}
 predictors |= metrics.baselines(torch.tensor(meta["mean"], device=device))
 bar = tqdm(batches, desc="next concepts", unit="batch", leave=False)

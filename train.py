@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-import common, datafiles, metrics
+import common, datafiles, metrics, quant
 from checkpoints import MODELS, build_model, model_from
 
 # I/O
@@ -32,7 +32,8 @@ batch_size = 32          # windows per micro-batch
 gradient_accumulation_steps = 1  # micro-batches in the global batch, shared by all processes
 block_size = 16          # context in concepts (Lee documents: 10 sentences on average)
 # model
-model_type = "baselcm"   # 'baselcm', or the diffusion LCMs (diffusion.py): one_tower, two_tower
+model_type = "baselcm"   # 'baselcm', the diffusion LCMs (diffusion.py): one_tower, two_tower; or the
+                         # Quant-LCMs (quant.py): quant_c, quant_d
 n_layer = 4
 n_head = 4
 n_embd = 256
@@ -41,9 +42,11 @@ bias = False
 rope_theta = 10000.0
 n_steps = 100            # diffusion: timesteps of the noise schedule (paper: 100)
 cfg_dropout = 0.15       # diffusion: share of noisy concepts trained without context (guidance)
-n_denoiser = 2           # the Two-Tower's denoiser blocks
+n_denoiser = 2           # the Two-Tower's denoiser blocks (and a Quant-LCM's)
 denoiser_rope = True     # its cross-attention finds the context by relative position (RoPE); False:
                          # by content alone, the paper's (docs/results.md)
+n_levels = 8             # Quant-LCMs (quant.py): codebooks
+n_units = 0              # Quant-LCMs: units a codebook; 0 = from the training concepts (quant.units_for)
 # AdamW, warm-up then cosine decay (paper: lr 4e-4, betas 0.9/0.95, eps 1e-5, weight decay 0.1)
 learning_rate = 4e-4
 max_iters = 0            # 0 = follow the data: `epochs` passes over the training concepts
@@ -123,7 +126,8 @@ if resume or finetune:
     # its weights and normalizer (finetuning: a dropout of its own)
     model = model_from(checkpoint, dropout=dropout)
 else:
-    model = build_model(model_type, config | {"d_emb": meta["d_emb"]})
+    units = n_units or quant.units_for(meta["train_rows"])
+    model = build_model(model_type, config | {"d_emb": meta["d_emb"], "n_units": units})
 if not resume:
     # this data's numbers: the normalizer (a new model's), the training mean (the prediction without
     # context, for guidance), the stop head's bias (the share of ends) and prior (the texts' lengths)
@@ -134,6 +138,9 @@ if not resume:
     stop_bias, stop_prior = datafiles.stop_prior(train_offsets, train_answers, len(model.stop_prior))
     model.stop.bias.data.fill_(stop_bias)
     model.stop_prior.copy_(torch.from_numpy(stop_prior))
+    if hasattr(model, "codebooks") and not finetune:
+        # a Quant-LCM's codebooks, fitted in the normalized space it predicts
+        model.fit_codebooks(train_rows)
 model.to(device)
 # a resumed run goes on from its checkpoint's counts
 iter_num = checkpoint["iter_num"] if resume else 0
@@ -161,16 +168,14 @@ def get_lr(it):
 # the paper's baselines, copying the last concept and predicting the training mean, never change
 train_mean = torch.tensor(meta["mean"], device=device)
 baselines = metrics.evaluate(metrics.baselines(train_mean), val_batches, raw_model.normalizer)
-# the prediction that picks the best checkpoint: a Base-LCM's, unguided; a diffusion model's estimate
-# of the conditional mean (one denoising step from pure noise, unguided: one pass)
-point = {"guidance": 1.0} | ({"ddim_steps": 1} if model_type != "baselcm" else {})
 
 @torch.no_grad()
 def evaluate():
     """The model's next-concept metrics on the validation windows (a diffusion model's: also its own
     denoising loss), beside the baselines'"""
     raw_model.eval()
-    r = metrics.evaluate({"model": metrics.predictor(raw_model, ctx, **point)}, val_batches,
+    # the model's point prediction: a Base-LCM's, a diffusion model's conditional mean (model.point)
+    r = metrics.evaluate({"model": metrics.predictor(raw_model, ctx, **raw_model.point)}, val_batches,
                          raw_model.normalizer)
     if hasattr(raw_model, "denoising_loss"):
         with ctx:

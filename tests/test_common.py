@@ -76,9 +76,10 @@ def test_bad_configuration_gives_one_clear_line(args, message, tmp_path):
     assert len(p.stderr.strip().splitlines()) == 1, p.stderr
 
 # the project's modules, floor first; a module imports only from the layers below its own
-LAYERS = [["baselcm", "generation", "metrics", "quant"], ["common", "diffusion"], ["checkpoints", "datafiles"],
-          ["concepts"], ["embed", "train", "sample", "eval", "bench"],
-          ["scripts/aclsum_data", "scripts/corpora", "scripts/gpu_check", "scripts/plot", "scripts/quant_roundtrip"]]
+LAYERS = [["baselcm", "generation", "metrics"], ["common", "diffusion"], ["datafiles", "quant"],
+          ["checkpoints", "concepts"], ["embed", "train", "sample", "eval", "bench"],
+          ["scripts/aclsum_data", "scripts/corpora", "scripts/gpu_check", "scripts/plot",
+           "scripts/quant_roundtrip"]]
 
 def test_every_import_points_down_a_layer_and_none_makes_a_circle():
     layer = {name.split("/")[-1]: i for i, names in enumerate(LAYERS) for name in names}

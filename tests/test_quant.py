@@ -6,8 +6,8 @@ import json
 import pytest
 import torch
 
-import quant
-from conftest import run
+import checkpoints, quant
+from conftest import TRAIN, log_of, run, tiny_config
 
 def test_units_follow_the_data_at_39_concepts_a_centroid_or_more():
     assert quant.units_for(2698) == 64  # Lee's training concepts
@@ -62,3 +62,86 @@ def test_the_round_trip_script_measures_each_depth_and_refuses_too_few_concepts(
             cwd=tmp_path, check=False)
     assert p.returncode == 1 and "fewer than --units=100000" in p.stderr
     assert len(p.stderr.strip().splitlines()) == 1
+
+def tiny_quant(variant, units=8, **kw):
+    torch.manual_seed(0)
+    config = quant.QuantConfig(**tiny_config(**kw).__dict__, n_levels=3, n_units=units)
+    model = {"c": quant.QuantC, "d": quant.QuantD}[variant](config)
+    with torch.no_grad():
+        # trained modulations (they start at zero) and codebooks
+        for name, p in model.named_parameters():
+            if "modulation" in name or name.startswith("final"):
+                p.normal_(std=0.1)
+        model.codebooks.normal_()
+    return model.eval()
+
+@pytest.mark.parametrize("variant", ["c", "d"])
+def test_no_position_sees_its_own_target_or_a_later_concept(variant):
+    model = tiny_quant(variant)
+    concepts = torch.randn(2, 10, 16)
+    z = torch.randn(2, 10, 16)
+    k = 4
+    pred = model.predict(concepts, z=z)[0]
+    later = concepts.clone()
+    later[:, k + 1:] += 10 * torch.randn(2, 10 - k - 1, 16)
+    # the prediction after c_k: from c_0..c_k alone, c_{k+1} (its target) and on unseen
+    assert torch.allclose(model.predict(later, z=z)[0][:, :k + 1], pred[:, :k + 1], atol=1e-5)
+    earlier = concepts.clone()
+    earlier[:, :k + 1] += 10 * torch.randn(2, k + 1, 16)
+    assert not torch.allclose(model.predict(earlier, z=z)[0][:, k], pred[:, k], atol=1e-3)
+    # and the training path's network is the one sampling runs: the loss ignores later inputs too
+    targets = torch.randn(2, 10, 16)
+    mask = torch.arange(10).expand(2, 10) <= k
+    loss = lambda x: model(x, targets, mask, generator=torch.Generator().manual_seed(0))[1]
+    assert torch.allclose(loss(later), loss(concepts), atol=1e-5)
+
+@pytest.mark.parametrize("variant", ["c", "d"])
+def test_a_sampled_concept_is_a_sum_of_one_centroid_a_level_and_guidance_1_is_the_conditional_one(variant):
+    model = tiny_quant(variant)
+    concepts = torch.randn(3, 6, 16)
+    z = torch.randn(3, 1, 16)
+    sampled = model.predict(concepts, last=True, z=z)[0]
+    c = model.codebooks
+    sums = (c[0][:, None, None] + c[1][None, :, None] + c[2][None, None, :]).view(-1, 16)  # every choice
+    gap = (model.normalizer.normalize(sampled[:, 0])[:, None] - sums).norm(dim=-1).min(1).values
+    assert gap.max() < 1e-4
+    # guided at 1, through both halves, it is the conditional prediction; guided more, another
+    plain = model.predict(concepts, last=True, z=z, guidance=1.0)[0]
+    assert torch.allclose(model.predict(concepts, last=True, z=z, guidance=1.0 + 1e-6)[0], plain)
+    assert not torch.allclose(model.predict(concepts, last=True, z=z, guidance=4.0)[0], plain)
+    # greedy, the draws do not matter; sampled among several units, they do
+    greedy = lambda z: model.predict(concepts, last=True, z=z, top_k=1)[0]
+    assert torch.equal(greedy(z), greedy(torch.randn(3, 1, 16)))
+    draws = [model.predict(concepts, last=True, z=torch.randn(3, 1, 16), top_k=8, temperature=1e3)[0]
+             for _ in range(4)]
+    assert any(not torch.equal(draws[0], d) for d in draws[1:])
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_type", ["quant_c", "quant_d"])
+def test_a_quant_run_keeps_its_codebooks_resumes_exactly_and_samples_and_evaluates(model_type, rotation_data,
+                                                                                  tmp_path):
+    args = [*TRAIN, f"--data_root={rotation_data}", f"--model_type={model_type}", "--eval_interval=10",
+            "--dropout=0.1", "--lr_decay_iters=20", "--always_save_checkpoint=True", "--patience=0",
+            "--eval_iters=2", "--n_levels=3", "--n_units=16"]
+    run("train.py", *args, "--max_iters=20", "--out_dir=a", cwd=tmp_path)
+    run("train.py", *args, "--max_iters=10", "--out_dir=b", cwd=tmp_path)
+    run("train.py", "--init_from=resume", "--out_dir=b", "--max_iters=20", cwd=tmp_path)
+    losses = lambda out: {r["iter"]: r["loss"] for r in log_of(tmp_path / out) if "loss" in r}
+    a, b = losses("a"), losses("b")
+    assert sorted(b) == list(range(1, 21))
+    assert all(abs(a[i] - b[i]) <= 1e-5 * abs(a[i]) for i in range(11, 21)), (a, b)
+    model, ckpt = checkpoints.load_model(str(tmp_path / "b" / "ckpt.pt"))
+    first = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=True)
+    # the codebooks, fitted at the start, travel in the checkpoint
+    assert model.codebooks.shape == (3, 16, 16) and model.codebooks.abs().sum() > 0
+    assert torch.equal(model.codebooks, first["model"]["codebooks"])
+    p = run("sample.py", "--out_dir=b", "--start=Anything at all.", "--json=True", "--max_new_concepts=2",
+            "--data_dir=" + str(rotation_data / "rot"), "--top_k=2", cwd=tmp_path, check=False)
+    run("eval.py", "--out_dir=b", "--curve=1,2", cwd=tmp_path)
+    curve = json.load(open(tmp_path / "b" / "guidance.json"))
+    assert list(curve)[:3] == ["greedy", "guidance 1", "guidance 2"]
+    p = run("train.py", *args, "--max_iters=2", "--n_units=100000", "--out_dir=c", cwd=tmp_path, check=False)
+    assert p.returncode == 1 and "cannot fit codebooks of 100000 units" in p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1
+    p = run("train.py", *args, "--max_iters=2", "--model_type=quant_x", "--out_dir=c", cwd=tmp_path, check=False)
+    assert p.returncode == 1 and "quant_c, quant_d" in p.stderr

@@ -2,8 +2,8 @@
 Measures baselcm on the current device and writes bench.json: the device's matmul peak in the
 training dtype (measured now), training concepts/s and MFU against it (compile off and on, and a
 15-line reference step of the same shapes), the forward / backward / optimizer split, generation
-with and without the KV cache (and compiled), the diffusion LCMs' (One-Tower, Two-Tower) training
-step and sampled concepts/s against the Base-LCM's, embed.py against the bare encoder (speed and
+with and without the KV cache (and compiled), the diffusion LCMs' (One-Tower, Two-Tower) and the
+Quant-LCMs' training step and sampled concepts/s against the Base-LCM's, embed.py against the bare encoder (speed and
 peak memory, corpus, 4x), and, given trained runs, eval.py's time on each against the first's.
 
 $ python bench.py                       # everything (CPU: about 5 minutes)
@@ -20,6 +20,7 @@ from baselcm import BaseLCM, LCMConfig, RMSNorm
 from common import autocast, configure, get_device
 from metrics import measure_peak_flops, synchronize
 from diffusion import DiffusionConfig, OneTower, TwoTower
+from quant import QuantC, QuantConfig, QuantD
 from generation import generate
 
 device = ""              # '' = autodetect
@@ -160,14 +161,16 @@ for name, run in runs:
           f"{gen[name] / gen['no_cache']:.1f}x")
 
 # -----------------------------------------------------------------------------
-# the diffusion LCMs (diffusion.py) against the Base-LCM of the same width and depth (the default
-# model): a training step (the One-Tower's sequence interleaves a clean and a noisy concept for
-# each; the Two-Tower adds 2 denoiser blocks), and sampled concepts/s at each model's default
-# settings (a diffusion model's DDIM steps with guidance, the two halves in one batch a step), one
-# text at a time, in fp32 as sample.py runs
+# the diffusion LCMs (diffusion.py) and the Quant-LCMs (quant.py) against the Base-LCM of the same
+# width and depth (the default model): a training step (the One-Tower's sequence interleaves a clean
+# and a noisy concept for each; the Two-Tower adds 2 denoiser blocks, as the Quant-LCMs do), and
+# sampled concepts/s at each model's default settings (a diffusion model's DDIM steps with guidance,
+# the two halves in one batch a step; a Quant-LCM's 8 levels of 256 units), one text at a time, in
+# fp32 as sample.py runs
 shape = dict(d_emb=1024, n_embd=256, n_layer=4, n_head=4, block_size=16, dropout=0.0)
 models = {"baselcm": BaseLCM(LCMConfig(**shape)), "one_tower": OneTower(DiffusionConfig(**shape)),
-          "two_tower": TwoTower(DiffusionConfig(**shape))}
+          "two_tower": TwoTower(DiffusionConfig(**shape)), "quant_c": QuantC(QuantConfig(**shape, n_units=256)),
+          "quant_d": QuantD(QuantConfig(**shape, n_units=256))}
 x = torch.randn(32, 16, 1024, device=device)
 y = torch.randn(32, 16, 1024, device=device)
 d = results["diffusion"] = {}

@@ -100,6 +100,9 @@ if curve:
         settings = {"conditional mean" if "ddim_steps" in model.point else "greedy": model.point} | settings
 predictors = {name: metrics.predictor(model, ctx, **s) for name, s in settings.items()}
 predictors |= metrics.baselines(torch.tensor(meta["mean"], device=device))
+if hasattr(model, "codebooks"):
+    # a Quant-LCM's ceiling: the real next concept, quantized to every level
+    predictors["quantized real next"] = lambda x, y: model.quantized(y)
 bar = tqdm(batches, desc="next concepts", unit="batch", leave=False)
 results = metrics.evaluate(predictors, bar, model.normalizer, decoded)
 trained_on = checkpoint["data"]["dir"]
@@ -107,10 +110,10 @@ where = "" if os.path.abspath(data_dir) == trained_on else f" (trained on {train
 print(f"{windows} validation windows, {meta['val_docs']} documents of {data_dir}, iter "
       f"{checkpoint['iter_num']}{where}; decoded text: {decoded_by}"
       + (f"; MI with {mi_model}" if mi_model else ""))
-print(f"{'':16}    loss       l2    rt_l2    near      CA  CA-doc     PAR"
+print(f"{'':20}    loss       l2    rt_l2    near      CA  CA-doc     PAR"
       + ("      MI" if mi_model else ""))
 for name, r in results.items():
-    print(f"{name:16}{r['loss']:10.2f}{r['l2']:9.4f}{r['rt_l2']:9.4f}{r['near']:8.3f}"
+    print(f"{name:20}{r['loss']:10.2f}{r['l2']:9.4f}{r['rt_l2']:9.4f}{r['near']:8.3f}"
           f"{100 * r['ca']:7.1f}%{100 * r['ca_doc']:7.1f}%{r['par']:8.3f}"
           + (f"{r['mi']:8.3f}" if mi_model else ""))
 if curve:
@@ -119,7 +122,7 @@ if curve:
     real = torch.cat([y[m] for _, y, m, *_ in batches]).float()
     near = torch.cosine_similarity(torch.as_tensor(nearest(real)[1]), real.cpu())
     results["real next"] = {"near": near.mean().item()}
-    print(f"{'real next':16}{'':28}{results['real next']['near']:8.3f}")
+    print(f"{'real next':20}{'':28}{results['real next']['near']:8.3f}")
     with open(os.path.join(out_dir, "guidance.json"), "w") as f:
         json.dump(results, f, indent=1)
     sys.exit(0)

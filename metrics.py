@@ -151,12 +151,13 @@ def lengths(texts, stops):
             "eot": np.mean([s in ("eot", "stop head") for s in stops])}
 
 def baselines(mean):
-    """The paper's two baselines as predictors: copy the last concept; predict the training mean."""
-    return {"copy": lambda x: x, "mean": lambda x: mean.expand_as(x)}
+    """The paper's two baselines as predictors (x, y) -> predictions: copy the last concept; predict the
+    training mean"""
+    return {"copy": lambda x, y: x, "mean": lambda x, y: mean.expand_as(x)}
 
 def predictor(model, ctx, **sampling):
-    """A model as a predictor x -> next concepts; its draws seeded: evaluations repeat"""
-    def predict(x):
+    """A model as a predictor (x, y) -> next concepts, y unread; its draws seeded: evaluations repeat"""
+    def predict(x, y=None):
         z = torch.randn(x.shape, generator=torch.Generator(x.device).manual_seed(0), device=x.device)
         with ctx:
             return model.predict(x, z=z, **sampling)[0].float()
@@ -164,11 +165,11 @@ def predictor(model, ctx, **sampling):
 
 @torch.no_grad()
 def evaluate(predictors, batches, normalizer, more=None):
-    """Teacher-forced metrics of each predictor (name -> x -> predictions) over batches"""
+    """Teacher-forced metrics of each predictor (name -> (x, y) -> predictions) over batches"""
     sums = {}
     for x, y, mask, _, doc, row in batches:
         for name, predict in predictors.items():
-            p = predict(x)
+            p = predict(x, y)
             m = concept_metrics(p, x, y, mask, normalizer, doc, row)
             m |= more(p, y, mask, doc, row) if more else {}
             sums[name] = {k: sums.get(name, {}).get(k, 0) + v for k, v in m.items()}

@@ -94,6 +94,11 @@ class QuantLCM(TwoTower):
         x = self.normalizer.normalize(torch.as_tensor(np.asarray(rows, np.float32)))
         self.codebooks.copy_(fit_rvq(x, L, U, iters, seed))
 
+    def quantized(self, concepts):
+        """concepts (..., d_emb) in the encoder's space, quantized to every level: what no sample beats"""
+        x = self.normalizer.normalize(concepts.float())
+        return self.normalizer.denormalize(rvq_decode(rvq_encode(x, self.codebooks), self.codebooks))
+
     def forward(self, concepts, targets, mask=None, eot=None, generator=None):
         """Training, as the paper: each target at a level k of its own, drawn uniformly; the network reads
         the context and the sum of the target's first k - 1 centroids"""
@@ -103,7 +108,8 @@ class QuantLCM(TwoTower):
         level = torch.randint(0, self.config.n_levels, (B, T), generator=generator, device=x0.device)
         chosen = self.codebooks[torch.arange(self.config.n_levels, device=x0.device), codes]
         # the sum of the centroids before the level, (B, T, d_emb)
-        partial = (chosen * (torch.arange(self.config.n_levels, device=x0.device) < level[..., None])[..., None]).sum(2)
+        before = torch.arange(self.config.n_levels, device=x0.device) < level[..., None]  # (B, T, n_levels)
+        partial = (chosen * before[..., None]).sum(2)
         uncond = torch.rand(B, T, generator=generator, device=x0.device) < self.config.cfg_dropout
         context, h = self.contextualize(concepts)
         out, _ = self.denoise(context, partial, self.timestep(level), uncond)
@@ -134,7 +140,7 @@ class QuantLCM(TwoTower):
         return self.normalizer.denormalize(partial), stop
 
 class QuantC(QuantLCM):
-    """Quant-LCM-c: regresses the full next concept by MSE at every level; sampling turns what the
+    """Quant-LCM-c: regresses the full next concept by MSE, at any level; sampling turns what the
     prediction adds to the partial sum into a unit, p(c) ~ exp(-||c - r||^2 / temperature) (Eq. 23)"""
 
     def level_loss(self, pred, x0, code):

@@ -3,7 +3,8 @@ Draws what the runs measured, headless (matplotlib's Agg), into a PNG:
   --kind=concepts  the mean and the samples: for a few validation prompts, the real next concept,
                    the training sentences nearest it, a Base-LCM's prediction (and guided), a diffusion
                    model's samples and the training mean, projected onto 2-D by a PCA fitted on them
-  --kind=guidance  CA against l2 as guidance grows, a curve a run (eval.py --curve's guidance.json)
+  --kind=guidance  CA against l2 as guidance grows, a curve a run (eval.py --curve's guidance.json), the
+                   point predictions (a diffusion model's conditional mean, a Quant-LCM's greedy one)
   --kind=run       a run's training and validation loss, its baselines' and CA (out_dir/log.jsonl)
 
 $ python scripts/plot.py --kind=run --out_dirs=out
@@ -29,6 +30,7 @@ out = ""                 # the PNG; '' = the first run's out_dir/KIND.png
 prompts = 4              # concepts: validation prompts (the first documents of 5 sentences or more)
 samples = 8              # concepts: the diffusion model's samples of each next concept
 guidance = 3.0           # concepts: the Base-LCM guided this much, beside its own prediction
+labels = ""              # guidance: a name for each run, comma-separated; '' = their out_dirs
 configure(globals(), sys.argv[1:])
 require(kind in ("concepts", "guidance", "run"), f"--kind={kind}: use concepts, guidance or run")
 runs = out_dirs.split(",")
@@ -58,19 +60,23 @@ if kind == "run":
 
 if kind == "guidance":
     fig, ax = plt.subplots(figsize=(7, 5))
-    for i, run in enumerate(runs):
+    names = labels.split(",") if labels else runs
+    require(len(names) == len(runs), f"--labels names {len(names)} runs, --out_dirs {len(runs)}")
+    for i, (run, name) in enumerate(zip(runs, names)):
         path = os.path.join(run, "guidance.json")
         require(os.path.isfile(path), f"no {path}: run `python eval.py --out_dir={run} --curve=1,1.5,2,3,5`")
         curve = json.load(open(path))
         scales = [(float(k.split()[1]), r) for k, r in curve.items() if k.startswith("guidance ")]
         ax.plot([r["l2"] for _, r in scales], [100 * r["ca"] for _, r in scales], "o-", color=f"C{i}",
-                label=run)
+                label=name)
         for g, r in scales:
             ax.annotate(f"g {g:g}", (r["l2"], 100 * r["ca"]), textcoords="offset points", xytext=(4, -10),
                         fontsize=7, color=f"C{i}")
-        if "conditional mean" in curve:
-            r = curve["conditional mean"]
-            ax.plot(r["l2"], 100 * r["ca"], "*", ms=12, color=f"C{i}", label=f"{run}: conditional mean")
+        # a model's point prediction: a diffusion model's conditional mean, a Quant-LCM's greedy one
+        for point in ("conditional mean", "greedy"):
+            if point in curve:
+                r = curve[point]
+                ax.plot(r["l2"], 100 * r["ca"], "*", ms=12, color=f"C{i}", label=f"{name}: {point}")
     # the baselines, from the first run that has them (the same windows for runs on one dataset)
     for name, marker in (("copy", "X"), ("mean", "P")):
         r = next((json.load(open(os.path.join(run, "guidance.json"))).get(name) for run in runs))

@@ -139,7 +139,10 @@ def test_a_quant_run_keeps_its_codebooks_resumes_exactly_and_samples_and_evaluat
             "--data_dir=" + str(rotation_data / "rot"), "--top_k=2", cwd=tmp_path, check=False)
     run("eval.py", "--out_dir=b", "--curve=1,2", cwd=tmp_path)
     curve = json.load(open(tmp_path / "b" / "guidance.json"))
-    assert list(curve)[:3] == ["greedy", "guidance 1", "guidance 2"]
+    assert list(curve) == ["greedy", "guidance 1", "guidance 2", "copy", "mean", "quantized real next",
+                           "real next"]
+    # the ceiling: the real next concept through the codebooks, closer than any prediction of it
+    assert curve["quantized real next"]["l2"] < min(curve[k]["l2"] for k in ("greedy", "guidance 1"))
     p = run("train.py", *args, "--max_iters=2", "--n_units=100000", "--out_dir=c", cwd=tmp_path, check=False)
     assert p.returncode == 1 and "cannot fit codebooks of 100000 units" in p.stderr
     assert len(p.stderr.strip().splitlines()) == 1

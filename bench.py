@@ -3,7 +3,8 @@ Measures baselcm on the current device and writes bench.json: the device's matmu
 training dtype (measured now), training concepts/s and MFU against it (compile off and on, and a
 15-line reference step of the same shapes), the forward / backward / optimizer split, generation
 with and without the KV cache (and compiled), the diffusion LCMs' (One-Tower, Two-Tower) and the
-Quant-LCMs' training step and sampled concepts/s against the Base-LCM's, embed.py against the bare encoder (speed and
+Quant-LCMs' training step and sampled concepts/s against the Base-LCM's,
+embed.py against the bare encoder (speed and
 peak memory, corpus, 4x), and, given trained runs, eval.py's time on each against the first's.
 
 $ python bench.py                       # everything (CPU: about 5 minutes)
@@ -169,7 +170,8 @@ for name, run in runs:
 # fp32 as sample.py runs
 shape = dict(d_emb=1024, n_embd=256, n_layer=4, n_head=4, block_size=16, dropout=0.0)
 models = {"baselcm": BaseLCM(LCMConfig(**shape)), "one_tower": OneTower(DiffusionConfig(**shape)),
-          "two_tower": TwoTower(DiffusionConfig(**shape)), "quant_c": QuantC(QuantConfig(**shape, n_units=256)),
+          "two_tower": TwoTower(DiffusionConfig(**shape)),
+          "quant_c": QuantC(QuantConfig(**shape, n_units=256)),
           "quant_d": QuantD(QuantConfig(**shape, n_units=256))}
 x = torch.randn(32, 16, 1024, device=device)
 y = torch.randn(32, 16, 1024, device=device)

@@ -66,8 +66,8 @@ def attention_mask(T, follows, uncond):
 class DiffusionLCM(BaseLCM):
     """What both towers share: the schedule, the timestep's embedding, training and sampling. A tower
     defines contextualize (what the network reads of the clean concepts) and denoise (the network)."""
-    # the prediction that picks the best checkpoint: the estimate of the conditional mean, one denoising
-    # step from pure noise, unguided (one pass)
+    # the prediction that picks the best checkpoint: the estimate of the conditional mean, one
+    # denoising step from pure noise, unguided (one pass)
     point = {"guidance": 1.0, "ddim_steps": 1}
 
     def __init__(self, config):
@@ -94,7 +94,8 @@ class DiffusionLCM(BaseLCM):
 
     @torch.no_grad()
     def denoising_loss(self, batches):
-        """The training loss over batches (eval_batches'), from seeded noise: comparable between evaluations"""
+        """The training loss over eval_batches' batches, from seeded noise: one evaluation's like
+        the next's"""
         generator = torch.Generator(self.alpha_bar.device).manual_seed(0)
         losses = [self(x, y, mask, generator=generator)[1].item() * mask.sum().item()
                   for x, y, mask, *_ in batches]

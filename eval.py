@@ -96,8 +96,9 @@ if curve:
     settings = {f"guidance {g}": sampling | {"guidance": float(g)} for g in curve.split(",")}
     if model.point != {"guidance": 1.0}:
         # the point prediction: a diffusion model's conditional mean (one step from pure noise, no
-        # guidance: what the network reads of the context, as an MSE prediction), a Quant-LCM's greedy one
-        settings = {"conditional mean" if "ddim_steps" in model.point else "greedy": model.point} | settings
+        # guidance: what it reads of the context, as an MSE prediction), a Quant-LCM's greedy one
+        point = "conditional mean" if "ddim_steps" in model.point else "greedy"
+        settings = {point: model.point} | settings
 predictors = {name: metrics.predictor(model, ctx, **s) for name, s in settings.items()}
 predictors |= metrics.baselines(torch.tensor(meta["mean"], device=device))
 if hasattr(model, "codebooks"):

@@ -151,12 +151,12 @@ def lengths(texts, stops):
             "eot": np.mean([s in ("eot", "stop head") for s in stops])}
 
 def baselines(mean):
-    """The paper's two baselines as predictors (x, y) -> predictions: copy the last concept; predict the
-    training mean"""
+    """The paper's two baselines as predictors (x, y) -> predictions: copy the last concept;
+    predict the training mean"""
     return {"copy": lambda x, y: x, "mean": lambda x, y: mean.expand_as(x)}
 
 def predictor(model, ctx, **sampling):
-    """A model as a predictor (x, y) -> next concepts, y unread; its draws seeded: evaluations repeat"""
+    """A model as a predictor (x, y) -> next concepts, y unread; draws seeded: evaluations repeat"""
     def predict(x, y=None):
         z = torch.randn(x.shape, generator=torch.Generator(x.device).manual_seed(0), device=x.device)
         with ctx:

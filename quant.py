@@ -1,16 +1,16 @@
 """
-The Quant-LCMs (Meta, "Large Concept Models", 2024, section 2.3.5): the next concept built one codebook
-unit at a time. Residual vector quantization (RVQ) first: in the normalized space the models predict, a
-concept is the sum of one centroid per codebook, the first quantizing the concept, each next one what the
-codebooks before it left; fitted offline on the training concepts, level by level, by k-means (in torch:
-no dependency, and fast enough here, docs/results.md; the paper used FAISS's). Never renormalize a
-residual: the sum of the centroids must rebuild the concept. Then the models: the Two-Tower's network
-(diffusion.py), its noisy concept replaced by the sum of the first k - 1 centroids and its timestep by the
-level k. Quant-LCM-c regresses the next concept and turns what it adds into the nearest units; -d
-classifies the unit of level k.
+The Quant-LCMs (Meta, "Large Concept Models", 2024, section 2.3.5): the next concept built one
+codebook unit at a time. Residual vector quantization (RVQ) first: in the normalized space the
+models predict, a concept is the sum of one centroid per codebook, the first quantizing the
+concept, each next one what the codebooks before it left; fitted on the training concepts, level by
+level, by k-means (in torch: no dependency, fast enough here, docs/results.md; the paper used
+FAISS's). A residual is never renormalized: the sum of the centroids must rebuild the concept. Then
+the models: the Two-Tower's network (diffusion.py), its noisy concept replaced by the sum of the
+first k - 1 centroids and its timestep by the level k. Quant-LCM-c regresses the next concept and
+turns what it adds into units; -d classifies the unit of level k.
 
-$ python scripts/quant_roundtrip.py --dataset=lee      # the round trip by depth (the paper's Figure 9)
-$ python train.py config/train_quant.py                # Quant-LCM-c on Lee; --model_type=quant_d
+$ python scripts/quant_roundtrip.py --dataset=lee   # the round trip by depth (the paper's Figure 9)
+$ python train.py config/train_quant.py             # Quant-LCM-c on Lee; --model_type=quant_d
 """
 import math
 from dataclasses import dataclass
@@ -25,7 +25,7 @@ from common import require
 from diffusion import DiffusionConfig, TwoTower
 
 def units_for(n_concepts, points_per_unit=39, most=256):
-    """Units per codebook for n training concepts: a power of two with at least 39 concepts a centroid
+    """Units a codebook for n training concepts: a power of two, 39 concepts a centroid or more
     (where FAISS's k-means stops warning), at most `most`"""
     return max(2, min(most, 2 ** int(math.log2(max(2, n_concepts // points_per_unit)))))
 
@@ -43,8 +43,8 @@ def kmeans(x, k, iters, generator):
 
 @torch.no_grad()
 def fit_rvq(x, levels, units, iters=20, seed=0):
-    """x (n, d) normalized training concepts -> codebooks (levels, units, d): k-means of x, then of what
-    each level leaves"""
+    """x (n, d) normalized training concepts -> codebooks (levels, units, d): k-means of x, then of
+    what each level leaves"""
     generator = torch.Generator().manual_seed(seed)
     residual = x.float().clone()
     codebooks = []
@@ -56,7 +56,7 @@ def fit_rvq(x, levels, units, iters=20, seed=0):
 
 @torch.no_grad()
 def rvq_encode(x, codebooks):
-    """x (..., d) -> codes (..., levels): at each level, the centroid nearest what the levels before left"""
+    """x (..., d) -> codes (..., levels): each level's centroid nearest what the ones before left"""
     residual = x.float().reshape(-1, x.size(-1))
     codes = []
     for centroids in codebooks:
@@ -66,7 +66,7 @@ def rvq_encode(x, codebooks):
     return torch.stack(codes, -1).view(*x.shape[:-1], len(codebooks))
 
 def rvq_decode(codes, codebooks, depth=None):
-    """codes (..., levels) -> the sum of the centroids of the first depth levels (all: None), (..., d)"""
+    """codes (..., levels) -> the sum of the first depth levels' centroids (all: None), (..., d)"""
     depth = codebooks.size(0) if depth is None else depth
     levels = torch.arange(depth, device=codes.device)
     return codebooks[levels, codes[..., :depth]].sum(-2)
@@ -77,39 +77,41 @@ class QuantConfig(DiffusionConfig):
     n_units: int = 64              # units a codebook (train.py: from the data, units_for)
 
 class QuantLCM(TwoTower):
-    """What -c and -d share: the codebooks (in the checkpoint: a model never meets another's), training
-    at a random level, and sampling from zero, one unit a level"""
+    """What -c and -d share: the codebooks (in the checkpoint: a model never meets another's),
+    training at a random level, and sampling from zero, one unit a level"""
     # the prediction that picks the best checkpoint: greedy, unguided
     point = {"guidance": 1.0, "top_k": 1}
 
     def __init__(self, config):
         super().__init__(config)
-        self.register_buffer("codebooks", torch.zeros(config.n_levels, config.n_units, config.d_emb))
+        shape = (config.n_levels, config.n_units, config.d_emb)
+        self.register_buffer("codebooks", torch.zeros(shape))
 
     def fit_codebooks(self, rows, iters=20, seed=0):
         """rows (n, d_emb): the training concepts, in the encoder's space"""
         L, U = self.codebooks.shape[:2]
-        require(len(rows) >= U, f"{len(rows)} training concepts cannot fit codebooks of {U} units: use "
-                "more data or a smaller --n_units")
+        require(len(rows) >= U, f"{len(rows)} training concepts cannot fit codebooks of {U} units: "
+                "use more data or a smaller --n_units")
         x = self.normalizer.normalize(torch.as_tensor(np.asarray(rows, np.float32)))
         self.codebooks.copy_(fit_rvq(x, L, U, iters, seed))
 
     def quantized(self, concepts):
-        """concepts (..., d_emb) in the encoder's space, quantized to every level: what no sample beats"""
+        """concepts (..., d_emb), quantized to every level: what no sample beats"""
         x = self.normalizer.normalize(concepts.float())
-        return self.normalizer.denormalize(rvq_decode(rvq_encode(x, self.codebooks), self.codebooks))
+        codes = rvq_encode(x, self.codebooks)
+        return self.normalizer.denormalize(rvq_decode(codes, self.codebooks))
 
     def forward(self, concepts, targets, mask=None, eot=None, generator=None):
-        """Training, as the paper: each target at a level k of its own, drawn uniformly; the network reads
-        the context and the sum of the target's first k - 1 centroids"""
+        """Training, as the paper: each target at a level k of its own, drawn uniformly; the network
+        reads the context and the sum of the target's first k - 1 centroids"""
         x0 = self.normalizer.normalize(targets.float())  # (B, T, d_emb)
         B, T, d = x0.shape
         codes = rvq_encode(x0, self.codebooks)  # (B, T, n_levels)
-        level = torch.randint(0, self.config.n_levels, (B, T), generator=generator, device=x0.device)
-        chosen = self.codebooks[torch.arange(self.config.n_levels, device=x0.device), codes]
+        levels = torch.arange(self.config.n_levels, device=x0.device)
+        level = torch.randint(0, len(levels), (B, T), generator=generator, device=x0.device)
+        chosen = self.codebooks[levels, codes]  # (B, T, n_levels, d_emb)
         # the sum of the centroids before the level, (B, T, d_emb)
-        before = torch.arange(self.config.n_levels, device=x0.device) < level[..., None]  # (B, T, n_levels)
-        partial = (chosen * before[..., None]).sum(2)
+        partial = (chosen * (levels < level[..., None])[..., None]).sum(2)
         uncond = torch.rand(B, T, generator=generator, device=x0.device) < self.config.cfg_dropout
         context, h = self.contextualize(concepts)
         out, _ = self.denoise(context, partial, self.timestep(level), uncond)
@@ -118,15 +120,16 @@ class QuantLCM(TwoTower):
 
     @torch.no_grad()
     def predict(self, concepts, last=False, z=None, guidance=1.0, temperature=1.0, top_k=3):
-        """The next concept after each of concepts (last: the last only), built from zero one level at a
-        time: a unit drawn among the top_k by scores (the variant's), guided, at temperature, by a
-        uniform draw a level taken from z (B, K, d_emb); in the encoder's space, and the stop logits"""
+        """The next concept after each of concepts (last: the last only), built from zero one level
+        at a time: a unit drawn among the top_k by the variant's scores, guided, at temperature,
+        by a uniform draw a level from z (B, K, d_emb); in the encoder's space, and the stop logits"""
         B, T, d = concepts.shape
         K = 1 if last else T
         halves = 1 if guidance == 1 else 2
         context, h = self.contextualize(concepts, copies=halves)
         uncond = (torch.arange(halves * B, device=concepts.device) >= B)[:, None].expand(-1, K)
-        levels = self.timestep(torch.arange(self.config.n_levels, device=concepts.device)[:, None, None])
+        levels = torch.arange(len(self.codebooks), device=concepts.device)
+        levels = self.timestep(levels[:, None, None])  # what the network reads of each level
         u = 0.5 * (1 + torch.erf(z / math.sqrt(2)))  # uniform, (B, K, d_emb)
         partial = concepts.new_zeros(B, K, d)
         for k, centroids in enumerate(self.codebooks):
@@ -135,13 +138,14 @@ class QuantLCM(TwoTower):
             top, idx = scores.topk(min(top_k, scores.size(-1)), -1)
             # inverse-CDF: the first of the top_k whose cumulative probability passes the draw
             pick = (top.softmax(-1).cumsum(-1) < u[..., k:k + 1]).sum(-1, keepdim=True)
-            partial = partial + centroids[idx.gather(-1, pick.clamp(max=idx.size(-1) - 1)).squeeze(-1)]
+            unit = idx.gather(-1, pick.clamp(max=idx.size(-1) - 1)).squeeze(-1)
+            partial = partial + centroids[unit]
         stop = self.stop(h[:, -K:]).squeeze(-1).float()
         return self.normalizer.denormalize(partial), stop
 
 class QuantC(QuantLCM):
     """Quant-LCM-c: regresses the full next concept by MSE, at any level; sampling turns what the
-    prediction adds to the partial sum into a unit, p(c) ~ exp(-||c - r||^2 / temperature) (Eq. 23)"""
+    prediction adds to the partial sum into a unit, p(c) ~ exp(-||c - r||^2 / temperature), Eq. 23"""
 
     def level_loss(self, pred, x0, code):
         return (pred.float() - x0).pow(2).sum(-1)

@@ -32,8 +32,8 @@ batch_size = 32          # windows per micro-batch
 gradient_accumulation_steps = 1  # micro-batches in the global batch, shared by all processes
 block_size = 16          # context in concepts (Lee documents: 10 sentences on average)
 # model
-model_type = "baselcm"   # 'baselcm', the diffusion LCMs (diffusion.py): one_tower, two_tower; or the
-                         # Quant-LCMs (quant.py): quant_c, quant_d
+model_type = "baselcm"   # 'baselcm'; the diffusion LCMs (diffusion.py), one_tower, two_tower; the
+                         # Quant-LCMs (quant.py), quant_c, quant_d
 n_layer = 4
 n_head = 4
 n_embd = 256
@@ -46,7 +46,7 @@ n_denoiser = 2           # the Two-Tower's denoiser blocks (and a Quant-LCM's)
 denoiser_rope = True     # its cross-attention finds the context by relative position (RoPE); False:
                          # by content alone, the paper's (docs/results.md)
 n_levels = 8             # Quant-LCMs (quant.py): codebooks
-n_units = 0              # Quant-LCMs: units a codebook; 0 = from the training concepts (quant.units_for)
+n_units = 0              # Quant-LCMs: units a codebook; 0 = from the data (quant.units_for)
 # AdamW, warm-up then cosine decay (paper: lr 4e-4, betas 0.9/0.95, eps 1e-5, weight decay 0.1)
 learning_rate = 4e-4
 max_iters = 0            # 0 = follow the data: `epochs` passes over the training concepts

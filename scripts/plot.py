@@ -3,8 +3,9 @@ Draws what the runs measured, headless (matplotlib's Agg), into a PNG:
   --kind=concepts  the mean and the samples: for a few validation prompts, the real next concept,
                    the training sentences nearest it, a Base-LCM's prediction (and guided), a diffusion
                    model's samples and the training mean, projected onto 2-D by a PCA fitted on them
-  --kind=guidance  CA against l2 as guidance grows, a curve a run (eval.py --curve's guidance.json), the
-                   point predictions (a diffusion model's conditional mean, a Quant-LCM's greedy one)
+  --kind=guidance  CA against l2 as guidance grows, a curve a run (eval.py --curve's guidance.json),
+                   and the point predictions (a diffusion model's conditional mean, a Quant-LCM's
+                   greedy one)
   --kind=run       a run's training and validation loss, its baselines' and CA (out_dir/log.jsonl)
 
 $ python scripts/plot.py --kind=run --out_dirs=out

@@ -1,9 +1,10 @@
 """
-The Quant-LCMs' round trip, measured before any model is trained (the paper's Figure 9 in miniature):
-residual vector quantization (quant.py) fitted on a dataset's training concepts, normalized as the
-models predict them; then the validation concepts quantized to each depth: their relative l2 error,
-and how often retrieval (the nearest training sentence) returns the sentence it returns for the concept
-itself. The training concepts' own error beside it shows where more levels stop helping unseen ones.
+The Quant-LCMs' round trip, measured before any model is trained (the paper's Figure 9 in
+miniature): residual vector quantization (quant.py) fitted on a dataset's training concepts,
+normalized as the models predict them; then the validation concepts quantized to each depth: their
+relative l2 error, and how often retrieval (the nearest training sentence) returns the sentence it
+returns for the concept itself. The training concepts' own error beside it shows where more levels
+stop helping unseen ones.
 
 $ python scripts/quant_roundtrip.py --dataset=lee
 $ python scripts/quant_roundtrip.py --dataset=pyref --out=docs/quant_roundtrip.png
@@ -20,7 +21,7 @@ from concepts import SentenceBank  # noqa: E402
 dataset = "lee"          # reads data_root/dataset, built by embed.py
 data_root = "data"
 levels = 16              # codebooks
-units = 0                # units per codebook; 0 = from the training concepts' number (quant.units_for)
+units = 0                # units a codebook; 0 = from the training concepts (quant.units_for)
 iters = 20               # k-means iterations a level
 seed = 0
 out = ""                 # a PNG of the round trip by depth; '' = none
@@ -31,7 +32,8 @@ meta = common.load_meta(data_dir)
 train, train_offsets, _ = datafiles.load_split(data_dir, "train", meta)
 val, val_offsets, _ = datafiles.load_split(data_dir, "val", meta)
 units = units or quant.units_for(len(train))
-common.require(len(train) >= units, f"{data_dir} has {len(train)} training concepts, fewer than --units={units}")
+common.require(len(train) >= units, f"{data_dir} has {len(train)} training concepts, fewer than "
+               f"--units={units}")
 center = torch.tensor(meta["normalizer"]["center"])
 scale = torch.tensor(meta["normalizer"]["scale"])
 x = (torch.as_tensor(np.asarray(train, np.float32)) - center) / scale
@@ -50,7 +52,9 @@ for name, y in (("val", v), ("train", seen)):
     for depth in range(1, levels + 1):
         q = quant.rvq_decode(codes, codebooks, depth)
         error = ((q - y).norm(dim=-1) / y.norm(dim=-1)).mean().item()
-        same = (bank.nearest(q * scale + center, eot=False)[0][:, 0] == same_as).mean() if name == "val" else None
+        same = None
+        if name == "val":
+            same = (bank.nearest(q * scale + center, eot=False)[0][:, 0] == same_as).mean()
         rows.append({"split": name, "depth": depth, "rel_l2": error, "same_sentence": same})
 print(f"{data_dir}: {len(train)} training concepts, {levels} codebooks of {units} units, fitted in "
       f"{fit_s:.1f}s; {len(v)} validation sentences")
@@ -70,7 +74,8 @@ if out:
                 label=f"relative l2 error, {name} concepts")
     ax.plot(range(1, levels + 1), [r["same_sentence"] for r in rows if r["split"] == "val"], "^-",
             label="same sentence retrieved, val")
-    ax.set(xlabel="codebooks (depth)", ylim=(0, 1), title=f"{dataset}: RVQ, {units} units a codebook")
+    ax.set(xlabel="codebooks (depth)", ylim=(0, 1),
+           title=f"{dataset}: RVQ, {units} units a codebook")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out, dpi=110)

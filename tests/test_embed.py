@@ -196,14 +196,15 @@ def test_embed_bad_input_gives_one_line_and_leaves_no_dataset(case, message, son
     assert not list(tmp_path.glob("data/*/meta.json")) and ("network" in p.stderr) == (case == "hub")
 
 @pytest.mark.slow
-def test_the_bar_counts_sentences_and_documents_as_they_are_encoded_on_a_few_long_documents(sonar_env,
-                                                                                          tmp_path):
+def test_the_bar_counts_sentences_and_documents_as_they_are_encoded_on_few_long_documents(sonar_env,
+                                                                                        tmp_path):
     env, calls = sonar_env
     # three documents of 200 sentences: one chunk, which the bar must not wait for
     src = tmp_path / "long.txt"
-    src.write_text("".join(" ".join(f"Doc {d} says thing {i}." for i in range(200)) + "\n" for d in range(3)))
-    p = run("embed.py", f"--dataset={src}", "--encoder=sonar", "--batch_size=8", "--val_fraction=0.34",
-            cwd=tmp_path, env=dict(env, FAKE_SONAR_DELAY="0.15"))
+    doc = lambda d: " ".join(f"Doc {d} says thing {i}." for i in range(200))
+    src.write_text("".join(doc(d) + "\n" for d in range(3)))
+    p = run("embed.py", f"--dataset={src}", "--encoder=sonar", "--batch_size=8",
+            "--val_fraction=0.34", cwd=tmp_path, env=dict(env, FAKE_SONAR_DELAY="0.15"))
     updates = [u for u in p.stderr.replace("\r", "\n").splitlines() if "sent" in u and "docs=" in u]
     counts = [int(u.split("sent")[0].split()[-1]) for u in updates]
     # the encoder took 64 sentences at a time (8 batches), and the bar moved with each

@@ -79,7 +79,7 @@ class QuantConfig(DiffusionConfig):
 class QuantLCM(TwoTower):
     """What -c and -d share: the codebooks (in the checkpoint: a model never meets another's),
     training at a random level, and sampling from zero, one unit a level"""
-    # the prediction that picks the best checkpoint: greedy, unguided
+    # the point prediction the evaluations report: greedy, unguided
     point = {"guidance": 1.0, "top_k": 1}
 
     def __init__(self, config):

@@ -235,8 +235,11 @@ while True:
             log({"iter": iter_num, "val": r})
             if iter_num > 0:
                 evals_since_best += 1
-                if r["model"]["loss"] < best_val_loss:
-                    best_val_loss = r["model"]["loss"]
+                # the best is the point prediction's (a diffusion model's conditional mean); a Quant-LCM's,
+                # a sum of centroids, says little early on: its own loss on the windows decides
+                val_loss = r["model"]["denoising" if hasattr(raw_model, "codebooks") else "loss"]
+                if val_loss < best_val_loss:
+                    best_val_loss = val_loss
                     evals_since_best = 0
                 if evals_since_best == 0 or always_save_checkpoint:
                     checkpoint = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),

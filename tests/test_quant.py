@@ -135,6 +135,9 @@ def test_a_quant_run_keeps_its_codebooks_resumes_exactly_and_samples_and_evaluat
     # the codebooks, fitted at the start, travel in the checkpoint
     assert model.codebooks.shape == (3, 16, 16) and model.codebooks.abs().sum() > 0
     assert torch.equal(model.codebooks, first["model"]["codebooks"])
+    # its best is by its own loss on the validation windows, not its greedy prediction's
+    val = [r["val"]["model"] for r in log_of(tmp_path / "b") if "val" in r]
+    assert ckpt["best_val_loss"] == min(v["denoising"] for v in val[1:])
     p = run("sample.py", "--out_dir=b", "--start=Anything at all.", "--json=True", "--max_new_concepts=2",
             "--data_dir=" + str(rotation_data / "rot"), "--top_k=2", cwd=tmp_path, check=False)
     run("eval.py", "--out_dir=b", "--curve=1,2", cwd=tmp_path)

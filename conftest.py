@@ -192,3 +192,18 @@ def script_knobs(script):
     return {t.id: ast.literal_eval(n.value) for n in tree.body if isinstance(n, ast.Assign)
             and isinstance(n.value, ast.Constant) for t in n.targets if isinstance(t, ast.Name)
             and isinstance(n.value.value, (int, float, bool, str))}
+
+def resumes_exactly(model_type, data_root, cwd, *more):
+    """Trains a tiny model_type 20 iterations in cwd/a, and 10 in cwd/b resumed to 20; asserts that b's
+    losses are a's. -> the shared arguments (b holds the resumed run)."""
+    args = [*TRAIN, f"--data_root={data_root}", f"--model_type={model_type}", "--eval_interval=10",
+            "--dropout=0.1", "--lr_decay_iters=20", "--always_save_checkpoint=True", "--patience=0",
+            "--eval_iters=2", *more]
+    run("train.py", *args, "--max_iters=20", "--out_dir=a", cwd=cwd)
+    run("train.py", *args, "--max_iters=10", "--out_dir=b", cwd=cwd)
+    run("train.py", "--init_from=resume", "--out_dir=b", "--max_iters=20", cwd=cwd)
+    losses = lambda out: {r["iter"]: r["loss"] for r in log_of(cwd / out) if "loss" in r}
+    a, b = losses("a"), losses("b")
+    assert sorted(b) == list(range(1, 21))
+    assert all(abs(a[i] - b[i]) <= 1e-5 * abs(a[i]) for i in range(11, 21)), (a, b)
+    return args

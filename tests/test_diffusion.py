@@ -11,7 +11,7 @@ import torch
 
 import checkpoints, diffusion
 from baselcm import BaseLCM
-from conftest import TRAIN, log_of, run, tiny_config
+from conftest import log_of, resumes_exactly, run, tiny_config
 from diffusion import DiffusionLCM, OneTower, TwoTower
 
 def tiny_diffusion(tower=OneTower, **kw):
@@ -126,16 +126,7 @@ def test_where_two_next_concepts_are_equally_likely_diffusion_samples_one_and_ms
 def test_a_diffusion_run_resumes_exactly_and_evaluates_with_sampling_settings_changed(model_type,
                                                                                      rotation_data,
                                                                                      tmp_path):
-    args = [*TRAIN, f"--data_root={rotation_data}", f"--model_type={model_type}", "--eval_interval=10",
-              "--dropout=0.1", "--lr_decay_iters=20", "--always_save_checkpoint=True",
-              "--patience=0", "--eval_iters=2"]
-    run("train.py", *args, "--max_iters=20", "--out_dir=a", cwd=tmp_path)
-    run("train.py", *args, "--max_iters=10", "--out_dir=b", cwd=tmp_path)
-    run("train.py", "--init_from=resume", "--out_dir=b", "--max_iters=20", cwd=tmp_path)
-    losses = lambda out: {r["iter"]: r["loss"] for r in log_of(tmp_path / out) if "loss" in r}
-    a, b = losses("a"), losses("b")
-    assert sorted(b) == list(range(1, 21))
-    assert all(abs(a[i] - b[i]) <= 1e-5 * abs(a[i]) for i in range(11, 21)), (a, b)
+    resumes_exactly(model_type, rotation_data, tmp_path)
     model, ckpt = checkpoints.load_model(str(tmp_path / "b" / "ckpt.pt"))
     assert isinstance(model, DiffusionLCM) and ckpt["config"]["model_type"] == model_type
     # its periodic evaluations report the conditional mean's metrics, comparable with the

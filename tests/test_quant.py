@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import checkpoints, quant
-from conftest import TRAIN, log_of, run, tiny_config
+from conftest import log_of, resumes_exactly, run, tiny_config
 
 def test_units_follow_the_data_at_39_concepts_a_centroid_or_more():
     assert quant.units_for(2698) == 64  # Lee's training concepts
@@ -120,16 +120,7 @@ def test_a_sampled_concept_is_a_sum_of_one_centroid_a_level_and_guidance_1_is_th
 @pytest.mark.parametrize("model_type", ["quant_c", "quant_d"])
 def test_a_quant_run_keeps_its_codebooks_resumes_exactly_and_samples_and_evaluates(model_type, rotation_data,
                                                                                   tmp_path):
-    args = [*TRAIN, f"--data_root={rotation_data}", f"--model_type={model_type}", "--eval_interval=10",
-            "--dropout=0.1", "--lr_decay_iters=20", "--always_save_checkpoint=True", "--patience=0",
-            "--eval_iters=2", "--n_levels=3", "--n_units=16"]
-    run("train.py", *args, "--max_iters=20", "--out_dir=a", cwd=tmp_path)
-    run("train.py", *args, "--max_iters=10", "--out_dir=b", cwd=tmp_path)
-    run("train.py", "--init_from=resume", "--out_dir=b", "--max_iters=20", cwd=tmp_path)
-    losses = lambda out: {r["iter"]: r["loss"] for r in log_of(tmp_path / out) if "loss" in r}
-    a, b = losses("a"), losses("b")
-    assert sorted(b) == list(range(1, 21))
-    assert all(abs(a[i] - b[i]) <= 1e-5 * abs(a[i]) for i in range(11, 21)), (a, b)
+    args = resumes_exactly(model_type, rotation_data, tmp_path, "--n_levels=3", "--n_units=16")
     model, ckpt = checkpoints.load_model(str(tmp_path / "b" / "ckpt.pt"))
     first = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=True)
     # the codebooks, fitted at the start, travel in the checkpoint

@@ -32,7 +32,8 @@ temperature = 0.0        # a Quant-LCM's sampling: temperature; 0 = its default
 top_k = 0                # a Quant-LCM's sampling: units drawn among the top k; 0 = its default
 generate = 0             # continue (or answer) the first N validation texts; 0 = all of them
 curve = ""               # guidance scales, e.g. 1,1.5,2,3,5: only the teacher-forced table at each
-                         # (and a diffusion model's conditional mean), into out_dir/guidance.json
+                         # (and a diffusion model's or a Quant-LCM's point prediction), into
+                         # out_dir/guidance.json
 device = ""              # '' = autodetect: cuda, mps, cpu
 dtype = ""               # '' = as train.py picks it
 given = common.configure(globals(), sys.argv[1:])

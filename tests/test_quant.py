@@ -3,11 +3,13 @@ The Quant-LCMs' concept space (quant.py): residual vector quantization, fitted b
 """
 import json
 
+import numpy as np
 import pytest
 import torch
 
 import checkpoints, quant
-from conftest import log_of, resumes_exactly, run, tiny_config
+from generation import generate
+from conftest import log_of, resumes_exactly, rotation_docs, run, tiny_config, write_dataset
 
 def test_units_follow_the_data_at_39_concepts_a_centroid_or_more():
     assert quant.units_for(2698) == 64  # Lee's training concepts
@@ -129,8 +131,19 @@ def test_a_quant_run_keeps_its_codebooks_resumes_exactly_and_samples_and_evaluat
     # its best is by its own loss on the validation windows, not its greedy prediction's
     val = [r["val"]["model"] for r in log_of(tmp_path / "b") if "val" in r]
     assert ckpt["best_val_loss"] == min(v["denoising"] for v in val[1:])
-    p = run("sample.py", "--out_dir=b", "--start=Anything at all.", "--json=True", "--max_new_concepts=2",
-            "--data_dir=" + str(rotation_data / "rot"), "--top_k=2", cwd=tmp_path, check=False)
+    # generation, as sample.py and eval.py run it: each text from its own generator
+    prompt = torch.randn(4, 16)
+    g = lambda: [torch.Generator().manual_seed(1)]
+    [(a, _, _)], [(b, _, _)] = (generate(model.eval(), [prompt], torch.ones(16), 3, generators=g(), top_k=4,
+                                         stop_end=0.0, stop_repeat=0.0) for _ in range(2))
+    assert a.shape == (3, 16) and torch.equal(a, b)
+    # finetuned on other data, it keeps the codebooks it was trained with: its concept space
+    train, eot = rotation_docs(np.random.default_rng(5), 40)
+    write_dataset(tmp_path / "data2", "rot2", train, rotation_docs(np.random.default_rng(6), 6)[0], eot)
+    run("train.py", *args, "--init_from=b", "--max_iters=2", "--out_dir=ft", f"--data_root={tmp_path / 'data2'}",
+        "--dataset=rot2", cwd=tmp_path)
+    tuned = torch.load(tmp_path / "ft" / "ckpt.pt", weights_only=True)["model"]["codebooks"]
+    assert torch.equal(tuned, model.codebooks)
     run("eval.py", "--out_dir=b", "--curve=1,2", cwd=tmp_path)
     curve = json.load(open(tmp_path / "b" / "guidance.json"))
     assert list(curve) == ["greedy", "guidance 1", "guidance 2", "copy", "mean", "quantized real next",

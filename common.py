@@ -70,6 +70,11 @@ def configure(g, argv):
             if key not in keys:
                 unknown.append(arg)
                 continue
+            if not isinstance(g[key], str):
+                try:
+                    val = ast.literal_eval(val)
+                except (SyntaxError, ValueError):
+                    pass  # reported below as the wrong type
             pairs = [(key, val)]
         else:
             require(os.path.isfile(arg), f"config file {arg} not found (expected a file like "
@@ -79,12 +84,6 @@ def configure(g, argv):
             pairs = [(k, v) for k, v in cfg.items() if not k.startswith("_")]
         for key, val in pairs:
             require(key in keys, unknown_option(key, arg, keys))
-            if isinstance(val, str) and not isinstance(g[key], str):
-                # --key=value: a Python literal, but for a str knob
-                try:
-                    val = ast.literal_eval(val)
-                except (SyntaxError, ValueError):
-                    pass  # reported below as the wrong type
             val = float(val) if type(g[key]) is float and type(val) is int else val
             require(type(val) is type(g[key]), f"--{key} wants a {type(g[key]).__name__}, got {val!r} "
                     f"(from {arg})")

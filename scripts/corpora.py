@@ -12,12 +12,16 @@ Writes the corpora beside Lee on which the defaults and the diffusion model were
   files of 60 sentences or more (by their full stops);
 - corpora/kernel.jsonl: the prose of the Linux kernel's documentation (Debian's linux-doc-6.1), one
   document per section, the first 20,000 sections in path order;
-- corpora/kernel_long.jsonl: the same a document per file, the first 400 files of 60 sentences or more.
-$ sudo apt-get install python3-doc linux-doc-6.1     # for pyref and kernel
+- corpora/kernel_long.jsonl: the same a document per file, the first 400 files of 60 sentences or more;
+- corpora/web_long.jsonl: narrative prose, the World English Bible (public domain, modern English,
+  Debian's sword-text-web, read with pysword): a book's chapters in order, a document each time 60
+  sentences or more are reached, footnotes left out.
+$ sudo apt-get install python3-doc linux-doc-6.1 sword-text-web   # for pyref, kernel and web_long
+$ pip install pysword                                             # for web_long
 $ python scripts/corpora.py
 $ python embed.py --dataset=corpora/pyref.jsonl      # and so on for each
 """
-import ast, glob, gzip, json, os, re, sysconfig
+import ast, glob, gzip, importlib.util, json, os, re, sysconfig
 
 def write(name, docs, limit=None):
     docs = list(dict.fromkeys(" ".join(d.split()) for d in docs if len(d) >= 300))[:limit]
@@ -101,3 +105,22 @@ kernel = sorted(glob.glob("/usr/share/doc/linux-doc-*/Documentation/**/*.rst.gz"
 kernel = [rst_sections(gzip.open(p, "rt", encoding="utf-8", errors="replace").read()) for p in kernel]
 write("kernel", [s for sections in kernel for s in sections], limit=20_000)
 write("kernel_long", long(kernel), limit=400)
+
+bible, docs = None, []
+if importlib.util.find_spec("pysword") and os.path.isdir("/usr/share/sword/modules/texts/ztext/engWEB2015eb"):
+    from pysword.modules import SwordModules
+    modules = SwordModules("/usr/share/sword")
+    modules.parse_modules()
+    bible = modules.get_bible_from_module("engWEB2015eb")
+sentences = lambda text: len(re.findall(r"[.!?][\u201d\u2019]* ", text))
+for book in [b for books in bible.get_structure().get_books().values() for b in books] if bible else []:
+    doc, start = "", len(docs)
+    for chapter in range(1, book.num_chapters + 1):
+        osis = bible.get(books=[book.name], chapters=[chapter], clean=False, join=" ")
+        doc += re.sub(r"<[^>]+>", "", re.sub(r"<note.*?</note>", " ", osis, flags=re.S)) + " "
+        if sentences(doc) >= 60:
+            docs.append(doc)
+            doc = ""
+    if doc and len(docs) > start:
+        docs[-1] += doc  # a short rest joins the book's last document; a book under 60 sentences is left out
+write("web_long", docs)

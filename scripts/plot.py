@@ -1,8 +1,8 @@
 """
 Draws what the runs measured, headless (matplotlib's Agg), into a PNG:
   --kind=concepts  the mean and the samples: for a few validation prompts, the real next concept,
-                   the training sentences nearest it, a Base-LCM's prediction (and guided), a diffusion
-                   model's samples and the training mean, projected onto 2-D by a PCA fitted on them
+                   the training sentences nearest it, a Base-LCM's prediction (and guided), the samples
+                   of diffusion models or Quant-LCMs, and the training mean, projected onto 2-D by a PCA fitted on them
   --kind=guidance  CA against l2 as guidance grows, a curve a run (eval.py --curve's guidance.json),
                    and the point predictions (a diffusion model's conditional mean, a Quant-LCM's
                    greedy one)
@@ -10,7 +10,7 @@ Draws what the runs measured, headless (matplotlib's Agg), into a PNG:
 
 $ python scripts/plot.py --kind=run --out_dirs=out
 $ python scripts/plot.py --kind=guidance --out_dirs=out,out-diffusion --out=docs/guidance.png
-$ python scripts/plot.py --kind=concepts --out_dirs=out,out-diffusion --out=docs/concepts.png
+$ python scripts/plot.py --kind=concepts --out_dirs=out,out-diffusion,out-quant --out=docs/concepts.png
 """
 import json, os, sys, textwrap
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -26,10 +26,10 @@ from common import configure, require  # noqa: E402
 from concepts import SentenceBank  # noqa: E402
 
 kind = "run"             # 'concepts', 'guidance' or 'run'
-out_dirs = "out"         # the runs, comma-separated (concepts: a Base-LCM's, a diffusion model's)
+out_dirs = "out"         # the runs, comma-separated (concepts: a Base-LCM's, then samplers')
 out = ""                 # the PNG; '' = the first run's out_dir/KIND.png
 prompts = 4              # concepts: validation prompts (the first documents of 5 sentences or more)
-samples = 8              # concepts: the diffusion model's samples of each next concept
+samples = 8              # concepts: each sampler's samples of each next concept
 guidance = 3.0           # concepts: the Base-LCM guided this much, beside its own prediction
 labels = ""              # guidance: a name for each run, comma-separated; '' = their out_dirs
 configure(globals(), sys.argv[1:])
@@ -89,14 +89,16 @@ if kind == "guidance":
 
 if kind == "concepts":
     models = [(model.eval(), ckpt) for model, ckpt in map(checkpoints.load_model, runs)]
-    require(len(runs) == 2 and not hasattr(models[0][0], "denoise") and hasattr(models[1][0], "denoise"),
-            "--kind=concepts draws a Base-LCM's run and a diffusion model's: --out_dirs=BASE,DIFFUSION")
-    (base, ckpt), (diffusion, _) = models
+    require(len(runs) >= 2 and not hasattr(models[0][0], "denoise") and
+            all(hasattr(model, "denoise") for model, _ in models[1:]), "--kind=concepts draws a Base-LCM's "
+            "run and the samples of others (diffusion, Quant): --out_dirs=BASE,DIFFUSION[,QUANT...]")
+    (base, ckpt), samplers = models[0], models[1:]
     data_dir = ckpt["data"]["dir"]
     require(os.path.isdir(data_dir), f"{data_dir}, the dataset of {runs[0]}, is gone: build it again "
             "with embed.py")
     meta = common.load_meta(data_dir)
-    common.check_trained_on(data_dir, meta, models[1][1]["data"], runs[1], "out_dirs")
+    for (_, other), run in zip(samplers, runs[1:]):
+        common.check_trained_on(data_dir, meta, other["data"], run, "out_dirs")
     bank = SentenceBank(data_dir, meta)
     rows, offsets, _ = datafiles.load_split(data_dir, "val", meta)
     texts = open(os.path.join(data_dir, "val.txt"), encoding="utf-8").read().splitlines()
@@ -111,9 +113,11 @@ if kind == "concepts":
         real = torch.as_tensor(np.asarray(rows[lo + 3], np.float32))
         z = torch.randn(samples, 1, real.numel(), generator=generator)
         guided = base.predict(prompt, last=True, guidance=guidance)[0][0]
-        sampled = diffusion.predict(prompt.expand(samples, -1, -1), last=True, z=z)[0][:, 0]
         predicted = {"Base-LCM": base.predict(prompt, last=True)[0][0],
-                     f"Base-LCM, guided (g {guidance:g})": guided, "diffusion samples": sampled}
+                     f"Base-LCM, guided (g {guidance:g})": guided}
+        for model, other in samplers:
+            sampled = model.predict(prompt.expand(samples, -1, -1), last=True, z=z)[0][:, 0]
+            predicted[f"{other['config']['model_type']} samples"] = sampled
         # each prediction's nearest training sentence (what retrieval decodes it to), and its cosine
         decoded = {name: bank.nearest(p, eot=False) for name, p in predicted.items()}
         near = np.sort(bank.nearest(real[None], 6, eot=False)[0][0])
@@ -124,11 +128,12 @@ if kind == "concepts":
                                                      points.values()]), dim=-1)
         xy = ((x - x.mean(0)) @ torch.linalg.svd(x - x.mean(0), full_matrices=False)[2][:2].T).numpy()
         at = dict(zip(points, np.split(xy, np.cumsum([len(p) for p in points.values()])[:-1])))
-        for name, marker, color in zip(points, "*.s^oP", "rkbbgm"):
+        styles = zip("*.s^" + "oDv<>"[:len(samplers)] + "P", "rkbb" + "gcy"[:len(samplers)] + "m")
+        for name, (marker, color) in zip(points, styles):
             ax.plot(*at[name].T, marker, color=color, ls="none", ms=14 if marker == "*" else 7, alpha=0.8,
                     label=name)
         labels = {"real next": texts[lo + 3]} | {name: bank.texts(decoded[name][0][0])[0] for name in
-                                                 ("Base-LCM", "diffusion samples")}
+                                                 predicted if "guided" not in name}
         for name, sentence in labels.items():
             right = at[name][0, 0] > xy[:, 0].mean()  # a label on the right half reads leftwards
             ax.annotate(short(sentence), at[name][0], fontsize=7, xytext=(-4 if right else 4, 4),
@@ -143,7 +148,7 @@ if kind == "concepts":
     handles, labels = axes.flat[0].get_legend_handles_labels()
     fig.legend(handles[:len(points)], labels[:len(points)], loc="lower center", ncol=4, fontsize=8)
     fig.suptitle("The next concept after a prompt (its last sentence above each): the Base-LCM's one "
-                 "prediction and a diffusion\nmodel's samples, with the real next sentence and the training "
+                 "prediction and the samples\nof the others, with the real next sentence and the training "
                  "sentences nearest it (PCA of the points at unit length)", fontsize=10)
     fig.tight_layout(rect=(0, 0.05, 1, 1))
 else:

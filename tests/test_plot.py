@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import HERE, run, save_checkpoint, tiny_model, write_dataset
+from checkpoints import build_model
+from conftest import HERE, run, save_checkpoint, tiny_config, write_dataset
 
 def draw(*args):
     """scripts/plot.py as a user runs it, in this process -> (its figure, the PNG read back)"""
@@ -67,34 +68,40 @@ def test_guidance_draws_a_curve_a_run_with_its_scales_the_conditional_mean_and_t
 
 @pytest.fixture()
 def two_runs(tmp_path):
-    """A dataset and, trained on it, a Base-LCM's checkpoint and a Two-Tower's (untrained weights)."""
+    """A dataset and, trained on it, a Base-LCM's checkpoint, a Two-Tower's and a Quant-LCM-c's
+    (untrained weights; the Quant-LCM's codebooks fitted)."""
     rng = np.random.default_rng(0)
     docs = [rng.normal(size=(int(n), 16)).astype(np.float32) for n in rng.integers(4, 12, 30)]
     meta = write_dataset(tmp_path / "data", "d", docs[:20], docs[20:], docs[0][-1])
     data = {"encoder": meta["encoder"], "d_emb": 16, "key": "d", "dir": str(tmp_path / "data" / "d")}
     torch.manual_seed(0)
-    for name, model_type in (("base", "baselcm"), ("two", "two_tower")):
-        model = tiny_model(model_type, dropout=0.5)  # evaluated, a model has no dropout
+    for name, model_type in (("base", "baselcm"), ("two", "two_tower"), ("quant", "quant_c")):
+        # evaluated, a model has no dropout
+        model = build_model(model_type, tiny_config(dropout=0.5).__dict__ | {"n_levels": 2, "n_units": 8})
         model.normalizer.mean.copy_(torch.tensor(meta["mean"]))
+        if name == "quant":
+            model.fit_codebooks(np.concatenate(docs[:20]))
         save_checkpoint(tmp_path / name, model, data, model_type)
     return tmp_path
 
 @pytest.mark.parametrize("prompts, samples", [(2, 5), (3, 3)])
 def test_concepts_show_each_prompts_real_next_neighbours_predictions_samples_and_mean(two_runs, prompts,
                                                                                       samples):
-    fig, _ = draw("--kind=concepts", f"--out_dirs={two_runs / 'base'},{two_runs / 'two'}",
-                  f"--prompts={prompts}", f"--samples={samples}", f"--out={two_runs / 'c.png'}")
+    runs = f"--out_dirs={two_runs / 'base'},{two_runs / 'two'},{two_runs / 'quant'}"
+    fig, _ = draw("--kind=concepts", runs, f"--prompts={prompts}", f"--samples={samples}",
+                  f"--out={two_runs / 'c.png'}")
     assert len(fig.axes) == prompts
     for ax in fig.axes:
-        # real next, 6 neighbours, the prediction and its guided twin, the samples, the mean
-        assert [len(line.get_xdata()) for line in ax.lines] == [1, 6, 1, 1, samples, 1]
-        # the sentences of the real next, the prediction and a sample; their cosines to a sentence
-        assert len(ax.texts) == 3 and ax.get_xlabel().startswith("cosine to the nearest")
-        assert ax.get_xlabel().count("Base-LCM") == 2 and "diffusion samples" in ax.get_xlabel()
+        # real next, 6 neighbours, the prediction and its guided twin, each sampler's samples, the mean
+        assert [len(line.get_xdata()) for line in ax.lines] == [1, 6, 1, 1, samples, samples, 1]
+        # the sentences of the real next, the prediction and a sample of each; their cosines to a sentence
+        assert len(ax.texts) == 4 and ax.get_xlabel().startswith("cosine to the nearest")
+        assert ax.get_xlabel().count("Base-LCM") == 2
+        assert "two_tower samples" in ax.get_xlabel() and "quant_c samples" in ax.get_xlabel()
     # drawn again, the same points: the models predict as evaluated (no dropout), the samples from
     # seed 0
-    again, _ = draw("--kind=concepts", f"--out_dirs={two_runs / 'base'},{two_runs / 'two'}",
-                    f"--prompts={prompts}", f"--samples={samples}", f"--out={two_runs / 'c.png'}")
+    again, _ = draw("--kind=concepts", runs, f"--prompts={prompts}", f"--samples={samples}",
+                    f"--out={two_runs / 'c.png'}")
     points = lambda f: [line.get_xydata().tolist() for ax in f.axes for line in ax.lines]
     assert points(again) == points(fig)
 

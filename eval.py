@@ -103,7 +103,7 @@ if curve:
 predictors = {name: metrics.predictor(model, ctx, **s) for name, s in settings.items()}
 predictors |= metrics.baselines(torch.tensor(meta["mean"], device=device))
 if hasattr(model, "codebooks"):
-    # a Quant-LCM's ceiling: the real next concept, quantized to every level
+    # the ceiling of a sum of units (a Quant-LCM's): the real next concept, quantized to every level
     predictors["quantized real next"] = lambda x, y: model.quantized(y)
 bar = tqdm(batches, desc="next concepts", unit="batch", leave=False)
 results = metrics.evaluate(predictors, bar, model.normalizer, decoded)

@@ -134,14 +134,16 @@ class QuantLCM(TwoTower):
         partial = concepts.new_zeros(B, K, d)
         for k, centroids in enumerate(self.codebooks):
             out, _ = self.denoise(context, partial.repeat(halves, 1, 1), levels[k], uncond)
-            scores = self.scores(out.float(), partial, centroids, guidance, B) / temperature
-            top, idx = scores.topk(min(top_k, scores.size(-1)), -1)
+            scores, estimate = self.scores(out.float(), partial, centroids, guidance, B)
+            top, idx = (scores / temperature).topk(min(top_k, scores.size(-1)), -1)
             # inverse-CDF: the first of the top_k whose cumulative probability passes the draw
             pick = (top.softmax(-1).cumsum(-1) < u[..., k:k + 1]).sum(-1, keepdim=True)
             unit = idx.gather(-1, pick.clamp(max=idx.size(-1) - 1)).squeeze(-1)
             partial = partial + centroids[unit]
         stop = self.stop(h[:, -K:]).squeeze(-1).float()
-        return self.normalizer.denormalize(partial), stop
+        # -d: the sum of the units; -c: its regression at the last level, within the units before it
+        # (a departure from the paper, which adds a last unit: docs/results.md)
+        return self.normalizer.denormalize(partial if estimate is None else estimate), stop
 
 class QuantC(QuantLCM):
     """Quant-LCM-c: regresses the full next concept by MSE, at any level; sampling turns what the
@@ -153,7 +155,7 @@ class QuantC(QuantLCM):
     def scores(self, out, partial, centroids, guidance, B):
         # guidance on the prediction
         pred = out[:B] if len(out) == B else out[B:] + guidance * (out[:B] - out[B:])
-        return -torch.cdist(pred - partial, centroids[None].expand(len(pred), -1, -1)) ** 2
+        return -torch.cdist(pred - partial, centroids[None].expand(len(pred), -1, -1)) ** 2, pred
 
 class QuantD(QuantLCM):
     """Quant-LCM-d: a softmax over the units of codebook k, trained by cross-entropy"""
@@ -169,4 +171,4 @@ class QuantD(QuantLCM):
     def scores(self, out, partial, centroids, guidance, B):
         # guidance on the logits
         logits = self.units(out)
-        return logits[:B] if len(out) == B else logits[B:] + guidance * (logits[:B] - logits[B:])
+        return (logits[:B] if len(out) == B else logits[B:] + guidance * (logits[:B] - logits[B:])), None

@@ -2,7 +2,8 @@
 Draws what the runs measured, headless (matplotlib's Agg), into a PNG:
   --kind=concepts  the mean and the samples: for a few validation prompts, the real next concept,
                    the training sentences nearest it, a Base-LCM's prediction (and guided), the samples
-                   of diffusion models or Quant-LCMs, and the training mean, projected onto 2-D by a PCA fitted on them
+                   of diffusion models or Quant-LCMs, and the training mean, projected onto 2-D by a PCA
+                   fitted on them
   --kind=guidance  CA against l2 as guidance grows, a curve a run (eval.py --curve's guidance.json),
                    and the point predictions (a diffusion model's conditional mean, a Quant-LCM's
                    greedy one)

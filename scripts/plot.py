@@ -139,8 +139,10 @@ if kind == "concepts":
             right = at[name][0, 0] > xy[:, 0].mean()  # a label on the right half reads leftwards
             ax.annotate(short(sentence), at[name][0], fontsize=7, xytext=(-4 if right else 4, 4),
                         textcoords="offset points", ha="right" if right else "left", clip_on=True)
-        cosines = ", ".join(f"{name.split(' (')[0]} {c[1].mean():.2f}" for name, c in decoded.items())
-        ax.set_xlabel(f"cosine to the nearest training sentence: {cosines}", fontsize=7)
+        cosines = [f"{name.split(' (')[0].replace(' samples', '')} {c[1].mean():.2f}" for name, c in
+                   decoded.items()]
+        ax.set_xlabel("cosine to the nearest training sentence: " + ", ".join(cosines[:2]) + ",\n" +
+                      ", ".join(cosines[2:]), fontsize=7)
         ax.set_title("... " + short(texts[lo + 2]), fontsize=9)
         ax.set_xticks([])
         ax.set_yticks([])

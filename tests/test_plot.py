@@ -97,7 +97,7 @@ def test_concepts_show_each_prompts_real_next_neighbours_predictions_samples_and
         # the sentences of the real next, the prediction and a sample of each; their cosines to a sentence
         assert len(ax.texts) == 4 and ax.get_xlabel().startswith("cosine to the nearest")
         assert ax.get_xlabel().count("Base-LCM") == 2
-        assert "two_tower samples" in ax.get_xlabel() and "quant_c samples" in ax.get_xlabel()
+        assert "two_tower 0." in ax.get_xlabel() and "quant_c 0." in ax.get_xlabel()
     # drawn again, the same points: the models predict as evaluated (no dropout), the samples from
     # seed 0
     again, _ = draw("--kind=concepts", runs, f"--prompts={prompts}", f"--samples={samples}",

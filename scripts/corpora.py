@@ -106,21 +106,24 @@ kernel = [rst_sections(gzip.open(p, "rt", encoding="utf-8", errors="replace").re
 write("kernel", [s for sections in kernel for s in sections], limit=20_000)
 write("kernel_long", long(kernel), limit=400)
 
-bible, docs = None, []
-if importlib.util.find_spec("pysword") and os.path.isdir("/usr/share/sword/modules/texts/ztext/engWEB2015eb"):
+# narrative prose: a book's chapters in order, a document each time 60 sentences are reached (by their
+# full stops, quotes after them allowed); a short rest joins the book's last document, and a book of fewer
+# than 60 sentences is left out
+docs, sword = [], "/usr/share/sword"
+sentences = lambda text: len(re.findall(r"[.!?][\u201d\u2019]* ", text))
+if importlib.util.find_spec("pysword") and os.path.isdir(f"{sword}/modules/texts/ztext/engWEB2015eb"):
     from pysword.modules import SwordModules
-    modules = SwordModules("/usr/share/sword")
+    modules = SwordModules(sword)
     modules.parse_modules()
     bible = modules.get_bible_from_module("engWEB2015eb")
-sentences = lambda text: len(re.findall(r"[.!?][\u201d\u2019]* ", text))
-for book in [b for books in bible.get_structure().get_books().values() for b in books] if bible else []:
-    doc, start = "", len(docs)
-    for chapter in range(1, book.num_chapters + 1):
-        osis = bible.get(books=[book.name], chapters=[chapter], clean=False, join=" ")
-        doc += re.sub(r"<[^>]+>", "", re.sub(r"<note.*?</note>", " ", osis, flags=re.S)) + " "
-        if sentences(doc) >= 60:
-            docs.append(doc)
-            doc = ""
-    if doc and len(docs) > start:
-        docs[-1] += doc  # a short rest joins the book's last document; a book under 60 sentences is left out
+    for book in [b for books in bible.get_structure().get_books().values() for b in books]:
+        doc, start = "", len(docs)
+        for chapter in range(1, book.num_chapters + 1):
+            osis = bible.get(books=[book.name], chapters=[chapter], clean=False, join=" ")
+            doc += re.sub(r"<[^>]+>", "", re.sub(r"<note.*?</note>", " ", osis, flags=re.S)) + " "
+            if sentences(doc) >= 60:
+                docs.append(doc)
+                doc = ""
+        if doc and len(docs) > start:
+            docs[-1] += doc
 write("web_long", docs)

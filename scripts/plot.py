@@ -117,8 +117,10 @@ if kind == "concepts":
         predicted = {"Base-LCM": base.predict(prompt, last=True)[0][0],
                      f"Base-LCM, guided (g {guidance:g})": guided}
         for model, other in samplers:
+            name = f"{other['config']['model_type']} samples"
+            twins = sum(key.startswith(name) for key in predicted)  # a second run of a kind: "... 2"
             sampled = model.predict(prompt.expand(samples, -1, -1), last=True, z=z)[0][:, 0]
-            predicted[f"{other['config']['model_type']} samples"] = sampled
+            predicted[f"{name} {twins + 1}" if twins else name] = sampled
         # each prediction's nearest training sentence (what retrieval decodes it to), and its cosine
         decoded = {name: bank.nearest(p, eot=False) for name, p in predicted.items()}
         near = np.sort(bank.nearest(real[None], 6, eot=False)[0][0])
@@ -129,8 +131,9 @@ if kind == "concepts":
                                                      points.values()]), dim=-1)
         xy = ((x - x.mean(0)) @ torch.linalg.svd(x - x.mean(0), full_matrices=False)[2][:2].T).numpy()
         at = dict(zip(points, np.split(xy, np.cumsum([len(p) for p in points.values()])[:-1])))
-        styles = zip("*.s^" + "oDv<>"[:len(samplers)] + "P", "rkbb" + "gcy"[:len(samplers)] + "m")
-        for name, (marker, color) in zip(points, styles):
+        markers = [*"*.s^", *("oDv<>" * len(samplers))[:len(samplers)], "P"]
+        colors = [*"rkbb", *(["C2", "C9", "C8", "C5"] * len(samplers))[:len(samplers)], "m"]
+        for name, marker, color in zip(points, markers, colors):
             ax.plot(*at[name].T, marker, color=color, ls="none", ms=14 if marker == "*" else 7, alpha=0.8,
                     label=name)
         labels = {"real next": texts[lo + 3]} | {name: bank.texts(decoded[name][0][0])[0] for name in

@@ -105,6 +105,15 @@ def test_concepts_show_each_prompts_real_next_neighbours_predictions_samples_and
     points = lambda f: [line.get_xydata().tolist() for ax in f.axes for line in ax.lines]
     assert points(again) == points(fig)
 
+def test_concepts_draw_every_samplers_points_however_many_runs(two_runs):
+    runs = ",".join(str(two_runs / name) for name in ("base", "two", "quant", "two", "quant", "two"))
+    fig, _ = draw("--kind=concepts", f"--out_dirs={runs}", "--prompts=1", "--samples=2",
+                  f"--out={two_runs / 'c.png'}")
+    # five samplers, each its own points, and the training mean still last
+    lines = fig.axes[0].lines
+    assert [len(line.get_xdata()) for line in lines] == [1, 6, 1, 1, 2, 2, 2, 2, 2, 1]
+    assert lines[-1].get_label() == "training mean"
+
 @pytest.mark.parametrize("case, message", [
     ("--kind=guidance", "no {out}/guidance.json: run `python eval.py --out_dir={out} --curve=1,1.5,2,3,5`"),
     ("old log", "holds no evaluations with their baselines"),

@@ -24,6 +24,8 @@ class DiffusionConfig(LCMConfig):
     cfg_dropout: float = 0.15      # training: the share of noisy concepts that see no context
     n_denoiser: int = 2            # the Two-Tower's denoiser blocks (the paper's toy: 2)
     denoiser_rope: bool = True     # its cross-attention by position (RoPE); False: the paper's
+    last_step_share: float = 0.0   # training: the share of targets noised to the last timestep,
+                                   # pure noise, where the prediction is the conditional mean (paper: 0)
 
 def cosine_schedule(n_steps, s=0.008):
     """-> alpha_bar (n_steps,): the share of signal in the noisy concept at each timestep. The
@@ -83,6 +85,9 @@ class DiffusionLCM(BaseLCM):
         x0 = self.normalizer.normalize(targets.float())  # (B, T, d_emb)
         B, T, d = x0.shape
         t = torch.randint(0, self.config.n_steps, (B, T), generator=generator, device=x0.device)
+        if self.config.last_step_share:
+            last = torch.rand(B, T, generator=generator, device=x0.device) < self.config.last_step_share
+            t = t.masked_fill(last, self.config.n_steps - 1)
         a = self.alpha_bar[t][..., None]
         noise = torch.randn(B, T, d, generator=generator, device=x0.device)
         noisy = a.sqrt() * x0 + (1 - a).sqrt() * noise

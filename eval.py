@@ -28,6 +28,7 @@ sonar_hf_encoder = ""    # SONAR's transformers port, its encoder and decoder (h
 sonar_hf_decoder = ""    # folders); '' = the community port's (docs/sonar.md)
 guidance = 0.0           # guidance scale, 1 = none; 0 = the model's own (a diffusion model's: 3)
 ddim_steps = 0           # a diffusion model's sampling: DDIM steps; 0 = its default
+init_noise = 0.0         # a diffusion model's sampling: the scale of its starting noise; 0 = its default
 temperature = 0.0        # a Quant-LCM's sampling: temperature; 0 = its default
 top_k = 0                # a Quant-LCM's sampling: units drawn among the top k; 0 = its default
 generate = 0             # continue (or answer) the first N validation texts; 0 = all of them
@@ -54,7 +55,7 @@ meta = common.load_meta(data_dir)
 common.check_trained_on(data_dir, meta, checkpoint["data"], ckpt_path, "dataset", "dataset" in given)
 model = model_from(checkpoint).to(device).eval()
 sampling = common.sampling_settings(model, out_dir, guidance=guidance, ddim_steps=ddim_steps,
-                                    temperature=temperature, top_k=top_k)
+                                    init_noise=init_noise, temperature=temperature, top_k=top_k)
 rows, offsets, starts = datafiles.load_split(data_dir, "val", meta)
 batches = list(datafiles.eval_batches(rows, offsets, model.config.block_size, run["batch_size"],
                                       eval_iters * run["batch_size"], device, starts))

@@ -35,6 +35,7 @@ lang = ""                # FLORES-200 code of the output (SONAR decoder); '' = p
 data_dir = ""            # sentence bank for retrieval; '' = the dataset the model was trained on
 guidance = 0.0           # guidance scale, 1 = none; 0 = the model's own
 ddim_steps = 0           # diffusion model: denoising steps; 0 = its default
+init_noise = 0.0         # diffusion model: the scale of the noise it starts from; 0 = its default
 temperature = 0.0        # Quant-LCM: sampling temperature; 0 = its default
 top_k = 0                # Quant-LCM: a unit drawn among the top k; 0 = its default
 compile = False          # torch.compile the model: the one-concept step compiles once (for GPUs)
@@ -48,7 +49,7 @@ device = get_device(device)
 model, ckpt = load_model(os.path.join(out_dir, "ckpt.pt"))
 model.to(device).eval()
 sampling = sampling_settings(model, out_dir, noise=noise, guidance=guidance, ddim_steps=ddim_steps,
-                             temperature=temperature, top_k=top_k)
+                             init_noise=init_noise, temperature=temperature, top_k=top_k)
 if compile and can_compile(device):
     model.compile()
 data = ckpt["data"]

@@ -45,6 +45,7 @@ cfg_dropout = 0.15       # diffusion: share of noisy concepts trained without co
 n_denoiser = 2           # the Two-Tower's denoiser blocks (and a Quant-LCM's)
 denoiser_rope = True     # its cross-attention finds the context by relative position (RoPE); False:
                          # by content alone, the paper's (docs/results.md)
+last_step_share = 0.0    # diffusion: share of targets trained from pure noise (the conditional mean)
 n_levels = 8             # Quant-LCMs (quant.py): codebooks
 n_units = 0              # Quant-LCMs: units a codebook; 0 = from the data (quant.units_for)
 # AdamW, warm-up then cosine decay (paper: lr 4e-4, betas 0.9/0.95, eps 1e-5, weight decay 0.1)

@@ -62,6 +62,17 @@ def test_the_schedule_goes_from_almost_clean_to_pure_noise():
     assert alpha_bar.shape == (100,) and alpha_bar[-1] == 0  # zero terminal SNR
     assert alpha_bar[0] > 0.999 and (alpha_bar[1:] < alpha_bar[:-1]).all()
 
+@pytest.mark.parametrize("share", [0.0, 0.5])
+def test_last_step_share_trains_that_share_of_targets_from_pure_noise(share):
+    """The conditional mean's training signal: the uniform draw gives the last timestep 1 %."""
+    model = TwoTower(diffusion.DiffusionConfig(**tiny_config().__dict__, last_step_share=share))
+    seen = []
+    model.timestep = lambda t: seen.append(t) or TwoTower.timestep(model, t)
+    x = torch.randn(128, 12, 16)
+    model(x, x, generator=torch.Generator().manual_seed(0))
+    at_last = (seen[0] == model.config.n_steps - 1).float().mean().item()
+    assert abs(at_last - (share + (1 - share) / model.config.n_steps)) < 0.03
+
 def test_ddim_with_guidance_1_equals_sampling_without_guidance():
     torch.manual_seed(0)
     model = tiny_diffusion().eval()
@@ -141,9 +152,11 @@ def test_a_diffusion_run_resumes_exactly_and_evaluates_with_sampling_settings_ch
     assert abs(curve["conditional mean"]["l2"] - val[-1]["model"]["l2"]) < 1e-4
     assert curve["guidance 1"]["l2"] != curve["guidance 2"]["l2"]
     # sampling's settings may change after training; the model's may not
-    run("train.py", "--eval_only=True", "--out_dir=b", "--guidance=1.5", "--ddim_steps=4", cwd=tmp_path)
+    run("train.py", "--eval_only=True", "--out_dir=b", "--guidance=1.5", "--ddim_steps=4",
+        "--init_noise=1.0", cwd=tmp_path)
     report = json.load(open(tmp_path / "b" / "eval.json"))
-    assert report["sampling"] == {"guidance": 1.5, "ddim_steps": 4} and 0.5 < report["model"]["ca"] <= 1
+    assert report["sampling"] == {"guidance": 1.5, "ddim_steps": 4, "init_noise": 1.0}
+    assert 0.5 < report["model"]["ca"] <= 1
     p = run("train.py", "--init_from=resume", "--out_dir=b", "--n_embd=64", cwd=tmp_path,
             check=False)
     assert p.returncode == 1 and "the model's settings cannot change" in p.stderr

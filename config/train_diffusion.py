@@ -1,11 +1,13 @@
 # The diffusion LCM (diffusion.py): the Two-Tower, the measured winner of the two (docs/results.md),
 # its denoiser attending to the context by relative position (denoiser_rope, a departure from the
 # paper), with the paper's dropout, 0.1 (the Base-LCM's 0.3 cost it CA on Lee). It trains until its
-# conditional mean's validation loss stops improving (patience), as the Base-LCM does until its
-# prediction's: 100 epochs is a cap that no corpus measured reached, not a length to guess.
+# conditional mean's validation loss stops improving, as the Base-LCM does until its prediction's, but
+# waits 8 evaluations, not 4: its CA swings between evaluations, and later bests came on web_long and
+# pyref (docs/results.md). 100 epochs is a cap that no corpus measured reached, not a length to guess.
 # $ python train.py config/train_diffusion.py                      # Lee, into out-diffusion
 # $ python train.py config/train_diffusion.py --dataset=mine --out_dir=out-mine-diffusion
 model_type = "two_tower"
 dropout = 0.1
 epochs = 100
+patience = 8
 out_dir = "out-diffusion"

@@ -81,7 +81,8 @@ class DiffusionLCM(BaseLCM):
         """Training (Algorithm 1): every next concept noised to its own random timestep, denoised;
         -> (predicted clean targets, the loss): the squared error against the clean ones
         (normalized, summed over the dimensions, averaged over the targets where mask is True),
-        every timestep weighted alike, and the stop head's (eot). The draws come from generator."""
+        every timestep weighted alike (but last_step_share's, drawn at the last), and the stop head's
+        (eot). The draws come from generator."""
         x0 = self.normalizer.normalize(targets.float())  # (B, T, d_emb)
         B, T, d = x0.shape
         t = torch.randint(0, self.config.n_steps, (B, T), generator=generator, device=x0.device)

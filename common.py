@@ -269,6 +269,7 @@ def check_train_settings(c, models):
     require(c["n_embd"] % c["n_head"] == 0 and c["n_embd"] // c["n_head"] % 2 == 0, f"--n_embd={c['n_embd']} "
             f"must be a multiple of --n_head={c['n_head']} with an even head size (RoPE)")
     require(0 <= c["dropout"] < 1, f"--dropout={c['dropout']} must be in [0, 1)")
+    require(0 <= c["ema"] < 1, f"--ema={c['ema']} must be in [0, 1)")
     require(0 <= c["last_step_share"] <= 1, f"--last_step_share={c['last_step_share']} must be in [0, 1]")
     require(c["model_type"] in models, f"--model_type={c['model_type']}: use {', '.join(models)}")
     init = os.path.join(c["init_from"], "ckpt.pt") if os.path.isdir(c["init_from"]) else c["init_from"]

@@ -195,7 +195,7 @@ def script_knobs(script):
 
 def resumes_exactly(model_type, data_root, cwd, *more):
     """Trains a tiny model_type 20 iterations in cwd/a, and 10 in cwd/b resumed to 20; asserts that b's
-    losses are a's. -> the shared arguments (b holds the resumed run)."""
+    losses and last evaluation are a's. -> the shared arguments (b holds the resumed run)."""
     args = [*TRAIN, f"--data_root={data_root}", f"--model_type={model_type}", "--eval_interval=10",
             "--dropout=0.1", "--lr_decay_iters=20", "--always_save_checkpoint=True", "--patience=0",
             "--eval_iters=2", *more]
@@ -206,4 +206,7 @@ def resumes_exactly(model_type, data_root, cwd, *more):
     a, b = losses("a"), losses("b")
     assert sorted(b) == list(range(1, 21))
     assert all(abs(a[i] - b[i]) <= 1e-5 * abs(a[i]) for i in range(11, 21)), (a, b)
+    # and evaluates what the unbroken run evaluates (with --ema: the same moving average)
+    val = lambda out: [r["val"]["model"]["loss"] for r in log_of(cwd / out) if r["iter"] == 20 and "val" in r]
+    assert abs(val("a")[0] - val("b")[0]) <= 1e-5 * val("a")[0]
     return args

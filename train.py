@@ -8,7 +8,7 @@ $ python train.py config/train_diffusion.py        # the Two-Tower diffusion LCM
 $ python train.py --dataset=pairs --init_from=out --out_dir=out-ft  # finetune on prompt -> answer
 $ torchrun --standalone --nproc_per_node=4 train.py config/train_laptop_gpu.py
 """
-import json, math, os, sys, time
+import copy, json, math, os, sys, time
 
 import numpy as np
 import torch
@@ -53,6 +53,7 @@ learning_rate = 4e-4
 max_iters = 0            # 0 = follow the data: `epochs` passes over the training concepts
 epochs = 20.0
 patience = 4             # stop after this many evaluations without a better val loss; 0 = never
+ema = 0.0                # evaluate and save a moving average of the weights, of this decay; 0 = the weights
 weight_decay = 0.1
 beta1 = 0.9
 beta2 = 0.95
@@ -152,6 +153,11 @@ optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta
 if resume:
     common.load_optimizer(optimizer, scaler, checkpoint)
 raw_model = model
+# what is evaluated and saved: the weights, or their moving average (steadier between evaluations);
+# then the weights trained are saved beside it, to resume
+averaged = copy.deepcopy(raw_model).requires_grad_(False) if ema else raw_model
+if ema and resume:
+    raw_model.load_state_dict(checkpoint.get("trained", checkpoint["model"]))
 if compile and common.can_compile(device):
     model = torch.compile(model)
 if ddp:
@@ -174,13 +180,13 @@ baselines = metrics.evaluate(metrics.baselines(train_mean), val_batches, raw_mod
 def evaluate():
     """The model's next-concept metrics on the validation windows (a diffusion model's: also its own
     denoising loss), beside the baselines'"""
-    raw_model.eval()
+    averaged.eval()
     # the model's point prediction: a Base-LCM's, a diffusion model's conditional mean (model.point)
-    r = metrics.evaluate({"model": metrics.predictor(raw_model, ctx, **raw_model.point)}, val_batches,
+    r = metrics.evaluate({"model": metrics.predictor(averaged, ctx, **raw_model.point)}, val_batches,
                          raw_model.normalizer)
     if hasattr(raw_model, "denoising_loss"):
         with ctx:
-            r["model"]["denoising"] = raw_model.denoising_loss(val_batches)
+            r["model"]["denoising"] = averaged.denoising_loss(val_batches)
     raw_model.train()
     return r | baselines
 
@@ -243,13 +249,15 @@ while True:
                     best_val_loss = val_loss
                     evals_since_best = 0
                 if evals_since_best == 0 or always_save_checkpoint:
-                    checkpoint = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+                    checkpoint = {"model": averaged.state_dict(), "optimizer": optimizer.state_dict(),
                                   "model_args": raw_model.config.__dict__, "iter_num": iter_num,
                                   "best_val_loss": best_val_loss, "config": config,
                                   # what sampling and the checks need of the data; the rest of the run
                                   "data": data_facts, "scaler": scaler.state_dict(),
                                   "evals_since_best": evals_since_best,
                                   "wandb_id": wandb_run and wandb_run.id}
+                    if ema:
+                        checkpoint["trained"] = raw_model.state_dict()
                     common.atomic_save(checkpoint, ckpt_path)
             stop.fill_(patience > 0 and evals_since_best >= patience)
         if ddp:
@@ -295,6 +303,9 @@ while True:
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
+    if ema:
+        for a, w in zip(averaged.parameters(), raw_model.parameters()):
+            a.lerp_(w.detach(), 1 - ema)
     iter_num += 1
     if ddp and iter_num % log_interval == 0:
         # the global batch's loss: each process holds its share

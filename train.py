@@ -153,11 +153,11 @@ optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta
 if resume:
     common.load_optimizer(optimizer, scaler, checkpoint)
 raw_model = model
-# what is evaluated and saved: the weights, or their moving average (steadier between evaluations);
-# then the weights trained are saved beside it, to resume
+# what is evaluated and saved: the weights, or their moving average (ema: steadier between evaluations),
+# the weights trained then kept beside it, to resume
 averaged = copy.deepcopy(raw_model).requires_grad_(False) if ema else raw_model
 if ema and resume:
-    raw_model.load_state_dict(checkpoint.get("trained", checkpoint["model"]))
+    raw_model.load_state_dict(checkpoint.get("trained") or checkpoint["model"])
 if compile and common.can_compile(device):
     model = torch.compile(model)
 if ddp:
@@ -255,9 +255,8 @@ while True:
                                   # what sampling and the checks need of the data; the rest of the run
                                   "data": data_facts, "scaler": scaler.state_dict(),
                                   "evals_since_best": evals_since_best,
-                                  "wandb_id": wandb_run and wandb_run.id}
-                    if ema:
-                        checkpoint["trained"] = raw_model.state_dict()
+                                  "wandb_id": wandb_run and wandb_run.id,
+                                  "trained": raw_model.state_dict() if ema else None}
                     common.atomic_save(checkpoint, ckpt_path)
             stop.fill_(patience > 0 and evals_since_best >= patience)
         if ddp:

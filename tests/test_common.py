@@ -56,6 +56,7 @@ def test_a_misspelt_option_names_the_knob_meant(script, typo, knob, tmp_path):
     (["--n_layer=three"], "--n_layer wants a int"),
     (["--batch_size=0"], "--batch_size=0 must be at least 1"),
     (["--last_step_share=1.5"], "--last_step_share=1.5 must be in [0, 1]"),
+    (["--ema=1"], "--ema=1.0 must be in [0, 1)"),
     (["--n_embd=30", "--n_head=4"], "must be a multiple of --n_head"),
     (["--dataset=nope"], "no dataset at"),
     (["config/nope.py"], "config file config/nope.py not found"),

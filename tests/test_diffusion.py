@@ -143,7 +143,7 @@ def test_a_diffusion_run_resumes_exactly_and_evaluates_with_sampling_settings_ch
     assert isinstance(model, DiffusionLCM) and ckpt["config"]["model_type"] == model_type
     # the average is what is evaluated and saved; the weights trained are kept beside it, to resume
     averaged = model_type == "two_tower"
-    assert ("trained" in ckpt) == averaged
+    assert (ckpt["trained"] is not None) == averaged
     assert not averaged or not all(torch.equal(ckpt["trained"][k], w) for k, w in ckpt["model"].items())
     # its periodic evaluations report the conditional mean's metrics, comparable with the
     # baselines', whose loss chooses the checkpoint, and the denoising loss
